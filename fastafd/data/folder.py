@@ -1,0 +1,121 @@
+"""Scan an ImageNet-layout folder: ``root/train/<class>/*`` and ``root/val/<class>/*``.
+
+One ``os.scandir`` walk at start-up; the result (relative paths and labels) is handed to the
+DALI readers, which never walk the tree themselves.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastafd.errors import UserError
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+"""Image file extensions, matched case-insensitively."""
+
+SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class Split:
+    """The images of one split: paths relative to ``root`` and their labels (same order)."""
+
+    root: Path
+    files: list[str]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+@dataclass(frozen=True)
+class FolderDataset:
+    """An ImageNet-layout dataset; ``classes[label]`` is the class folder name."""
+
+    root: Path
+    classes: list[str]
+    train: Split
+    val: Split
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _class_folders(split_dir: Path) -> list[str]:
+    """Sorted names of the class folders in ``split_dir`` (hidden folders skipped)."""
+    with os.scandir(split_dir) as entries:
+        names, loose_images = [], 0
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if e.is_dir():
+                names.append(e.name)
+            elif _is_image(e.name):
+                loose_images += 1
+    if not names:
+        if loose_images:
+            raise UserError(
+                f"{split_dir} holds {loose_images} images directly but no class folders: "
+                f"move each image into {split_dir}/<class>/ (ImageNet layout)"
+            )
+        raise UserError(f"{split_dir} has no class folders: put the images in {split_dir}/<class>/*.JPEG")
+    return sorted(names)
+
+
+def _images(class_dir: Path) -> list[str]:
+    """Sorted image file names in one class folder."""
+    with os.scandir(class_dir) as entries:
+        return sorted(e.name for e in entries if _is_image(e.name) and e.is_file())
+
+
+def _scan_split(split_dir: Path, class_to_label: dict[str, int], names: list[str]) -> Split:
+    per_class = {name: _images(split_dir / name) for name in names}
+    if not any(per_class.values()):
+        raise UserError(
+            f"{split_dir} has class folders but no images ({', '.join(IMAGE_EXTENSIONS)}): "
+            f"put the images in {split_dir}/<class>/"
+        )
+    files: list[str] = []
+    labels: list[int] = []
+    for name in names:
+        if not per_class[name]:
+            raise UserError(
+                f"class folder {split_dir / name} has no images ({', '.join(IMAGE_EXTENSIONS)}): "
+                "add images or remove the folder"
+            )
+        files.extend(f"{name}/{f}" for f in per_class[name])
+        labels.extend([class_to_label[name]] * len(per_class[name]))
+    return Split(root=split_dir, files=files, labels=labels)
+
+
+def scan_folder(root: Path) -> FolderDataset:
+    """Scan ``root`` once; class labels come from the sorted train class folders.
+
+    Validation folders are mapped to labels by class name, so ``val/`` may hold a subset of the
+    train classes. Every user mistake raises :class:`UserError` naming the path and the fix.
+    """
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise UserError(f"dataset folder {root} does not exist: pass --data DIR with train/ and val/ class folders")
+    if not root.is_dir():
+        raise UserError(f"dataset path {root} is not a folder: pass --data DIR with train/ and val/ class folders")
+    for split in SPLITS:
+        if not (root / split).is_dir():
+            raise UserError(f"{root} has no {split}/ subfolder: use the ImageNet layout {root}/{split}/<class>/*.JPEG")
+
+    classes = _class_folders(root / "train")
+    class_to_label = {name: i for i, name in enumerate(classes)}
+    train = _scan_split(root / "train", class_to_label, classes)
+
+    val_names = _class_folders(root / "val")
+    unknown = [n for n in val_names if n not in class_to_label]
+    if unknown:
+        raise UserError(
+            f"{root / 'val'} has class folders not in train/: {', '.join(unknown[:5])}"
+            f"{' ...' if len(unknown) > 5 else ''}; rename or remove them so val classes match train classes"
+        )
+    val = _scan_split(root / "val", class_to_label, val_names)
+    return FolderDataset(root=root, classes=classes, train=train, val=val)

@@ -1,0 +1,16 @@
+"""User-facing errors: one line that names the problem and the fix."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake in the user's input (config, data, model name).
+
+    The CLI prints ``fastafd: error: <message>`` on one line and exits with code 2,
+    without a traceback. The message must name the problem and the fix.
+    """
+
+    exit_code = 2
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.split()))  # always a single line

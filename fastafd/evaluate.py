@@ -1,0 +1,47 @@
+"""Evaluation: top-1/top-5 of every peer and of the ensemble, plus the method's extras."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from fastafd import checkpoint, config, dist, rundir
+from fastafd.errors import UserError
+from fastafd.methods import Task
+from fastafd.metrics import summarize_eval
+
+
+@torch.no_grad()
+def evaluate(task: Task, loader: object) -> dict:
+    """Evaluate over the whole validation split (all ranks); BN statistics are averaged first."""
+    dist.average_buffers(task)
+    task.eval()
+    sums: dict[str, torch.Tensor] = {}
+    for x, y in loader:
+        for key, value in task.eval_step(x, y).items():
+            sums[key] = sums[key] + value if key in sums else value.clone()
+    task.train()
+    return summarize_eval(dist.all_reduce_sum(sums), task.names)
+
+
+def evaluate_run(run: Path, *, data: Path | None = None, batch_size: int = 0) -> dict:
+    """Rebuild the run's task from its saved config, load its weights and evaluate."""
+    from fastafd.trainer import build_session
+
+    run = Path(run)
+    cfg_path = run / rundir.CONFIG_FILE
+    if not cfg_path.is_file():
+        raise UserError(f"{run} is not a fastafd run directory (no {rundir.CONFIG_FILE}): pass the folder `fastafd train` printed")
+    cfg = config.from_dict(json.loads(cfg_path.read_text()))
+    if data is not None:
+        cfg.data = replace(cfg.data, root=data, format="folder")
+    if batch_size:
+        cfg.data = replace(cfg.data, val_batch_size=batch_size)
+    session = build_session(cfg)
+    checkpoint.load_weights(run / checkpoint.WEIGHTS, session.task)
+    result = evaluate(session.task, session.val_loader)
+    session.rt.accelerator.end_training()
+    return result

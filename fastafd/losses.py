@@ -1,0 +1,63 @@
+"""Pure loss functions of AFD and its baselines: tensors in, tensors out, no state, no host syncs.
+
+Peer logits come stacked as one ``(K, B, C)`` tensor so that the losses of all K peers are one set
+of batched kernels instead of a Python loop over peers. ``teachers[k]`` is the index of the peer
+that teaches peer ``k`` (its predecessor in the cyclic scheme; the other peer when K = 2).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _wide(x: Tensor) -> Tensor:
+    """Upcast half-precision activations to fp32 for the loss; fp32/fp64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """Per-peer cross-entropy: ``(K, B, C)`` logits, ``(B,)`` labels -> ``(K,)`` batch means."""
+    k, b, c = logits.shape
+    per_sample = F.cross_entropy(_wide(logits.reshape(k * b, c)), target.repeat(k), reduction="none")
+    return per_sample.view(k, b).mean(dim=1)
+
+
+def kl_to_teacher(logits: Tensor, teachers: Tensor, temperature: float) -> Tensor:
+    """Per-peer ``T^2 * KL(softmax(z_j / T) || softmax(z_k / T))`` with the teacher ``j`` detached.
+
+    ``(K, B, C)`` logits and ``(K,)`` teacher indices -> ``(K,)`` batch means (sum over classes).
+    """
+    t = temperature
+    student = F.log_softmax(_wide(logits) / t, dim=-1)
+    teacher = F.log_softmax(_wide(logits.detach()).index_select(0, teachers) / t, dim=-1)
+    kl = F.kl_div(student, teacher, reduction="none", log_target=True).sum(dim=-1)
+    return kl.mean(dim=1) * (t * t)
+
+
+def lsgan_discriminator(d_real: Tensor, d_fake: Tensor) -> Tensor:
+    """Least-squares discriminator loss per discriminator: ``mean (1 - D(real))^2 + mean D(fake)^2``.
+
+    ``d_real`` and ``d_fake`` are ``(K, B)`` discriminator outputs in [0, 1]; returns ``(K,)``.
+    """
+    return (1.0 - _wide(d_real)).square().mean(dim=-1) + _wide(d_fake).square().mean(dim=-1)
+
+
+def lsgan_generator(d_fake: Tensor) -> Tensor:
+    """Least-squares generator loss per peer: ``mean (1 - D(fake))^2``; ``(K, B)`` -> ``(K,)``."""
+    return (1.0 - _wide(d_fake)).square().mean(dim=-1)
+
+
+def feature_alignment(student: Tensor, teacher: Tensor, p: int) -> Tensor:
+    """Direct feature-map alignment ``mean |student - stopgrad(teacher)|^p`` (p = 1 or 2), a scalar."""
+    diff = (_wide(student) - _wide(teacher.detach())).abs()
+    return diff.mean() if p == 1 else diff.square().mean()
+
+
+def topk_correct(logits: Tensor, target: Tensor, ks: tuple[int, ...] = (1, 5)) -> Tensor:
+    """Number of samples whose label is among the top-k scores, for each k: ``(..., B, C)`` -> ``(..., len(ks))``."""
+    maxk = min(max(ks), logits.shape[-1])
+    top = logits.topk(maxk, dim=-1).indices  # (..., B, maxk)
+    hit = top == target.unsqueeze(-1)
+    return torch.stack([hit[..., : min(k, maxk)].any(dim=-1).sum(dim=-1) for k in ks], dim=-1)

@@ -1,0 +1,97 @@
+"""``afd``: online adversarial knowledge distillation (Chung et al., ICML 2020), cyclic for K > 2.
+
+One iteration, in the "sequential" order of AFD.md:
+
+1. forward all peers; **logit step** (SGD): ``sum_k CE(y, z_k) + T^2 KL(z_j || z_k)`` updates every peer;
+2. forward the feature extractors again at the new weights and map them with the transfer layers;
+3. **discriminator step** (Adam): ``sum_k (1 - D_k(T_j(F_j)))^2 + D_k(T_k(F_k))^2`` on detached maps;
+4. **feature step** (Adam): ``sum_k (1 - D_k(T_k(F_k)))^2`` through the updated, frozen discriminators
+   updates the feature extractors G_k and the transfer layers T_k.
+
+Discriminator ``D_k`` calls its teacher's map real and its own network's map fake; the teacher of
+peer ``k`` is peer ``k - 1`` (mod K), so K discriminators suffice for any K.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from fastafd import losses
+from fastafd.methods.base import StageSpec, Task
+from fastafd.models.discriminator import Discriminator
+from fastafd.models.peers import feature_parameters
+from fastafd.models.transfer import common_shape, make_transfer
+from fastafd.steps import Stage
+
+
+class AFD(Task):
+    method = "afd"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        target = common_shape(self.shapes)
+        self.transfers = nn.ModuleList(make_transfer(s, target) for s in self.shapes)
+        self.discriminators = nn.ModuleList(Discriminator(target[0]) for _ in self.shapes)
+        self._logit_forward = self.compiled(self.logit_forward)
+        self._mapped_features = self.compiled(self.mapped_features)
+        self._disc_loss = self.compiled(self.disc_loss)
+        self._gen_loss = self.compiled(self.gen_loss)
+
+    def stages(self) -> dict[str, StageSpec]:
+        extractor = [p for peer in self.peers for p in feature_parameters(peer)]
+        return {
+            "logit": StageSpec(self.peer_parameters(), "optim"),
+            "disc": StageSpec(list(self.discriminators.parameters()), "adv_optim"),
+            "feat": StageSpec(extractor + list(self.transfers.parameters()), "adv_optim"),
+        }
+
+    # -- forward + loss units (each one compiled when the run compiles) ----------------------------
+
+    def logit_forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        with self.numerics.autocast():
+            _, logits = self.forward_peers(x)
+        return self.logit_loss(logits, y)
+
+    def mapped_features(self, x: Tensor) -> Tensor:
+        """``T_k(G_k(x))`` for every peer, stacked as ``(K, B, C, H, W)`` in the common shape."""
+        with self.numerics.autocast():
+            return torch.stack([t(peer.forward_features(x)) for peer, t in zip(self.peers, self.transfers, strict=True)])
+
+    def discriminate(self, maps: Tensor) -> Tensor:
+        """``D_k(maps[k])`` for every k: ``(K, B, C, H, W)`` -> ``(K, B)``."""
+        with self.numerics.autocast():
+            return torch.stack([d(m) for d, m in zip(self.discriminators, maps.unbind(0), strict=True)])
+
+    def disc_loss(self, mapped: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        fake = mapped.detach()
+        real = fake.index_select(0, self.teachers)
+        d_real, d_fake = self.discriminate(real), self.discriminate(fake)
+        loss = losses.lsgan_discriminator(d_real, d_fake)
+        return loss.sum(), {"d_loss": loss.detach(), "d_real": d_real.detach().float().mean(1), "d_fake": d_fake.detach().float().mean(1)}
+
+    def gen_loss(self, mapped: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        loss = losses.lsgan_generator(self.discriminate(mapped))
+        return self.cfg.feature_weight * loss.sum(), {"g_loss": loss.detach()}
+
+    # -- one iteration -------------------------------------------------------------------------
+
+    def train_step(self, x: Tensor, y: Tensor, stages: Mapping[str, Stage]) -> dict[str, Tensor]:
+        loss, metrics = self._logit_forward(x, y)
+        stages["logit"].step(loss)
+        mapped = self._mapped_features(x)
+        loss, d_metrics = self._disc_loss(mapped)
+        stages["disc"].step(loss)
+        loss, g_metrics = self._gen_loss(mapped)
+        stages["feat"].step(loss)
+        return metrics | d_metrics | g_metrics
+
+    def eval_extras(self, feats: list[Tensor]) -> dict[str, Tensor]:
+        """Sums of each discriminator's output on its real (teacher's) and fake (own) maps."""
+        with self.numerics.autocast():
+            fake = torch.stack([t(f) for t, f in zip(self.transfers, feats, strict=True)])
+            d_fake = self.discriminate(fake).float()
+            d_real = self.discriminate(fake.index_select(0, self.teachers)).float()
+        return {"d_real": d_real.sum(1), "d_fake": d_fake.sum(1)}

@@ -1,0 +1,126 @@
+"""The task interface shared by all methods, and the parts every method uses (peer forward, logit loss, eval)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from fastafd import losses
+from fastafd.config import MethodConfig
+from fastafd.steps import Stage
+
+OptimKey = Literal["optim", "adv_optim"]
+
+
+@dataclass
+class StageSpec:
+    """A stage a method needs: its parameters and which optimizer config (``optim`` or ``adv_optim``) drives them."""
+
+    params: list[nn.Parameter]
+    optim: OptimKey
+
+
+@dataclass
+class Numerics:
+    """How the task runs its forward passes: autocast dtype and torch.compile."""
+
+    device_type: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    compile: bool = False
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+
+class Task(nn.Module):
+    """Owns the trainable parts of one method and runs one training iteration.
+
+    The trainer only calls :meth:`stages` (to build optimizers), :meth:`train_step` and
+    :meth:`eval_step`; everything that differs between methods lives in the subclasses.
+    Peer ``k`` is taught by peer ``teachers[k] = (k - 1) mod K`` (cyclic scheme; mutual for K = 2).
+    """
+
+    method: ClassVar[str]
+    needs_pair: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        peers: list[nn.Module],
+        shapes: list[tuple[int, int, int]],
+        cfg: MethodConfig,
+        numerics: Numerics,
+        names: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.peers = nn.ModuleList(peers)
+        self.names = list(names) if names else [type(p).__name__ for p in peers]
+        self.shapes = list(shapes)
+        self.cfg = cfg
+        self.numerics = numerics
+        k = len(peers)
+        self.teacher_of = [(i - 1) % k for i in range(k)]
+        self.register_buffer("teachers", torch.tensor(self.teacher_of), persistent=False)
+
+    @property
+    def k(self) -> int:
+        return len(self.peers)
+
+    def compiled(self, fn: Callable) -> Callable:
+        """``fn`` compiled with torch.compile when the run asks for it (the unit of compile is a step's forward+loss)."""
+        return torch.compile(fn) if self.numerics.compile else fn
+
+    # -- the three calls the trainer makes -------------------------------------------------------
+
+    def stages(self) -> dict[str, StageSpec]:
+        raise NotImplementedError
+
+    def train_step(self, x: Tensor, y: Tensor, stages: Mapping[str, Stage]) -> dict[str, Tensor]:
+        """One iteration; returns detached per-peer metrics as ``(K,)`` device tensors."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def eval_step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """Sums over the batch: ``correct`` (K, 2) top-1/top-5 hits per peer, ``ensemble`` (2,), ``count``."""
+        with self.numerics.autocast():
+            feats, logits = self.forward_peers(x)
+        probs = logits.float().softmax(dim=-1).mean(dim=0)
+        out = {
+            "correct": losses.topk_correct(logits, y),
+            "ensemble": losses.topk_correct(probs, y),
+            "count": torch.tensor(y.shape[0], device=y.device),
+        }
+        out.update(self.eval_extras(feats))
+        return out
+
+    def eval_extras(self, feats: list[Tensor]) -> dict[str, Tensor]:
+        """Method-specific evaluation sums (AFD: discriminator outputs)."""
+        return {}
+
+    # -- shared pieces -----------------------------------------------------------------------------
+
+    def peer_parameters(self) -> list[nn.Parameter]:
+        return [p for peer in self.peers for p in peer.parameters()]
+
+    def forward_peers(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
+        """Feature maps F_k (list) and logits stacked as ``(K, B, classes)``."""
+        feats = [peer.forward_features(x) for peer in self.peers]
+        logits = torch.stack([peer.forward_head(f) for peer, f in zip(self.peers, feats, strict=True)])
+        return feats, logits
+
+    def logit_loss(self, logits: Tensor, y: Tensor, *, kl: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+        """``sum_k CE(y, z_k) + kl_weight * T^2 KL(z_teacher(k) || z_k)``; the per-peer terms as metrics."""
+        ce = losses.cross_entropy(logits, y)
+        metrics = {"ce": ce.detach()}
+        total = ce.sum()
+        if kl:
+            kl_term = losses.kl_to_teacher(logits, self.teachers, self.cfg.temperature)
+            total = total + self.cfg.kl_weight * kl_term.sum()
+            metrics["kl"] = kl_term.detach()
+        return total, metrics

@@ -1,0 +1,47 @@
+"""Metric accumulation on the device; values reach the host only when they are read."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class RunningMeans:
+    """Sums per-step metric tensors on the device. :meth:`means` is the only host synchronisation."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.steps = 0
+
+    def add(self, metrics: dict[str, Tensor]) -> None:
+        for key, value in metrics.items():
+            value = value.detach().float()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+        self.steps += 1
+
+    def means(self) -> dict[str, list[float]]:
+        """Per-step means, as lists (one value per peer); a single device-to-host copy."""
+        if not self.steps:
+            return {}
+        keys = list(self.sums)
+        flat = torch.cat([self.sums[k].reshape(-1) for k in keys]).div(self.steps).tolist()  # host sync
+        out, i = {}, 0
+        for k in keys:
+            n = self.sums[k].numel()
+            out[k] = flat[i : i + n]
+            i += n
+        return out
+
+
+def summarize_eval(sums: dict[str, Tensor], names: list[str]) -> dict:
+    """Turn summed eval counts (see ``Task.eval_step``) into percentages and per-peer means."""
+    host = {k: v.double().cpu() for k, v in sums.items()}  # host sync (once per evaluation)
+    count = float(host.pop("count"))
+    correct = host.pop("correct") * (100.0 / count)
+    ensemble = host.pop("ensemble") * (100.0 / count)
+    peers = []
+    for k, name in enumerate(names):
+        row = {"name": name, "top1": float(correct[k, 0]), "top5": float(correct[k, 1])}
+        row.update({key: float(v[k]) / count for key, v in host.items()})
+        peers.append(row)
+    return {"peers": peers, "ensemble_top1": float(ensemble[0]), "ensemble_top5": float(ensemble[1]), "val_images": int(count)}

@@ -1,0 +1,73 @@
+"""Optimizers and learning-rate schedules of the stages (SGD for logits, Adam for the feature-map game)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from timm.scheduler import MultiStepLRScheduler
+from torch import nn
+
+from fastafd.config import OptimConfig
+from fastafd.methods.base import StageSpec
+from fastafd.steps import GradSync, Stage
+
+def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
+    """``lr * global_batch / lr_batch_ref`` when ``lr_batch_ref`` is set (linear scaling rule), else ``lr``."""
+    return cfg.lr * global_batch / cfg.lr_batch_ref if cfg.lr_batch_ref else cfg.lr
+
+def param_groups(params: Sequence[nn.Parameter], cfg: OptimConfig) -> list[dict]:
+    """One group, or two split by tensor rank when 1-d parameters (biases, norms) get no weight decay."""
+    if cfg.decay_1d:
+        return [{"params": list(params), "weight_decay": cfg.weight_decay}]
+    return [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+
+def build_optimizer(params: Sequence[nn.Parameter], cfg: OptimConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    """torch's fused implementation on CUDA, the multi-tensor (foreach) one elsewhere."""
+    groups = param_groups(params, cfg)
+    impl = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **impl)
+    cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+    return cls(groups, lr=lr, betas=cfg.betas, **impl)
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: int, steps_per_epoch: int) -> MultiStepLRScheduler:
+    """Step schedule in optimizer steps: x gamma at each milestone (a fraction of all training steps,
+    so 1/3 of 90 epochs is the start of epoch 31), optional linear warm-up. ``scheduler.step_update(i)`` before step ``i``.
+
+    timm decays once ``t + 1 >= decay_t``; passing ``milestone + 1`` makes step ``milestone`` the first
+    decayed one.
+    """
+    milestones = [max(1, round(m * epochs * steps_per_epoch)) for m in cfg.milestones]
+    return MultiStepLRScheduler(
+        optimizer,
+        decay_t=[m + 1 for m in milestones],
+        decay_rate=cfg.gamma,
+        warmup_t=round(cfg.warmup_epochs * steps_per_epoch),
+        warmup_lr_init=0.0,
+        t_in_epochs=False,
+    )
+
+def build_stages(
+    specs: Mapping[str, StageSpec],
+    configs: Mapping[str, OptimConfig],
+    *,
+    global_batch: int,
+    epochs: int,
+    steps_per_epoch: int,
+    device: torch.device,
+    use_scaler: bool,
+    grad_sync: GradSync | None,
+) -> dict[str, Stage]:
+    """One :class:`Stage` (optimizer + schedule [+ fp16 scaler]) per stage the method asks for."""
+    stages = {}
+    for name, spec in specs.items():
+        cfg = configs[spec.optim]
+        opt = build_optimizer(spec.params, cfg, scaled_lr(cfg, global_batch), device)
+        sched = build_scheduler(opt, cfg, epochs, steps_per_epoch)
+        scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+        stages[name] = Stage(name, list(spec.params), opt, sched, scaler, grad_sync)
+    return stages

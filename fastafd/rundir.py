@@ -1,0 +1,83 @@
+"""The run directory: resolved config, environment record (git SHA, versions) and metrics.jsonl."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from fastafd.config import TrainConfig, to_dict
+
+CONFIG_FILE = "config.json"
+ENV_FILE = "env.json"
+METRICS_FILE = "metrics.jsonl"
+
+_PACKAGES = ("fastafd", "torch", "torchvision", "timm", "accelerate", "nvidia-dali-cuda130", "safetensors", "tyro", "numpy")
+
+
+def default_run_dir(recipe: str) -> Path:
+    return Path("runs") / f"{recipe}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+
+
+def git_sha() -> str:
+    """SHA of the fastafd checkout (``+dirty`` with uncommitted changes), or ``unknown`` for an installed wheel."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def write_json(path: Path, obj: object) -> None:
+    """Write JSON atomically (temporary file, fsync, rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def create(run_dir: Path, cfg: TrainConfig, extra: dict) -> None:
+    """Create ``run_dir`` and record the resolved config and the environment (main process only)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / CONFIG_FILE, to_dict(cfg))
+    env = {
+        "git_sha": git_sha(),
+        "versions": versions(),
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "argv": sys.argv,
+        "started": dt.datetime.now().isoformat(timespec="seconds"),
+        **extra,
+    }
+    write_json(run_dir / ENV_FILE, env)
+
+
+def append_metrics(run_dir: Path, row: dict) -> None:
+    with open(run_dir / METRICS_FILE, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,62 @@
+"""End to end through the real `fastafd` console script on the built-in demo data."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastafd import rundir
+
+FASTAFD = shutil.which("fastafd") or ""
+
+
+@pytest.fixture(scope="module")
+def afd_run(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    out = tmp_path_factory.mktemp("runs") / "demo-afd"
+    env = {**os.environ, "FASTAFD_CACHE": str(cache)}
+    cmd = [FASTAFD or sys.executable, *([] if FASTAFD else ["-m", "fastafd.cli"]), "train", "--out", str(out), "--loop.epochs", "3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, env, proc
+
+
+def test_demo_afd_learns_well_above_chance(afd_run):
+    out, _, proc = afd_run
+    rows = rundir.read_metrics(out)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    last = rows[-1]
+    assert {"epoch", "time_s", "img_per_s", "peers", "ensemble_top1"} <= set(last)
+    assert len(last["peers"]) == 2
+    for peer in last["peers"]:
+        assert peer["top1"] > 35.0, peer  # 10 classes: chance is 10 %
+        assert peer["top5"] >= peer["top1"]
+        assert 0.0 <= peer["d_real"] <= 1.0 and 0.0 <= peer["d_fake"] <= 1.0
+    assert last["ensemble_top1"] > 35.0
+    assert last["img_per_s"] > 0 and last["time_s"] > 0
+    assert "epoch 3/3  top-1:" in proc.stderr + proc.stdout
+
+
+def test_run_directory_records_config_sha_and_versions(afd_run):
+    out, _, _ = afd_run
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["recipe"] == "demo" and cfg["method"]["name"] == "afd" and cfg["loop"]["epochs"] == 3
+    env = json.loads((out / "env.json").read_text())
+    assert env["git_sha"] and {"torch", "timm", "accelerate", "nvidia-dali-cuda130"} <= set(env["versions"])
+    assert (out / "model.safetensors").is_file()
+
+
+def test_eval_command_reproduces_the_last_epoch(afd_run):
+    out, env, _ = afd_run
+    cmd = [FASTAFD or sys.executable, *([] if FASTAFD else ["-m", "fastafd.cli"]), "eval", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    last = rundir.read_metrics(Path(out))[-1]
+    for mine, logged in zip(result["peers"], last["peers"]):
+        assert mine["top1"] == pytest.approx(logged["top1"])
+    assert result["ensemble_top1"] == pytest.approx(last["ensemble_top1"])

@@ -1,0 +1,52 @@
+"""Shared test helpers: tiny tasks built through the package's real factories."""
+
+from dataclasses import replace
+
+import torch
+
+from fastafd.config import DataConfig, LoopConfig, MethodConfig, ModelConfig, OptimConfig, TrainConfig
+from fastafd.methods import Numerics, build_task
+from fastafd.optim import build_stages
+
+SGD = OptimConfig(name="sgd", lr=0.1, lr_batch_ref=0, momentum=0.9, weight_decay=1e-4, milestones=(0.5,))
+ADAM = OptimConfig(name="adam", lr=1e-3, lr_batch_ref=0, weight_decay=0.1, milestones=(0.5,))
+
+
+def tiny_config(peers, method="afd", image_size=32, batch=8, **method_kw) -> TrainConfig:
+    return TrainConfig(
+        model=ModelConfig(peers=tuple(peers), num_classes=10),
+        method=MethodConfig(name=method, **method_kw),
+        data=DataConfig(format="synthetic", batch_size=batch, image_size=image_size),
+        optim=replace(SGD),
+        adv_optim=replace(ADAM),
+        loop=LoopConfig(epochs=1),
+    )
+
+
+def tiny_task(cfg: TrainConfig, seed=0, compile=False, dtype=torch.float32):
+    torch.manual_seed(seed)
+    task = build_task(cfg, cfg.model.num_classes, Numerics("cpu", dtype, compile), torch.device("cpu"), False)
+    stages = build_stages(
+        task.stages(),
+        {"optim": cfg.optim, "adv_optim": cfg.adv_optim},
+        global_batch=cfg.data.batch_size,
+        epochs=1,
+        steps_per_epoch=100,
+        device=torch.device("cpu"),
+        use_scaler=False,
+        grad_sync=None,
+    )
+    return task, stages
+
+
+def batches(n, batch=8, size=32, classes=10, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 3, size, size, generator=g), torch.randint(0, classes, (batch,), generator=g)) for _ in range(n)]
+
+
+def snapshot(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+def changed(before: dict, module) -> set[str]:
+    return {k for k, v in module.named_parameters() if not torch.equal(v, before[k])}
