@@ -64,6 +64,9 @@ class MethodConfig:
     feature_weight: float = 1.0
     """Weight of the feature-map term: the generator loss for afd, the alignment loss for l1/l2 (ours: 1)."""
 
+    order: Literal["sequential", "simultaneous"] = "sequential"
+    """afd: sequential re-runs the feature extractors after the logit step (AFD.md default); simultaneous reuses one forward pass for both stages (faster, a deviation; see README)."""
+
     def __post_init__(self) -> None:
         if self.temperature <= 0:
             raise UserError(f"method.temperature={self.temperature} must be > 0, e.g. --method.temperature 3")
@@ -248,7 +251,15 @@ class SystemConfig:
     deterministic: bool = False
     """Deterministic algorithms (slower); for bitwise-reproducible runs."""
 
+    optimizer_impl: Literal["auto", "fused", "foreach", "apex"] = "auto"
+    """auto: torch's fused optimizers on CUDA (non-finite steps skipped on the device), foreach on CPU; apex: NVIDIA apex's fused optimizers (only if apex is importable; never a dependency)."""
+
+    compile_cache: Path | None = None
+    """Persistent torch.compile cache folder (Inductor and Triton caches); None: <out>/compile_cache, so a requeued job reuses its own compiled kernels."""
+
     def __post_init__(self) -> None:
+        if self.compile_cache is not None:
+            self.compile_cache = Path(self.compile_cache)
         if self.seed < 0:
             raise UserError(f"system.seed={self.seed} must be >= 0")
 

@@ -87,9 +87,18 @@ def _all_reduce_mean_(tensors: Sequence[torch.Tensor]) -> None:
         t.copy_(synced)
 
 
-def all_reduce_grads(params: Sequence[nn.Parameter]) -> None:
-    """Average the gradients of ``params`` over all processes (one coalesced all-reduce)."""
-    _all_reduce_mean_([p.grad for p in params if p.grad is not None])
+def all_reduce_grads(params: Sequence[nn.Parameter], found_inf: torch.Tensor) -> None:
+    """Average the gradients of ``params`` over all processes and OR the non-finite flag, in one
+    coalesced all-reduce (the flag rides along as the last element)."""
+    if not _distributed():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = _flatten_dense_tensors([*grads, found_inf.reshape(1).to(grads[0].dtype if grads else found_inf.dtype)])
+    tdist.all_reduce(flat)
+    found_inf.copy_((flat[-1] > 0).to(found_inf.dtype))
+    flat = flat[:-1] / tdist.get_world_size()
+    for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
+        g.copy_(synced)
 
 
 @torch.no_grad()

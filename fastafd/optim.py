@@ -10,7 +10,8 @@ from torch import nn
 
 from fastafd.config import OptimConfig
 from fastafd.methods.base import StageSpec
-from fastafd.steps import GradSync, Stage
+from fastafd.errors import UserError
+from fastafd.steps import GradSync, Stage, StepGuard
 
 def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
     """``lr * global_batch / lr_batch_ref`` when ``lr_batch_ref`` is set (linear scaling rule), else ``lr``."""
@@ -25,14 +26,37 @@ def param_groups(params: Sequence[nn.Parameter], cfg: OptimConfig) -> list[dict]
         {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
     ]
 
-def build_optimizer(params: Sequence[nn.Parameter], cfg: OptimConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
-    """torch's fused implementation on CUDA, the multi-tensor (foreach) one elsewhere."""
+def _apex_optimizers() -> object:
+    try:
+        import apex.optimizers  # type: ignore[import-not-found]
+    except ImportError:
+        raise UserError("system.optimizer_impl=apex but NVIDIA apex is not importable: use auto (torch's fused optimizers)") from None
+    return apex.optimizers
+
+
+def build_optimizer(
+    params: Sequence[nn.Parameter], cfg: OptimConfig, lr: float, device: torch.device, impl: str = "auto"
+) -> torch.optim.Optimizer:
+    """SGD / Adam / AdamW. ``auto``: torch's fused kernels on CUDA (they also skip a flagged step on
+    the device, see ``StepGuard``), the multi-tensor (foreach) implementation elsewhere."""
     groups = param_groups(params, cfg)
-    impl = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    if impl == "apex":
+        apex = _apex_optimizers()
+        if cfg.name == "sgd":
+            return apex.FusedSGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+        return apex.FusedAdam(groups, lr=lr, betas=cfg.betas, adam_w_mode=cfg.name == "adamw")
+    fused = impl == "fused" or (impl == "auto" and device.type == "cuda")
+    kw = {"fused": True} if fused else {"foreach": True}
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **impl)
-    cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
-    return cls(groups, lr=lr, betas=cfg.betas, **impl)
+        opt = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **kw)
+    else:
+        cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+        opt = cls(groups, lr=lr, betas=cfg.betas, **kw)
+    # torch's CUDA fused kernels honour ``found_inf``; its CPU fused Adam does not (measured), so
+    # only CUDA skips on the device
+    opt._fastafd_device_skip = fused and device.type == "cuda"
+    return opt
+
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: int, steps_per_epoch: int) -> MultiStepLRScheduler:
     """Step schedule in optimizer steps: x gamma at each milestone (a fraction of all training steps,
@@ -59,15 +83,15 @@ def build_stages(
     epochs: int,
     steps_per_epoch: int,
     device: torch.device,
-    use_scaler: bool,
+    guard: StepGuard,
     grad_sync: GradSync | None,
+    impl: str = "auto",
 ) -> dict[str, Stage]:
-    """One :class:`Stage` (optimizer + schedule [+ fp16 scaler]) per stage the method asks for."""
+    """One :class:`Stage` (optimizer + schedule) per stage the method asks for, all sharing ``guard``."""
     stages = {}
     for name, spec in specs.items():
         cfg = configs[spec.optim]
-        opt = build_optimizer(spec.params, cfg, scaled_lr(cfg, global_batch), device)
+        opt = build_optimizer(spec.params, cfg, scaled_lr(cfg, global_batch), device, impl)
         sched = build_scheduler(opt, cfg, epochs, steps_per_epoch)
-        scaler = torch.amp.GradScaler(device.type) if use_scaler else None
-        stages[name] = Stage(name, list(spec.params), opt, sched, scaler, grad_sync)
+        stages[name] = Stage(name, list(spec.params), opt, sched, guard, grad_sync)
     return stages

@@ -19,7 +19,7 @@ from fastafd.methods import Numerics, Task, build_task
 from fastafd.evaluate import evaluate
 from fastafd.metrics import RunningMeans
 from fastafd.optim import build_stages
-from fastafd.steps import Stage
+from fastafd.steps import Stage, StepGuard
 
 
 @dataclass
@@ -86,6 +86,7 @@ def _epoch_row(epoch: int, step: int, time_s: float, images: int, means: dict, s
         peers[k]["name"] = name
     row["peers"] = peers
     row["lr"] = {name: s.lr for name, s in stages.items()}
+    row["skipped_steps"] = int(next(iter(stages.values())).guard.skipped)  # host read, once per epoch
     return row
 
 
@@ -108,8 +109,9 @@ def train(cfg: TrainConfig) -> Path:
         epochs=cfg.loop.epochs,
         steps_per_epoch=steps_per_epoch,
         device=rt.device,
-        use_scaler=rt.dtype == torch.float16,
+        guard=StepGuard(rt.device, fp16=rt.dtype == torch.float16, buffers=list(task.buffers())),
         grad_sync=dist.all_reduce_grads if rt.world_size > 1 else None,
+        impl=cfg.system.optimizer_impl,
     )
     run_dir = cfg.out or rundir.default_run_dir(cfg.recipe)
     if rt.is_main:
@@ -134,6 +136,7 @@ def train(cfg: TrainConfig) -> Path:
 def _train_epoch(s: Session, stages: dict[str, Stage], epoch: int, step: int, steps: int) -> tuple[dict, int, float, int]:
     """One epoch; returns (per-step metric means, images seen by all ranks, seconds, global step)."""
     cfg, rt, task = s.cfg, s.rt, s.task
+    guard = next(iter(stages.values())).guard  # shared by all stages
     task.train()
     meter = RunningMeans()
     if hasattr(s.train_loader, "set_epoch"):
@@ -154,7 +157,9 @@ def _train_epoch(s: Session, stages: dict[str, Stage], epoch: int, step: int, st
             break
         for stage in stages.values():
             stage.set_step(step)
+        guard.begin()
         meter.add(task.train_step(x, y, stages))
+        guard.end()
         step += 1
         done += 1
         bar.update(cfg.data.batch_size)

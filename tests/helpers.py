@@ -7,6 +7,7 @@ import torch
 from fastafd.config import DataConfig, LoopConfig, MethodConfig, ModelConfig, OptimConfig, TrainConfig
 from fastafd.methods import Numerics, build_task
 from fastafd.optim import build_stages
+from fastafd.steps import StepGuard
 
 SGD = OptimConfig(name="sgd", lr=0.1, lr_batch_ref=0, momentum=0.9, weight_decay=1e-4, milestones=(0.5,))
 ADAM = OptimConfig(name="adam", lr=1e-3, lr_batch_ref=0, weight_decay=0.1, milestones=(0.5,))
@@ -33,10 +34,23 @@ def tiny_task(cfg: TrainConfig, seed=0, compile=False, dtype=torch.float32):
         epochs=1,
         steps_per_epoch=100,
         device=torch.device("cpu"),
-        use_scaler=False,
+        guard=StepGuard(torch.device("cpu"), buffers=list(task.buffers())),
         grad_sync=None,
     )
     return task, stages
+
+
+def iterate(task, stages, data, start=0):
+    """Run ``task.train_step`` over ``data`` the way the trainer does (schedules, guard)."""
+    guard = next(iter(stages.values())).guard
+    metrics = None
+    for step, (x, y) in enumerate(data, start):
+        for s in stages.values():
+            s.set_step(step)
+        guard.begin()
+        metrics = task.train_step(x, y, stages)
+        guard.end()
+    return metrics
 
 
 def batches(n, batch=8, size=32, classes=10, seed=1):

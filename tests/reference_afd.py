@@ -66,37 +66,34 @@ class ReferenceAFD:
         self.transfers = [RefTransfer(s, target) for s in shapes]
         self.discs = [RefDiscriminator(target[0]) for _ in shapes]
         self.t = temperature
-        net_params = [p for net in nets for p in net.parameters()]
+        net_params = self.net_params = [p for net in nets for p in net.parameters()]
         # feature extractor G_k: every parameter except the classifier ("fc")
         g_params = [p for net in nets for name, p in net.named_parameters() if not name.startswith("fc.")]
         t_params = [p for tr in self.transfers for p in tr.parameters()]
         d_params = [p for d in self.discs for p in d.parameters()]
         self.opt_logit = torch.optim.SGD(net_params, **sgd)
         self.opt_d = torch.optim.Adam(d_params, **adam)
-        self.opt_g = torch.optim.Adam(g_params + t_params, **adam)
+        self.g_params = g_params + t_params
+        self.opt_g = torch.optim.Adam(self.g_params, **adam)
 
     def teacher(self, k):
         # network k learns from its predecessor; network 1 learns from network K
         return (k - 1) % self.k
 
-    def iteration(self, x, y):
-        k_range = range(self.k)
-        # 1. logit stage
-        self.opt_logit.zero_grad()
-        logits = [net(x) for net in self.nets]
+    def logit_loss(self, logits, y):
         total = 0.0
-        for k in k_range:
+        for k in range(self.k):
             j = self.teacher(k)
             ce = F.cross_entropy(logits[k], y)
             p_j = F.softmax(logits[j].detach() / self.t, dim=1)
             log_p_k = F.log_softmax(logits[k] / self.t, dim=1)
             kl = (p_j * (torch.log(p_j) - log_p_k)).sum(dim=1).mean()
             total = total + ce + self.t**2 * kl
-        total.backward()
-        self.opt_logit.step()
-        # 2. feature maps at the new weights
-        maps = [self.transfers[k](self.nets[k].forward_features(x)) for k in k_range]
-        # 3. discriminator stage: D_k calls the teacher's map real and its own network's fake
+        return total
+
+    def disc_step(self, maps):
+        # D_k calls the teacher's map real and its own network's fake
+        k_range = range(self.k)
         self.opt_d.zero_grad()
         loss_d = 0.0
         for k in k_range:
@@ -104,10 +101,41 @@ class ReferenceAFD:
             loss_d = loss_d + ((1 - self.discs[k](maps[j].detach())) ** 2).mean() + (self.discs[k](maps[k].detach()) ** 2).mean()
         loss_d.backward()
         self.opt_d.step()
+
+    def gen_loss(self, maps):
+        loss_g = 0.0
+        for k in range(self.k):
+            loss_g = loss_g + ((1 - self.discs[k](maps[k])) ** 2).mean()
+        return loss_g
+
+    def iteration(self, x, y):
+        """Sequential order (AFD.md default)."""
+        # 1. logit stage
+        self.opt_logit.zero_grad()
+        self.logit_loss([net(x) for net in self.nets], y).backward()
+        self.opt_logit.step()
+        # 2. feature maps at the new weights
+        maps = [self.transfers[k](self.nets[k].forward_features(x)) for k in range(self.k)]
+        # 3. discriminator stage
+        self.disc_step(maps)
         # 4. feature stage through the (updated, not stepped) discriminators
         self.opt_g.zero_grad()
-        loss_g = 0.0
-        for k in k_range:
-            loss_g = loss_g + ((1 - self.discs[k](maps[k])) ** 2).mean()
-        loss_g.backward()
+        self.gen_loss(maps).backward()
+        self.opt_g.step()
+
+    def iteration_simultaneous(self, x, y):
+        """Simultaneous order: one forward pass of the feature extractors serves both stages."""
+        feats = [net.forward_features(x) for net in self.nets]
+        logits = [net.forward_head(f) for net, f in zip(self.nets, feats)]
+        maps = [self.transfers[k](feats[k]) for k in range(self.k)]
+        total = self.logit_loss(logits, y)
+        self.disc_step(maps)
+        loss_g = self.gen_loss(maps)
+        g_logit = torch.autograd.grad(total, self.net_params, retain_graph=True)
+        g_feat = torch.autograd.grad(loss_g, self.g_params)
+        for p, g in zip(self.net_params, g_logit):
+            p.grad = g
+        self.opt_logit.step()
+        for p, g in zip(self.g_params, g_feat):
+            p.grad = g
         self.opt_g.step()

@@ -9,7 +9,13 @@ One iteration, in the "sequential" order of AFD.md:
    updates the feature extractors G_k and the transfer layers T_k.
 
 Discriminator ``D_k`` calls its teacher's map real and its own network's map fake; the teacher of
-peer ``k`` is peer ``k - 1`` (mod K), so K discriminators suffice for any K.
+peer ``k`` is peer ``k - 1`` (mod K), so K discriminators suffice for any K. The K discriminators
+run as one :class:`DiscriminatorBank` (grouped convolutions), and the losses of all peers are
+batched over the peer dimension: no Python loop over discriminators in the hot path.
+
+``method.order=simultaneous`` (opt-in, a deviation from AFD.md) runs the feature extractors once:
+the logit loss and the generator loss are both taken from that forward pass, their gradients are
+computed before either optimizer moves the shared weights, and then SGD and Adam step in turn.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from torch import Tensor, nn
 
 from fastafd import losses
 from fastafd.methods.base import StageSpec, Task
-from fastafd.models.discriminator import Discriminator
+from fastafd.models.discriminator import DiscriminatorBank
 from fastafd.models.peers import feature_parameters
 from fastafd.models.transfer import common_shape, make_transfer
 from fastafd.steps import Stage
@@ -34,11 +40,12 @@ class AFD(Task):
         super().__init__(*args, **kwargs)
         target = common_shape(self.shapes)
         self.transfers = nn.ModuleList(make_transfer(s, target) for s in self.shapes)
-        self.discriminators = nn.ModuleList(Discriminator(target[0]) for _ in self.shapes)
+        self.discriminators = DiscriminatorBank(target[0], self.k)
         self._logit_forward = self.compiled(self.logit_forward)
         self._mapped_features = self.compiled(self.mapped_features)
         self._disc_loss = self.compiled(self.disc_loss)
         self._gen_loss = self.compiled(self.gen_loss)
+        self._forward_all = self.compiled(self.forward_all)
 
     def stages(self) -> dict[str, StageSpec]:
         extractor = [p for peer in self.peers for p in feature_parameters(peer)]
@@ -60,10 +67,18 @@ class AFD(Task):
         with self.numerics.autocast():
             return torch.stack([t(peer.forward_features(x)) for peer, t in zip(self.peers, self.transfers, strict=True)])
 
+    def forward_all(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        """Simultaneous mode: one forward pass gives the logit loss and the mapped feature maps."""
+        with self.numerics.autocast():
+            feats, logits = self.forward_peers(x)
+            mapped = torch.stack([t(f) for t, f in zip(self.transfers, feats, strict=True)])
+        loss, metrics = self.logit_loss(logits, y)
+        return loss, metrics, mapped
+
     def discriminate(self, maps: Tensor) -> Tensor:
         """``D_k(maps[k])`` for every k: ``(K, B, C, H, W)`` -> ``(K, B)``."""
         with self.numerics.autocast():
-            return torch.stack([d(m) for d, m in zip(self.discriminators, maps.unbind(0), strict=True)])
+            return self.discriminators(maps)
 
     def disc_loss(self, mapped: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         fake = mapped.detach()
@@ -79,6 +94,8 @@ class AFD(Task):
     # -- one iteration -------------------------------------------------------------------------
 
     def train_step(self, x: Tensor, y: Tensor, stages: Mapping[str, Stage]) -> dict[str, Tensor]:
+        if self.cfg.order == "simultaneous":
+            return self.train_step_simultaneous(x, y, stages)
         loss, metrics = self._logit_forward(x, y)
         stages["logit"].step(loss)
         mapped = self._mapped_features(x)
@@ -86,6 +103,21 @@ class AFD(Task):
         stages["disc"].step(loss)
         loss, g_metrics = self._gen_loss(mapped)
         stages["feat"].step(loss)
+        return metrics | d_metrics | g_metrics
+
+    def train_step_simultaneous(self, x: Tensor, y: Tensor, stages: Mapping[str, Stage]) -> dict[str, Tensor]:
+        logit, disc, feat = stages["logit"], stages["disc"], stages["feat"]
+        logit_loss, metrics, mapped = self._forward_all(x, y)
+        logit.guard.check(logit_loss)
+        d_loss, d_metrics = self._disc_loss(mapped)
+        disc.step(d_loss)
+        g_loss, g_metrics = self._gen_loss(mapped)
+        feat.guard.check(g_loss)
+        # both gradients before either optimizer moves the weights the two stages share
+        g_logit = torch.autograd.grad(logit.guard.scale(logit_loss), logit.params, retain_graph=True, allow_unused=True)
+        g_feat = torch.autograd.grad(feat.guard.scale(g_loss), feat.params, allow_unused=True)
+        logit.step_with(g_logit)
+        feat.step_with(g_feat)
         return metrics | d_metrics | g_metrics
 
     def eval_extras(self, feats: list[Tensor]) -> dict[str, Tensor]:
