@@ -71,13 +71,13 @@ def demo() -> TrainConfig:
 def _cifar100(peers: tuple[str, ...], method: str) -> TrainConfig:
     """Paper's CIFAR-100 schedule: batch 128, 300 epochs; SGD lr 0.1 x0.1 at 150/225; Adam 2e-5 x0.1 at 75/150.
 
-    Until the CIFAR-100 archive reader lands, --data points at CIFAR-100 exported as an image folder
-    (train/<class>/*.png, val/<class>/*.png).
+    --data points at the standard cifar-100-python archive folder (or its parent); fine labels,
+    pad-4 random 32x32 crop + flip + normalize in DALI (the paper's augmentation).
     """
     return TrainConfig(
         model=ModelConfig(peers=peers, num_classes=100),
         method=MethodConfig(name=method),  # type: ignore[arg-type]
-        data=DataConfig(format="folder", batch_size=128, image_size=32, val_crop_ratio=1.0, scale=(0.5, 1.0), mean=CIFAR_MEAN, std=CIFAR_STD),
+        data=DataConfig(format="cifar100", batch_size=128, image_size=32, crop_padding=4, mean=CIFAR_MEAN, std=CIFAR_STD),
         optim=OptimConfig(name="sgd", lr=0.1, lr_batch_ref=0, momentum=0.9, weight_decay=1e-4, milestones=(0.5, 0.75)),
         adv_optim=OptimConfig(name="adam", lr=2e-5, lr_batch_ref=0, weight_decay=0.1, milestones=(0.25, 0.5)),
         loop=LoopConfig(epochs=300),

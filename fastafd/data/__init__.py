@@ -1,4 +1,4 @@
-"""Input data: ImageNet-layout folders through DALI, the built-in demo data, synthetic batches.
+"""Input data through DALI: ImageNet-layout folders, webdataset shards, CIFAR-100; the demo data; synthetic batches.
 
 ``build_data`` is the only entry point the trainer needs. DALI is imported only when a folder
 (or the demo data) is read, so ``import fastafd.data`` works without it.
@@ -6,22 +6,42 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from fastafd.config import DataConfig
-from fastafd.data.base import DatasetInfo, Loader, per_rank_batch
+from fastafd.data.base import DataError, DatasetInfo, Loader, per_rank_batch
 from fastafd.data.demo import DEMO_CLASSES, demo_root
-from fastafd.data.folder import FolderDataset, scan_folder
+from fastafd.data.folder import FolderDataset, read_exclude, scan_folder
+from fastafd.errors import UserError
 
-__all__ = ["DEMO_CLASSES", "DatasetInfo", "FolderDataset", "Loader", "build_data", "demo_root", "scan_folder"]
+__all__ = ["DEMO_CLASSES", "DataError", "DatasetInfo", "FolderDataset", "Loader", "build_data", "demo_root", "scan_folder"]
+
+
+def resolve_format(cfg: DataConfig) -> str:
+    """The format to read: ``cfg.format``, or for auto what ``cfg.root`` holds (demo when None)."""
+    if cfg.format != "auto":
+        return cfg.format
+    if cfg.root is None:
+        return "demo"
+    from fastafd.data.cifar import find_archive
+    from fastafd.data.shards import is_shard_dir
+
+    if is_shard_dir(cfg.root):
+        return "shards"
+    if find_archive(cfg.root) is not None:
+        return "cifar100"
+    return "folder"
 
 
 def build_data(cfg: DataConfig, *, rank: int, world_size: int, local_rank: int, device: torch.device, seed: int,
-               channels_last: bool) -> tuple[Loader, Loader, DatasetInfo]:
+               channels_last: bool, dtype: torch.dtype = torch.float32) -> tuple[Loader, Loader, DatasetInfo]:
     """Train and validation loaders for this process, and a description of the dataset.
 
     synthetic: random device tensors; auto without a root: the built-in demo data (generated on
-    first use); otherwise the ImageNet-layout folder at ``cfg.root``.
+    first use); folder / shards / cifar100: the dataset at ``cfg.root`` (auto detects which).
+    ``dtype``: the image dtype handed to the model (float32, float16 or bfloat16).
     """
     train_batch = per_rank_batch(cfg.batch_size, world_size, "data.batch_size")
     val_batch = per_rank_batch(cfg.eval_batch_size, world_size, "data.val_batch_size")
@@ -36,17 +56,37 @@ def build_data(cfg: DataConfig, *, rank: int, world_size: int, local_rank: int, 
                            source="synthetic", root=None)
         return train, val, info
 
-    if cfg.root is None:
+    fmt = resolve_format(cfg)
+    if fmt != "demo" and cfg.root is None:
+        raise UserError(f"data.format={fmt} reads a dataset: pass --data DIR")
+    common = dict(rank=rank, world_size=world_size, local_rank=local_rank, device=device, seed=seed,
+                  channels_last=channels_last, train_batch=train_batch, val_batch=val_batch, dtype=dtype)
+    if fmt == "cifar100":
+        from fastafd.data.cifar import load_cifar100
+
+        ds = load_cifar100(cfg.root)
+        from fastafd.data.dali import build_cifar_loaders  # imports DALI (UserError if missing)
+
+        train, val = build_cifar_loaders(ds, cfg, **common)
+        info = DatasetInfo(num_classes=len(ds.classes), classes=ds.classes, train_size=len(ds.train),
+                           val_size=len(ds.val), source="cifar100", root=ds.root)
+        return train, val, info
+
+    exclude = read_exclude(cfg.exclude)
+    if fmt == "demo":
         root, source = demo_root(progress=rank == 0), "demo"
     else:
-        root, source = cfg.root, "folder"
-    ds = scan_folder(root)
+        root, source = Path(cfg.root), fmt
+    if fmt == "shards":
+        from fastafd.data.shards import read_shards
+
+        ds = read_shards(root, exclude)
+    else:
+        ds = scan_folder(root, exclude)
 
     from fastafd.data.dali import build_dali_loaders  # imports DALI (UserError if missing)
 
-    train, val = build_dali_loaders(ds.train, ds.val, cfg, rank=rank, world_size=world_size, local_rank=local_rank,
-                                    device=device, seed=seed, channels_last=channels_last,
-                                    train_batch=train_batch, val_batch=val_batch)
+    train, val = build_dali_loaders(ds.train, ds.val, cfg, verify_root=str(ds.root), **common)
     info = DatasetInfo(num_classes=len(ds.classes), classes=ds.classes, train_size=len(ds.train),
                        val_size=len(ds.val), source=source, root=ds.root)
     return train, val, info

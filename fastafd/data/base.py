@@ -24,16 +24,33 @@ class DatasetInfo:
     val_size: int
     """Images in the validation split (all ranks together)."""
     source: str
-    """'folder', 'demo' or 'synthetic'."""
+    """'folder', 'shards', 'cifar100', 'demo' or 'synthetic'."""
     root: Path | None
+
+
+class DataError(UserError):
+    """An input file that cannot be used, met while reading (names the file when it can be found)."""
 
 
 class Loader(Protocol):
     """One rank's view of a split.
 
-    ``iter(loader)`` yields one epoch of ``(images, labels)``: float32 images of logical shape
-    (B, 3, H, W) on the loader's device (channels-last memory format when asked, else contiguous
-    NCHW) and int64 labels of shape (B,).
+    ``iter(loader)`` yields one epoch of ``(images, labels)``: images of logical shape (B, 3, H, W)
+    in the loader's dtype (float32 unless ``build_data(dtype=...)`` asked for bf16/fp16) on the
+    loader's device (channels-last memory format when asked, else contiguous NCHW) and int64
+    labels of shape (B,). Epoch ``e`` of a training loader is a function of (seed, e, rank,
+    world size) only: an epoch left unfinished (``loop.max_steps_per_epoch``) changes nothing
+    that follows.
+
+    Mid-epoch resume (training loaders): ``state_dict()`` taken after the trainer consumed ``n``
+    batches of epoch ``e`` is a JSON-serialisable dict ``{"version": 1, "kind", "epoch": e,
+    "batch": n, "rank", "world_size", "seed", "checkpoint": str | None}`` (``checkpoint``: the
+    base64 DALI pipeline checkpoint: reader position and random-generator states). A loader built
+    with the same data, seed, rank and world size, given ``load_state_dict(state)`` and then
+    ``set_epoch(e)``, yields from its next ``iter()`` exactly batches ``n, n+1, ...`` of epoch
+    ``e`` (``len(loader) - n`` of them), and the following epochs are unchanged. ``set_epoch``
+    with a later epoch drops the saved position (the epoch was cut short on purpose); each rank
+    saves and restores its own state.
     """
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
@@ -44,6 +61,14 @@ class Loader(Protocol):
 
     def set_epoch(self, epoch: int) -> None:
         """Announce the epoch about to be iterated (0-based)."""
+        ...
+
+    def state_dict(self) -> dict:
+        """The position to resume from (see the class docstring)."""
+        ...
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at the position saved by :meth:`state_dict`."""
         ...
 
 
@@ -58,7 +83,8 @@ def per_rank_batch(global_batch: int, world_size: int, option: str) -> int:
     return global_batch // world_size
 
 
-def to_model_layout(images: torch.Tensor, device: torch.device, *, channels_last: bool) -> torch.Tensor:
+def to_model_layout(images: torch.Tensor, device: torch.device, *, channels_last: bool,
+                    dtype: torch.dtype | None = None) -> torch.Tensor:
     """A batch from the pipeline as logical (B, C, H, W) on ``device``.
 
     ``channels_last``: the pipeline wrote (B, H, W, C); the permuted view is channels-last memory.
@@ -66,4 +92,7 @@ def to_model_layout(images: torch.Tensor, device: torch.device, *, channels_last
     """
     if channels_last:
         images = images.permute(0, 3, 1, 2)
-    return images.to(device, non_blocking=True)
+    images = images.to(device, non_blocking=True)
+    if dtype is not None and images.dtype != dtype:  # bf16: DALI has no bfloat16 output; cast on the device
+        images = images.to(dtype)
+    return images

@@ -1,37 +1,54 @@
-"""DALI pipelines and the loader that turns their output into model-ready torch tensors.
+"""DALI pipelines and the loaders that turn their output into model-ready torch tensors.
 
-Importing this module imports DALI; ``fastafd.data`` imports it only when a folder dataset is
-used, so the package works without DALI for synthetic data.
+Importing this module imports DALI; ``fastafd.data`` imports it only when real data is read, so
+the package works without DALI for synthetic data.
 
-Layout: crop_mirror_normalize writes HWC when the model wants channels-last (the NHWC batch
-permuted to logical NCHW is exactly channels-last memory) and CHW otherwise, so neither case
-copies on the host.
+Readers: an image folder is read by ``fn.readers.file`` from the file list made by one scan at
+start-up (no directory walk per epoch); shards by ``fn.readers.webdataset`` with their DALI index
+files. Both are sharded by the *global* rank (``shard_id=rank, num_shards=world_size``).
 
-Sharding and epochs:
+Training epochs (:class:`TrainLoader`): one pipeline per epoch, built from (seed, epoch, rank,
+world size) alone, so an epoch never depends on how the previous one ended (``max_steps_per_epoch``)
+and a resumed run needs only the epoch, the batch and DALI's checkpoint of that epoch's pipeline.
 
-* Training: the file list is pre-shuffled with ``numpy.random.default_rng(seed)`` and truncated to
-  a multiple of ``world_size`` (at most ``world_size - 1`` images left out), so every shard has
-  the same size. ``shuffle_after_epoch`` reshuffles the whole list each epoch with a seed that is
-  the same on all ranks: every epoch is a new global permutation and the shards are disjoint.
-  ``pad_last_batch`` keeps the reader from reading into the next epoch to fill the last
-  partial batch, which ``LastBatchPolicy.DROP`` then drops: epochs stay aligned with the reader.
-* Validation: no shuffle, ``stick_to_shard``, ``pad_last_batch`` with ``LastBatchPolicy.PARTIAL``:
-  the padding is trimmed, so every image is seen exactly once over all ranks.
+* Folder: the file list is permuted with ``numpy.random.default_rng((seed, epoch))`` (the same on
+  every rank) and truncated to a multiple of ``world_size``; DALI cuts it into contiguous equal
+  shards and reads them in order (``random_shuffle=False``). Every epoch is a new global
+  permutation, the shards are disjoint, and the at most ``world_size - 1`` images left out change
+  from epoch to epoch. Since the order is known, a file that fails to decode can be named.
+* Shards: the tars are split into ``world_size`` contiguous ranges of samples; rank r reads range
+  ``(r + epoch) % world_size`` (DALI's own rotation), with DALI's shuffle buffer
+  (``random_shuffle``, ``initial_fill=SHUFFLE_BUFFER``) seeded per (seed, epoch, rank); pack wrote
+  the training samples in a random order, so every range mixes all classes.
+* Every rank yields ``(N // world_size) // batch`` batches: the last partial batch is dropped
+  (``pad_last_batch`` keeps DALI from reading into the next epoch to fill it).
+
+Augmentation: ``fn.decoders.image_random_crop`` decodes only the random-resized-crop window (ROI
+decode: scale 0.08-1, ratio 3/4-4/3 by default), then resize, flip and normalize in
+``crop_mirror_normalize``, whose output is HWC (the NHWC batch permuted to logical NCHW is exactly
+channels-last memory) or CHW, in float32 or float16, on the pipeline's device. Decoding is "mixed"
+(nvJPEG; DALI uses the hardware JPEG decoder of A100/H100-class GPUs when there is one) on CUDA,
+CPU threads otherwise. Validation: no shuffle, ``stick_to_shard``, ``pad_last_batch`` and
+``LastBatchPolicy.PARTIAL``: every image is seen exactly once over all ranks.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import re
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from fastafd.config import DataConfig
-from fastafd.data.base import to_model_layout
+from fastafd.data.base import DataError, to_model_layout
 from fastafd.data.folder import Split
+from fastafd.data.shards import LABEL_DIGITS, ShardSplit, read_sample
 from fastafd.errors import UserError
 
 try:
@@ -39,16 +56,19 @@ try:
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 except ImportError as exc:  # pragma: no cover - exercised by a test that hides DALI
     raise UserError(
-        "NVIDIA DALI is needed to read image folders but is not installed: pip install nvidia-dali-cuda130 "
+        "NVIDIA DALI is needed to read image data but is not installed: pip install nvidia-dali-cuda130 "
         "(or use data.format=synthetic)"
     ) from exc
 
 READER = "Reader"
+SHUFFLE_BUFFER = 1024
+"""Samples in the shard reader's shuffle buffer (DALI's default ``initial_fill``)."""
+STATE_VERSION = 1
 
 
 @dataclass(frozen=True)
 class PipelineSettings:
-    """Everything one rank's pipeline needs besides the file list."""
+    """Everything one rank's pipeline needs besides the data."""
 
     batch: int
     """Per-rank batch size."""
@@ -62,6 +82,8 @@ class PipelineSettings:
     seed: int
     channels_last: bool
     """Output HWC (permuted to channels-last NCHW) instead of CHW (contiguous NCHW)."""
+    dtype: torch.dtype = torch.float32
+    """Images handed to the model: float32, float16 (written by DALI) or bfloat16 (cast on the device)."""
 
 
 def _derive_seed(*parts: int) -> int:
@@ -70,25 +92,100 @@ def _derive_seed(*parts: int) -> int:
 
 
 def _normalize_args(cfg: DataConfig, s: PipelineSettings) -> dict:
-    """crop_mirror_normalize's output: float, normalised, HWC for channels-last, else CHW."""
+    """crop_mirror_normalize's output: normalised, HWC for channels-last, else CHW."""
     return dict(
-        dtype=types.FLOAT,
+        dtype=types.FLOAT16 if s.dtype == torch.float16 else types.FLOAT,
         output_layout="HWC" if s.channels_last else "CHW",
         mean=[255.0 * m for m in cfg.mean],
         std=[255.0 * s for s in cfg.std],
     )
 
 
+def _shard_range(n: int, shard: int, shards: int) -> tuple[int, int]:
+    """Samples [begin, end) of ``shard`` when DALI splits ``n`` samples into ``shards`` (its formula)."""
+    return shard * n // shards, (shard + 1) * n // shards
+
+
+# -- readers ----------------------------------------------------------------------------------------
+
+
+class FolderReader:
+    """``fn.readers.file`` over a scanned folder split."""
+
+    kind = "folder"
+
+    def __init__(self, split: Split) -> None:
+        self.split, self.root = split, str(split.root)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def epoch_order(self, seed: int, epoch: int, world_size: int) -> np.ndarray:
+        n = len(self.split)
+        return np.random.default_rng([seed, epoch]).permutation(n)[: n // world_size * world_size]
+
+    def node(self, *, order: np.ndarray | None, shard_id: int, num_shards: int, training: bool):
+        files, labels = self.split.files, self.split.labels
+        if order is not None:
+            files, labels = [files[i] for i in order], [labels[i] for i in order]
+        return fn.readers.file(
+            file_root=self.root, files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
+            random_shuffle=False, pad_last_batch=True, stick_to_shard=not training, name=READER,
+        )
+
+    def labels(self, lab: torch.Tensor) -> torch.Tensor:
+        return lab.reshape(-1)
+
+    def candidates(self, order: np.ndarray | None, begin: int, end: int) -> list[tuple[str, Callable[[], bytes]]]:
+        idx = order[begin:end] if order is not None else range(begin, min(end, len(self.split)))
+        root = self.split.root
+        return [(str(root / self.split.files[i]), (lambda p=root / self.split.files[i]: p.read_bytes())) for i in idx]
+
+
+class ShardReader:
+    """``fn.readers.webdataset`` over indexed tar shards (see :mod:`fastafd.data.shards`)."""
+
+    kind = "shards"
+
+    def __init__(self, split: ShardSplit) -> None:
+        self.split, self.root = split, str(split.root)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def epoch_order(self, seed: int, epoch: int, world_size: int) -> None:
+        return None
+
+    def node(self, *, order: None, shard_id: int, num_shards: int, training: bool):
+        jpeg, cls = fn.readers.webdataset(
+            paths=self.split.tars, index_paths=self.split.indexes, ext=["jpg", "cls"],
+            missing_component_behavior="error", shard_id=shard_id, num_shards=num_shards,
+            random_shuffle=training, initial_fill=SHUFFLE_BUFFER, pad_last_batch=True,
+            stick_to_shard=not training, name=READER,
+        )
+        return jpeg, cls
+
+    def labels(self, lab: torch.Tensor) -> torch.Tensor:
+        """The .cls component: LABEL_DIGITS ASCII digits per sample."""
+        powers = torch.tensor([10**k for k in reversed(range(LABEL_DIGITS))], dtype=torch.int64, device=lab.device)
+        return ((lab.reshape(lab.shape[0], -1).to(torch.int64) - 48) * powers).sum(1)
+
+    def candidates(self, order: None, begin: int, end: int) -> list[tuple[str, Callable[[], bytes]]]:
+        out = []
+        for s in self.split.samples[begin:end]:
+            out.append((f"{s.tar}:{s.name}", (lambda s=s: read_sample(s))))
+        return out
+
+
+# -- pipelines --------------------------------------------------------------------------------------
+
+
 @pipeline_def
-def train_pipeline(files: list[str], labels: list[int], file_root: str, cfg: DataConfig,
-                   s: PipelineSettings, shuffle_seed: int):
-    """Read (sharded, reshuffled every epoch), random-resized-crop, flip, normalize; HWC float."""
-    jpegs, lab = fn.readers.file(
-        file_root=file_root, files=files, labels=labels, shard_id=s.rank, num_shards=s.world_size,
-        shuffle_after_epoch=True, shuffle_after_epoch_seed=shuffle_seed, pad_last_batch=True, name=READER,
-    )
+def train_pipeline(reader, order, shard_id: int, cfg: DataConfig, s: PipelineSettings):
+    """Read one epoch of this rank's shard, random-resized-crop (ROI decode), resize, flip, normalize."""
+    encoded, lab = reader.node(order=order, shard_id=shard_id, num_shards=s.world_size, training=True)
     images = fn.decoders.image_random_crop(
-        jpegs, device=s.decoder, output_type=types.RGB,
+        encoded, device=s.decoder, output_type=types.RGB,
         random_area=list(cfg.scale), random_aspect_ratio=list(cfg.ratio),
     )
     images = fn.resize(images, resize_x=cfg.image_size, resize_y=cfg.image_size)
@@ -100,13 +197,10 @@ def train_pipeline(files: list[str], labels: list[int], file_root: str, cfg: Dat
 
 
 @pipeline_def
-def val_pipeline(files: list[str], labels: list[int], file_root: str, cfg: DataConfig, s: PipelineSettings):
+def val_pipeline(reader, cfg: DataConfig, s: PipelineSettings):
     """Read this rank's fixed shard in order, resize the shorter side, center-crop, normalize."""
-    jpegs, lab = fn.readers.file(
-        file_root=file_root, files=files, labels=labels, shard_id=s.rank, num_shards=s.world_size,
-        random_shuffle=False, stick_to_shard=True, pad_last_batch=True, name=READER,
-    )
-    images = fn.decoders.image(jpegs, device=s.decoder, output_type=types.RGB)
+    encoded, lab = reader.node(order=None, shard_id=s.rank, num_shards=s.world_size, training=False)
+    images = fn.decoders.image(encoded, device=s.decoder, output_type=types.RGB)
     images = fn.resize(images, resize_shorter=round(cfg.image_size / cfg.val_crop_ratio))
     if s.device_id is not None:
         images, lab = images.gpu(), lab.gpu()
@@ -114,116 +208,272 @@ def val_pipeline(files: list[str], labels: list[int], file_root: str, cfg: DataC
     return images, lab
 
 
+# -- errors -----------------------------------------------------------------------------------------
+
+
 _PATH_IN_ERROR = re.compile(r"(?:File mapping failed|[Ff]ile|[Pp]ath)[^:\n]*:\s*(/[^\s'\"]+)")
 _OPERATOR_IN_ERROR = re.compile(r"Error in \w+ operator `([\w.]+)`")
 
 
-def decode_error(exc: Exception, root: str) -> RuntimeError:
-    """A readable error for a DALI failure, naming the failing file when DALI's message has it.
+def _cause(text: str) -> str:
+    """DALI's multi-line report's cause: the first line after ``encountered:``."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return next((lines[i + 1] for i, ln in enumerate(lines[:-1]) if ln == "encountered:"), lines[0] if lines else "")
 
-    DALI's text is a multi-line report; its cause is the first line after ``encountered:``
-    (e.g. ``File mapping failed: <path>`` for an empty file, ``nvImageCodec failure`` for a
-    corrupt one, which names no file).
+
+def undecodable(data: bytes) -> str | None:
+    """Why PIL cannot decode ``data`` to RGB, or None when it can."""
+    from PIL import Image
+
+    if not data:
+        return "zero-byte file"
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            im.convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is the answer
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def find_bad(candidates: list[tuple[str, Callable[[], bytes]]]) -> tuple[str, str] | None:
+    for name, read in candidates:
+        try:
+            why = undecodable(read())
+        except OSError as exc:
+            why = f"cannot read: {exc.strerror}"
+        if why:
+            return name, why
+    return None
+
+
+def decode_error(exc: Exception, root: str, verify_root: str,
+                 candidates: Callable[[], list[tuple[str, Callable[[], bytes]]]] | None = None) -> DataError:
+    """A one-line :class:`DataError` for a DALI failure that names the failing file.
+
+    DALI names the file for some failures (``File mapping failed: <path>`` for an empty file) but
+    not for a corrupt image (``nvImageCodec failure``); then the images of the batches around the
+    failing one (``candidates``) are decoded with PIL to find it.
     """
     text = str(exc)
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    cause = next((lines[i + 1] for i, ln in enumerate(lines[:-1]) if ln == "encountered:"), lines[0] if lines else "")
+    cause = _cause(text)
     op = _OPERATOR_IN_ERROR.search(text)
     where = f" in {op.group(1)}" if op else ""
-    tail = text.split("encountered:", 1)[-1]  # skip DALI's traceback of the pipeline definition
-    path = _PATH_IN_ERROR.search(tail)
+    hint = f"run `fastafd data verify {verify_root}` and replace the file or list it in --data.exclude"
+    path = _PATH_IN_ERROR.search(text.split("encountered:", 1)[-1])  # skip DALI's traceback of the pipeline
     if path:
-        return RuntimeError(f"DALI could not read {path.group(1)}{where} ({cause}): replace or remove that file")
-    return RuntimeError(
-        f"DALI failed{where} on an image under {root} ({cause}); DALI does not say which file: "
-        "find it by opening the images with PIL and replace or remove it"
-    )
+        return DataError(f"cannot read {path.group(1)}{where} ({cause}): {hint}")
+    found = find_bad(candidates()) if candidates is not None else None
+    if found:
+        return DataError(f"cannot decode {found[0]} ({found[1]}; DALI{where}: {cause}): {hint}")
+    return DataError(f"DALI failed{where} on an image under {root} ({cause}); the file could not be identified: {hint}")
 
 
-def _shard_size(n: int, shard: int, shards: int) -> int:
-    """Samples of ``shard`` when DALI splits ``n`` samples into ``shards`` (its documented formula)."""
-    return (shard + 1) * n // shards - shard * n // shards
+# -- loaders ----------------------------------------------------------------------------------------
 
 
-class DaliLoader:
-    """One rank's loader over a DALI pipeline (see the module docstring for the epoch semantics).
+class TrainLoader:
+    """One rank's training loader: a pipeline per epoch (see the module docstring), mid-epoch resume."""
 
-    The pipeline is built once and reused epoch after epoch. It is rebuilt, with seeds that mix in
-    the epoch, when an epoch was left unfinished (e.g. ``max_steps_per_epoch``) or when
-    :meth:`set_epoch` announces an epoch other than the next one (resuming): the order is then
-    deterministic from (seed, epoch) but differs from that of an uninterrupted run.
-    """
-
-    def __init__(self, split: Split, cfg: DataConfig, settings: PipelineSettings, *, training: bool,
-                 device: torch.device) -> None:
-        self._cfg, self._s, self._training, self._device = cfg, settings, training, device
-        self._root = str(split.root)
-        files, labels = list(split.files), list(split.labels)
-        if training:
-            order = np.random.default_rng(settings.seed).permutation(len(files))
-            order = order[: len(files) // settings.world_size * settings.world_size]
-            files, labels = [files[i] for i in order], [labels[i] for i in order]
-            self._len = len(files) // settings.world_size // settings.batch
-        else:
-            self._len = -(-_shard_size(len(files), settings.rank, settings.world_size) // settings.batch)
-        self._files, self._labels = files, labels
+    def __init__(self, reader: FolderReader | ShardReader, cfg: DataConfig, settings: PipelineSettings, *,
+                 device: torch.device, verify_root: str) -> None:
+        self._reader, self._cfg, self._s, self._device, self._verify_root = reader, cfg, settings, device, verify_root
+        self._len = len(reader) // settings.world_size // settings.batch
         self._epoch = 0  # the epoch the next __iter__ produces
-        self._built_at = 0  # epoch at which the current pipeline started
-        self._done = 0  # epochs finished by the current pipeline
-        self._dirty = False  # an epoch was started and not finished
+        self._active: int | None = None  # epoch being iterated (None between epochs)
+        self._consumed = 0  # batches of the active epoch handed out
         self._it: DALIGenericIterator | None = None
-        self._build(0)
+        self._resume: dict | None = None  # a loaded state not yet applied
+        self._next: dict | None = None  # the next epoch's pipeline, being built on a helper thread
 
-    def _build(self, epoch: int) -> None:
-        s, common = self._s, dict(files=self._files, labels=self._labels, file_root=self._root, cfg=self._cfg)
-        kw = dict(batch_size=s.batch, num_threads=s.num_threads, device_id=s.device_id,
-                  seed=_derive_seed(s.seed, s.rank, epoch, int(self._training)))
-        self._it = None  # release the previous pipeline's threads and buffers first
-        try:
-            if self._training:
-                pipe = train_pipeline(**common, s=s, shuffle_seed=_derive_seed(s.seed, epoch), **kw)
-                policy = LastBatchPolicy.DROP
-            else:
-                pipe = val_pipeline(**common, s=s, **kw)
-                policy = LastBatchPolicy.PARTIAL
-            pipe.build()
-            self._it = DALIGenericIterator(pipe, ["images", "labels"], reader_name=READER,
-                                           last_batch_policy=policy, auto_reset=False)
-        except RuntimeError as exc:
-            raise decode_error(exc, self._root) from exc
-        self._built_at, self._done, self._dirty = epoch, 0, False
+    def __len__(self) -> int:
+        return self._len
 
     def set_epoch(self, epoch: int) -> None:
-        """Announce the epoch of the next ``iter()``; only a jump (resume) changes anything."""
+        """Announce the epoch of the next ``iter()``."""
+        if self._resume is not None and epoch > self._resume["epoch"]:
+            self._resume = None  # that epoch was cut short on purpose
+        elif self._resume is not None and epoch < self._resume["epoch"]:
+            raise ValueError(f"set_epoch({epoch}) before the restored position (epoch {self._resume['epoch']})")
         self._epoch = epoch
+
+    def _shard_id(self, epoch: int) -> int:
+        s = self._s
+        return (s.rank + epoch) % s.world_size if self._reader.kind == "shards" else s.rank
+
+    def _pipeline(self, epoch: int, checkpoint: str | None):
+        s = self._s
+        order = self._reader.epoch_order(s.seed, epoch, s.world_size)
+        pipe = train_pipeline(
+            self._reader, order, self._shard_id(epoch), self._cfg, s,
+            batch_size=s.batch, num_threads=s.num_threads, device_id=s.device_id,
+            seed=_derive_seed(s.seed, s.rank, epoch, 1), enable_checkpointing=True,
+            checkpoint=base64.b64decode(checkpoint) if checkpoint else None,
+        )
+        pipe.build()
+        return order, pipe
+
+    def _prebuild(self, epoch: int) -> None:
+        """Build epoch ``epoch``'s pipeline on a helper thread while this epoch runs (hides the build)."""
+        box: dict = {"epoch": epoch}
+
+        def work() -> None:
+            try:
+                box["result"] = self._pipeline(epoch, None)
+            except BaseException as exc:  # noqa: BLE001 - rebuilt (and reported) on the main thread
+                box["error"] = exc
+
+        box["thread"] = threading.Thread(target=work, name=f"fastafd-dali-epoch{epoch}", daemon=True)
+        box["thread"].start()
+        self._next = box
+
+    def _build(self, epoch: int, checkpoint: str | None) -> DALIGenericIterator:
+        self._it = None  # release the previous pipeline's threads and buffers first
+        box, self._next = self._next, None
+        if box is not None:
+            box["thread"].join()
+        if box is not None and box["epoch"] == epoch and checkpoint is None and "result" in box:
+            order, pipe = box["result"]
+        else:
+            order, pipe = self._pipeline(epoch, checkpoint)
+        self._order = order
+        try:
+            return DALIGenericIterator(pipe, ["images", "labels"], reader_name=READER,
+                                       last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
+        except RuntimeError as exc:
+            raise self._error(exc, epoch, 0) from exc
+
+    def _error(self, exc: Exception, epoch: int, batch: int) -> DataError:
+        s = self._s
+        begin, end = _shard_range(len(self._reader) if self._order is None else len(self._order),
+                                  self._shard_id(epoch), s.world_size)
+        # DALI prefetches (2 batches, +1 in the reader); the shard reader's shuffle buffer adds its fill
+        slack = SHUFFLE_BUFFER if self._reader.kind == "shards" else 0
+        lo, hi = begin + max(0, batch * s.batch - slack), min(end, begin + (batch + 4) * s.batch + slack)
+        return decode_error(exc, self._reader.root, self._verify_root,
+                            lambda: self._reader.candidates(self._order, lo, hi))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch, start, cpt = self._epoch, 0, None
+        if self._resume is not None and self._resume["epoch"] == epoch:
+            start, cpt = self._resume["batch"], self._resume["checkpoint"]
+        self._resume = None
+        self._order = None
+        it = self._build(epoch, cpt if start else None)
+        self._it, self._active, self._consumed = it, epoch, start
+        self._prebuild(epoch + 1)
+        s = self._s
+        for b in range(start, self._len):
+            try:
+                out = next(it)
+            except StopIteration:  # pragma: no cover - DALI's shard is never shorter than _len batches
+                raise RuntimeError(f"DALI ended epoch {epoch} after {b} of {self._len} batches") from None
+            except RuntimeError as exc:
+                self._it = self._active = None  # DALI pipelines are unusable after an error
+                raise self._error(exc, epoch, b) from exc
+            images, labels = out[0]["images"], out[0]["labels"]
+            labels = self._reader.labels(labels).to(device=self._device, dtype=torch.int64, non_blocking=True)
+            self._consumed = b + 1
+            yield to_model_layout(images, self._device, channels_last=s.channels_last, dtype=s.dtype), labels
+        self._it = self._active = None
+        self._epoch = epoch + 1
+
+    def state_dict(self) -> dict:
+        """The position to resume from (see :class:`fastafd.data.base.Loader`)."""
+        s = self._s
+        state = {"version": STATE_VERSION, "kind": self._reader.kind, "rank": s.rank, "world_size": s.world_size,
+                 "seed": s.seed, "epoch": self._epoch, "batch": 0, "checkpoint": None}
+        if self._resume is not None:
+            state.update(epoch=self._resume["epoch"], batch=self._resume["batch"], checkpoint=self._resume["checkpoint"])
+        elif self._active is not None and self._it is not None and 0 < self._consumed < self._len:
+            cpt = self._it.checkpoints()[0]
+            state.update(epoch=self._active, batch=self._consumed, checkpoint=base64.b64encode(cpt).decode("ascii"))
+        elif self._active is not None and self._consumed >= self._len:
+            state.update(epoch=self._active + 1)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at ``state`` (from :meth:`state_dict` of a loader over the same data, seed, rank and world size)."""
+        check_state(state, kind=self._reader.kind, s=self._s)
+        self._epoch = int(state["epoch"])
+        self._resume = dict(state) if state["batch"] else None
+
+
+def check_state(state: dict, *, kind: str, s: PipelineSettings) -> None:
+    if state.get("version") != STATE_VERSION:
+        raise UserError(f"data loader state of version {state.get('version')} cannot be resumed by this fastafd (version {STATE_VERSION})")
+    want = {"kind": kind, "rank": s.rank, "world_size": s.world_size, "seed": s.seed}
+    diff = {k: (state.get(k), v) for k, v in want.items() if state.get(k) != v}
+    if diff:
+        what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items())
+        raise UserError(f"cannot resume the data position mid-epoch: {what} changed since the checkpoint; "
+                        "resume with the same data, seed and number of processes")
+
+
+class EvalLoader:
+    """One rank's validation loader: the pipeline is built once and reused every evaluation."""
+
+    def __init__(self, reader: FolderReader | ShardReader, cfg: DataConfig, settings: PipelineSettings, *,
+                 device: torch.device, verify_root: str) -> None:
+        self._reader, self._cfg, self._s, self._device, self._verify_root = reader, cfg, settings, device, verify_root
+        begin, end = _shard_range(len(reader), settings.rank, settings.world_size)
+        self._begin, self._end = begin, end
+        self._len = -(-(end - begin) // settings.batch)
+        self._it: DALIGenericIterator | None = None
+        self._dirty = False
+
+    def _build(self) -> None:
+        s = self._s
+        self._it = None
+        pipe = val_pipeline(self._reader, self._cfg, s, batch_size=s.batch, num_threads=s.num_threads,
+                            device_id=s.device_id, seed=_derive_seed(s.seed, s.rank, 0, 0))
+        try:
+            self._it = DALIGenericIterator(pipe, ["images", "labels"], reader_name=READER,
+                                           last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
+        except RuntimeError as exc:
+            raise self._error(exc, 0) from exc
+        self._dirty = False
+
+    def _error(self, exc: Exception, batch: int) -> DataError:
+        s = self._s
+        lo, hi = self._begin + batch * s.batch, min(self._end, self._begin + (batch + 4) * s.batch)
+        return decode_error(exc, self._reader.root, self._verify_root, lambda: self._reader.candidates(None, lo, hi))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Validation does not depend on the epoch."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Validation is never resumed mid-way."""
 
     def __len__(self) -> int:
         return self._len
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch = self._epoch
-        if self._it is None or self._dirty or self._built_at + self._done != epoch:
-            self._build(epoch)
+        if self._it is None or self._dirty:
+            self._build()
         it = self._it
         assert it is not None
         self._dirty = True
+        b = 0
         while True:
             try:
                 out = next(it)
             except StopIteration:
                 break
             except RuntimeError as exc:
-                self._it = None  # DALI pipelines are unusable after an error
-                raise decode_error(exc, self._root) from exc
+                self._it = None
+                raise self._error(exc, b) from exc
+            b += 1
             images, labels = out[0]["images"], out[0]["labels"]
             if labels.shape[0] == 0:  # a shard one sample short of the others ends with an empty batch
                 continue
-            labels = labels.reshape(-1).to(device=self._device, dtype=torch.int64, non_blocking=True)
-            yield to_model_layout(images, self._device, channels_last=self._s.channels_last), labels
-        it.reset()  # starts prefetching the next epoch
+            labels = self._reader.labels(labels).to(device=self._device, dtype=torch.int64, non_blocking=True)
+            yield to_model_layout(images, self._device, channels_last=self._s.channels_last, dtype=self._s.dtype), labels
+        it.reset()  # starts prefetching the next evaluation
         self._dirty = False
-        self._done += 1
-        self._epoch = epoch + 1
 
 
 def num_threads(cfg: DataConfig, world_size: int) -> int:
@@ -235,24 +485,34 @@ def num_threads(cfg: DataConfig, world_size: int) -> int:
     return max(1, cores // local)
 
 
-def build_dali_loaders(train: Split, val: Split, cfg: DataConfig, *, rank: int, world_size: int, local_rank: int,
-                       device: torch.device, seed: int, channels_last: bool, train_batch: int,
-                       val_batch: int) -> tuple[DaliLoader, DaliLoader]:
-    """Train and validation loaders for one rank of an ImageFolder dataset.
-
-    On CUDA the pipelines run on ``device`` (``local_rank`` when it has no index) and their outputs
-    stay there; on CPU they are CPU-only pipelines (``device_id=None``).
-    """
+def pipeline_base(cfg: DataConfig, *, rank: int, world_size: int, local_rank: int, device: torch.device, seed: int,
+                  channels_last: bool, dtype: torch.dtype) -> dict:
+    """PipelineSettings fields shared by the train and validation pipelines of this rank."""
     gpu = device.type == "cuda"
     decode = cfg.decode_device if cfg.decode_device != "auto" else ("gpu" if gpu else "cpu")
     if decode == "gpu" and not gpu:
         raise UserError(
             f"data.decode_device=gpu needs a CUDA device but the device is {device}: set data.decode_device to auto or cpu"
         )
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"unsupported image dtype {dtype}")
     device_id = (device.index if device.index is not None else local_rank) if gpu else None
-    base = dict(num_threads=num_threads(cfg, world_size), device_id=device_id,
+    return dict(num_threads=num_threads(cfg, world_size), device_id=device_id,
                 decoder="mixed" if decode == "gpu" else "cpu", rank=rank, world_size=world_size, seed=seed,
-                channels_last=channels_last)
+                channels_last=channels_last, dtype=dtype)
+
+
+def build_dali_loaders(train: Split | ShardSplit, val: Split | ShardSplit, cfg: DataConfig, *, rank: int,
+                       world_size: int, local_rank: int, device: torch.device, seed: int, channels_last: bool,
+                       train_batch: int, val_batch: int, verify_root: str,
+                       dtype: torch.dtype = torch.float32) -> tuple[TrainLoader, EvalLoader]:
+    """Train and validation loaders for one rank of a folder (:class:`Split`) or shard dataset.
+
+    On CUDA the pipelines run on ``device`` (``local_rank`` when it has no index) and their outputs
+    stay there; on CPU they are CPU-only pipelines (``device_id=None``).
+    """
+    base = pipeline_base(cfg, rank=rank, world_size=world_size, local_rank=local_rank, device=device, seed=seed,
+                         channels_last=channels_last, dtype=dtype)
     if len(train) < world_size * train_batch:
         raise UserError(
             f"{train.root} has {len(train)} images, fewer than one global batch of {world_size * train_batch}: "
@@ -260,6 +520,144 @@ def build_dali_loaders(train: Split, val: Split, cfg: DataConfig, *, rank: int, 
         )
     if len(val) < world_size:
         raise UserError(f"{val.root} has {len(val)} images, fewer than the {world_size} processes: add validation images")
-    train_loader = DaliLoader(train, cfg, PipelineSettings(batch=train_batch, **base), training=True, device=device)
-    val_loader = DaliLoader(val, cfg, PipelineSettings(batch=val_batch, **base), training=False, device=device)
+    wrap = ShardReader if isinstance(train, ShardSplit) else FolderReader
+    train_loader = TrainLoader(wrap(train), cfg, PipelineSettings(batch=train_batch, **base), device=device,
+                               verify_root=verify_root)
+    val_loader = EvalLoader(wrap(val), cfg, PipelineSettings(batch=val_batch, **base), device=device,
+                            verify_root=verify_root)
     return train_loader, val_loader
+
+
+# -- CIFAR-100 --------------------------------------------------------------------------------------
+
+
+@pipeline_def
+def cifar_pipeline(source, training: bool, cfg: DataConfig, s: PipelineSettings):
+    """CIFAR batches from numpy: pad + random crop + flip (positions drawn by the loader), normalize."""
+    if training:
+        images, lab, pos_x, pos_y, mirror = fn.external_source(source=source, num_outputs=5, batch=True,
+                                                               layout=["HWC", "", "", "", ""])
+    else:
+        images, lab = fn.external_source(source=source, num_outputs=2, batch=True, layout=["HWC", ""])
+    if s.device_id is not None:
+        images, lab = images.gpu(), lab.gpu()
+    size = (cfg.image_size, cfg.image_size)
+    if training:
+        pad = cfg.crop_padding
+        if pad:  # centred window larger than the image: zero padding on every side
+            images = fn.crop(images, crop=(32 + 2 * pad, 32 + 2 * pad), out_of_bounds_policy="pad", fill_values=0)
+        images = fn.crop_mirror_normalize(images, crop=size, crop_pos_x=pos_x, crop_pos_y=pos_y, mirror=mirror,
+                                          **_normalize_args(cfg, s))
+    else:
+        images = fn.crop_mirror_normalize(images, crop=size, **_normalize_args(cfg, s))
+    return images, lab
+
+
+class CifarTrainLoader:
+    """CIFAR-100 training loader; same epoch, sharding and resume contract as :class:`TrainLoader`."""
+
+    kind = "cifar100"
+
+    def __init__(self, split, cfg: DataConfig, settings: PipelineSettings, *, device: torch.device) -> None:
+        self._split, self._cfg, self._s, self._device = split, cfg, settings, device
+        self._len = len(split) // settings.world_size // settings.batch
+        self._epoch, self._active, self._consumed, self._resume = 0, None, 0, None
+
+    def __len__(self) -> int:
+        return self._len
+
+    def set_epoch(self, epoch: int) -> None:
+        if self._resume is not None and epoch > self._resume["epoch"]:
+            self._resume = None
+        elif self._resume is not None and epoch < self._resume["epoch"]:
+            raise ValueError(f"set_epoch({epoch}) before the restored position (epoch {self._resume['epoch']})")
+        self._epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from fastafd.data.cifar import epoch_plan, train_batches
+
+        s, epoch = self._s, self._epoch
+        start = self._resume["batch"] if self._resume is not None and self._resume["epoch"] == epoch else 0
+        self._resume = None
+        if start >= self._len:
+            self._epoch = epoch + 1
+            return
+        plan = epoch_plan(len(self._split), seed=s.seed, epoch=epoch, rank=s.rank, world_size=s.world_size,
+                          pad=self._cfg.crop_padding, hflip=self._cfg.hflip)
+        source = train_batches(self._split, plan, s.batch, start, self._len, self._cfg.crop_padding)
+        pipe = cifar_pipeline(source, True, self._cfg, s, batch_size=s.batch, num_threads=s.num_threads,
+                              device_id=s.device_id, seed=_derive_seed(s.seed, s.rank, epoch, 2))
+        it = DALIGenericIterator(pipe, ["images", "labels"], auto_reset=False)
+        self._active, self._consumed = epoch, start
+        for b, out in zip(range(start, self._len), it):
+            labels = out[0]["labels"].reshape(-1).to(device=self._device, dtype=torch.int64, non_blocking=True)
+            self._consumed = b + 1
+            yield to_model_layout(out[0]["images"], self._device, channels_last=s.channels_last, dtype=s.dtype), labels
+        self._active = None
+        self._epoch = epoch + 1
+
+    def state_dict(self) -> dict:
+        s = self._s
+        state = {"version": STATE_VERSION, "kind": self.kind, "rank": s.rank, "world_size": s.world_size,
+                 "seed": s.seed, "epoch": self._epoch, "batch": 0, "checkpoint": None}
+        if self._resume is not None:
+            state.update(epoch=self._resume["epoch"], batch=self._resume["batch"])
+        elif self._active is not None:
+            done = self._consumed >= self._len
+            state.update(epoch=self._active + done, batch=0 if done else self._consumed)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        check_state(state, kind=self.kind, s=self._s)
+        self._epoch = int(state["epoch"])
+        self._resume = dict(state) if state["batch"] else None
+
+
+class CifarEvalLoader:
+    """CIFAR-100 test set: this rank's contiguous shard, in order, last batch partial."""
+
+    def __init__(self, split, cfg: DataConfig, settings: PipelineSettings, *, device: torch.device) -> None:
+        self._split, self._cfg, self._s, self._device = split, cfg, settings, device
+        self._begin, self._end = _shard_range(len(split), settings.rank, settings.world_size)
+        self._len = -(-(self._end - self._begin) // settings.batch)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def set_epoch(self, epoch: int) -> None:
+        """Validation does not depend on the epoch."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Validation is never resumed mid-way."""
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        s, split = self._s, self._split
+
+        def source():
+            for lo in range(self._begin, self._end, s.batch):
+                hi = min(lo + s.batch, self._end)
+                yield list(split.images[lo:hi]), list(split.labels[lo:hi].reshape(-1, 1))
+
+        pipe = cifar_pipeline(source(), False, self._cfg, s, batch_size=s.batch, num_threads=s.num_threads,
+                              device_id=s.device_id, seed=_derive_seed(s.seed, s.rank, 0, 3))
+        for out in DALIGenericIterator(pipe, ["images", "labels"], auto_reset=False):
+            labels = out[0]["labels"].reshape(-1).to(device=self._device, dtype=torch.int64, non_blocking=True)
+            yield to_model_layout(out[0]["images"], self._device, channels_last=s.channels_last, dtype=s.dtype), labels
+
+
+def build_cifar_loaders(ds, cfg: DataConfig, *, rank: int, world_size: int, local_rank: int, device: torch.device,
+                        seed: int, channels_last: bool, train_batch: int, val_batch: int,
+                        dtype: torch.dtype = torch.float32) -> tuple[CifarTrainLoader, CifarEvalLoader]:
+    base = pipeline_base(cfg, rank=rank, world_size=world_size, local_rank=local_rank, device=device, seed=seed,
+                         channels_last=channels_last, dtype=dtype)
+    base["decoder"] = "cpu"  # nothing to decode
+    if len(ds.train) < world_size * train_batch:
+        raise UserError(f"{ds.root}/train has {len(ds.train)} images, fewer than one global batch of "
+                        f"{world_size * train_batch}: lower data.batch_size")
+    if len(ds.val) < world_size:
+        raise UserError(f"{ds.root}/test has {len(ds.val)} images, fewer than the {world_size} processes")
+    return (CifarTrainLoader(ds.train, cfg, PipelineSettings(batch=train_batch, **base), device=device),
+            CifarEvalLoader(ds.val, cfg, PipelineSettings(batch=val_batch, **base), device=device))

@@ -71,8 +71,31 @@ def _images(class_dir: Path) -> list[str]:
         return sorted(e.name for e in entries if _is_image(e.name) and e.is_file())
 
 
-def _scan_split(split_dir: Path, class_to_label: dict[str, int], names: list[str]) -> Split:
+def read_exclude(path: Path | None) -> set[str]:
+    """The exclude list: paths relative to the dataset root (``train/<class>/<file>``), one a line;
+    blank lines and ``#`` comments are ignored."""
+    if path is None:
+        return set()
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UserError(f"cannot read the exclude list {path} ({exc.strerror}): "
+                        "pass a file written by `fastafd data verify --exclude-out FILE`") from exc
+    out = set()
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip().replace("\\", "/")
+        if line:
+            out.add(line[2:] if line.startswith("./") else line)
+    return out
+
+
+def _scan_split(split_dir: Path, class_to_label: dict[str, int], names: list[str],
+                exclude: set[str] = frozenset()) -> Split:
     per_class = {name: _images(split_dir / name) for name in names}
+    if exclude:
+        prefix = split_dir.name + "/"
+        per_class = {name: [f for f in fs if f"{prefix}{name}/{f}" not in exclude] for name, fs in per_class.items()}
     if not any(per_class.values()):
         raise UserError(
             f"{split_dir} has class folders but no images ({', '.join(IMAGE_EXTENSIONS)}): "
@@ -91,8 +114,11 @@ def _scan_split(split_dir: Path, class_to_label: dict[str, int], names: list[str
     return Split(root=split_dir, files=files, labels=labels)
 
 
-def scan_folder(root: Path) -> FolderDataset:
+def scan_folder(root: Path, exclude: set[str] = frozenset()) -> FolderDataset:
     """Scan ``root`` once; class labels come from the sorted train class folders.
+
+    ``exclude``: relative paths (``train/<class>/<file>``) to leave out (see :func:`read_exclude`);
+    class labels never depend on it.
 
     Validation folders are mapped to labels by class name, so ``val/`` may hold a subset of the
     train classes. Every user mistake raises :class:`UserError` naming the path and the fix.
@@ -108,7 +134,7 @@ def scan_folder(root: Path) -> FolderDataset:
 
     classes = _class_folders(root / "train")
     class_to_label = {name: i for i, name in enumerate(classes)}
-    train = _scan_split(root / "train", class_to_label, classes)
+    train = _scan_split(root / "train", class_to_label, classes, exclude)
 
     val_names = _class_folders(root / "val")
     unknown = [n for n in val_names if n not in class_to_label]
@@ -117,5 +143,5 @@ def scan_folder(root: Path) -> FolderDataset:
             f"{root / 'val'} has class folders not in train/: {', '.join(unknown[:5])}"
             f"{' ...' if len(unknown) > 5 else ''}; rename or remove them so val classes match train classes"
         )
-    val = _scan_split(root / "val", class_to_label, val_names)
+    val = _scan_split(root / "val", class_to_label, val_names, exclude)
     return FolderDataset(root=root, classes=classes, train=train, val=val)

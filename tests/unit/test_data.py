@@ -6,6 +6,7 @@ crops, resizing and flips, so a batch can be mapped back to the files it came fr
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
@@ -17,7 +18,7 @@ import torch
 from PIL import Image
 
 from fastafd.config import DataConfig
-from fastafd.data import DEMO_CLASSES, build_data, demo_root, scan_folder
+from fastafd.data import DEMO_CLASSES, DataError, build_data, demo_root, scan_folder
 from fastafd.data import demo as demo_mod
 from fastafd.errors import UserError
 
@@ -265,18 +266,34 @@ def test_empty_file_mid_epoch_names_the_file(tmp_path: Path) -> None:
     bad.write_bytes(b"")
     _, val, _ = loaders(tmp_path, batch_size=2)
     done = 0
-    with pytest.raises(RuntimeError, match=re.escape(str(bad))):
+    with pytest.raises(DataError, match=re.escape(str(bad))) as info:
         for _ in val:
             done += 1
     assert done >= 1  # the error came mid-epoch, not while building
+    assert f"fastafd data verify {tmp_path}" in str(info.value) and "\n" not in str(info.value)
 
 
-def test_corrupt_jpeg_error_names_the_split(tmp_path: Path) -> None:
-    make_folder(tmp_path, train=(8,), val=(2,))
-    (tmp_path / "train" / "c0" / "img3.JPEG").write_bytes(b"\xff\xd8 not really a jpeg" * 10)
-    with pytest.raises(RuntimeError, match=re.escape(str(tmp_path / "train"))):
-        train, _, _ = loaders(tmp_path, batch_size=8)
-        list(train)
+@pytest.mark.parametrize("defect", ["garbage", "text", "truncated"])
+def test_corrupt_image_in_training_names_the_file(tmp_path: Path, defect: str) -> None:
+    """DALI's message names no file for a corrupt image: the loader finds it and names it."""
+    make_folder(tmp_path, train=(40,), val=(2,))
+    bad = tmp_path / "train" / "c0" / "img23.JPEG"
+    if defect == "garbage":
+        bad.write_bytes(b"\xff\xd8 not really a jpeg" * 10)
+    elif defect == "text":
+        bad.write_text("<html>404 not found</html>\n" * 20)
+    else:
+        import numpy as np
+
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+        bad.write_bytes(buf.getvalue()[:200])
+    train, _, _ = loaders(tmp_path, batch_size=4)
+    with pytest.raises(DataError) as info:
+        for _ in train:
+            pass
+    msg = str(info.value)
+    assert str(bad) in msg and f"fastafd data verify {tmp_path}" in msg and "\n" not in msg
 
 
 def test_loader_user_errors(folder, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,186 @@
+"""Training-input throughput: fastafd's DALI pipeline vs torchvision ImageFolder + DataLoader.
+
+Both read the same generated JPEG folder (ImageNet-like sizes and file sizes), apply the same
+augmentation (random-resized-crop scale 0.08-1, ratio 3/4-4/3, to --size; horizontal flip;
+normalize; float32 NCHW batches) with the same number of CPU threads / worker processes, in one
+run. Each repeat times one full epoch of each pipeline, alternating (fastafd: including its per-epoch pipeline build;
+torchvision: persistent workers, so worker start-up is not counted) after one warm-up epoch.
+
+    python benchmarks/data.py                      # writes benchmarks/results/data.{json,md}
+    python benchmarks/data.py --images 256 --repeats 3 --out /tmp/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def make_folder(root: Path, images: int, classes: int = 8, seed: int = 0) -> None:
+    """JPEGs of ImageNet's typical sizes (about 500x375, some portrait) with natural-ish content."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", images), ("val", classes)):
+        for i in range(n):
+            c = i % classes
+            d = root / split / f"class{c:02d}"
+            d.mkdir(parents=True, exist_ok=True)
+            w, h = (500, 375) if i % 4 else (375, 500)
+            w, h = int(w * rng.uniform(0.8, 1.1)), int(h * rng.uniform(0.8, 1.1))
+            small = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
+            img = Image.fromarray(small).resize((w, h), Image.BICUBIC)
+            noise = rng.normal(0, 12, (h, w, 3))
+            arr = np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(d / f"img{i:05d}.JPEG", quality=90)
+
+
+def time_interleaved(makers: dict, repeats: int) -> tuple[dict[str, list[float]], int]:
+    """Seconds per epoch of each pipeline: one warm-up epoch each, then the pipelines' timed epochs
+    alternate (A B A B ...), so a change in machine load hits all of them alike."""
+    sizes = {name: sum(x.shape[0] for x, _ in make(0)) for name, make in makers.items()}  # warm-up
+    assert len(set(sizes.values())) == 1, sizes
+    times: dict[str, list[float]] = {name: [] for name in makers}
+    for r in range(repeats):
+        for name, make in makers.items():
+            start = time.perf_counter()
+            count = sum(x.shape[0] for x, _ in make(r + 1))
+            times[name].append(time.perf_counter() - start)
+            assert count == sizes[name]
+    return times, next(iter(sizes.values()))
+
+
+def fastafd_iter(root: Path, batch: int, size: int, threads: int):
+    from fastafd.config import DataConfig
+    from fastafd.data import build_data
+
+    cfg = DataConfig(root=root, format="folder", batch_size=batch, image_size=size, num_threads=threads)
+    train, _, _ = build_data(cfg, rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), seed=0,
+                             channels_last=False)
+
+    def make(epoch: int):
+        train.set_epoch(epoch)
+        return iter(train)
+
+    return make
+
+
+def torchvision_iter(root: Path, batch: int, size: int, workers: int):
+    from torchvision import datasets, transforms
+
+    from fastafd.config import DataConfig
+
+    cfg = DataConfig()
+    tf = transforms.Compose([
+        transforms.RandomResizedCrop(size, scale=cfg.scale, ratio=cfg.ratio),
+        transforms.RandomHorizontalFlip(cfg.hflip),
+        transforms.ToTensor(),
+        transforms.Normalize(cfg.mean, cfg.std),
+    ])
+    loader = torch.utils.data.DataLoader(datasets.ImageFolder(root / "train", tf), batch_size=batch, shuffle=True,
+                                         num_workers=workers, drop_last=True, persistent_workers=workers > 0)
+    return lambda epoch: iter(loader)
+
+
+def versions() -> dict:
+    import nvidia.dali
+    import torchvision
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "nvidia-dali": nvidia.dali.__version__, "pillow": Image.__version__, "numpy": np.__version__}
+
+
+def hardware() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu, "cores": cores, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "os": platform.platform()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=512, help="training JPEGs generated")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--threads", type=int, default=0, help="DALI threads = DataLoader workers; 0: the CPU cores")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--data", type=Path, default=None, help="an existing ImageNet-layout folder instead of generated JPEGs")
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder for data.json and data.md")
+    a = p.parse_args(argv)
+    threads = a.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+    with tempfile.TemporaryDirectory(prefix="fastafd-bench-") as tmp:
+        root = a.data or Path(tmp)
+        if a.data is None:
+            make_folder(root, a.images)
+        files = sorted((root / "train").rglob("*.JPEG"))
+        mean_kb = statistics.mean(f.stat().st_size for f in files) / 1024
+        makers = {"fastafd (DALI, CPU)": fastafd_iter(root, a.batch, a.size, threads),
+                  "torchvision ImageFolder + DataLoader": torchvision_iter(root, a.batch, a.size, threads)}
+        load_before = os.getloadavg()[0]
+        times, n = time_interleaved(makers, a.repeats)
+        load_after = os.getloadavg()[0]
+        runs = {}
+        for name, ts in times.items():
+            rates = [n / t for t in ts]
+            runs[name] = {"img_per_s_median": statistics.median(rates), "img_per_s_min": min(rates),
+                          "img_per_s_max": max(rates), "epoch_s": ts, "images_per_epoch": n}
+            print(f"{name}: median {statistics.median(rates):.0f} img/s (min {min(rates):.0f}, max {max(rates):.0f})",
+                  file=sys.stderr)
+    fast, ref = runs["fastafd (DALI, CPU)"], runs["torchvision ImageFolder + DataLoader"]
+    ratio = fast["img_per_s_median"] / ref["img_per_s_median"]
+    result = {
+        "benchmark": "training input pipeline throughput",
+        "command": "python benchmarks/data.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "config": {"images": len(files), "mean_file_kb": round(mean_kb, 1), "batch": a.batch, "size": a.size,
+                   "threads_or_workers": threads, "repeats": a.repeats,
+                   "augmentation": "random-resized-crop (0.08-1, 3/4-4/3) + flip + normalize, float32 NCHW"},
+        "hardware": hardware(), "versions": versions(), "runs": runs, "ratio_median": ratio,
+        "load_average_1min": {"before": load_before, "after": load_after},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "data.json").write_text(json.dumps(result, indent=1) + "\n")
+    hw, v = result["hardware"], result["versions"]
+    lines = [
+        "# Training input throughput",
+        "",
+        f"`{result['command']}` on {hw['cpu']} ({hw['cores']} cores, GPU: {hw['gpu'] or 'none'}); "
+        f"torch {v['torch']}, torchvision {v['torchvision']}, DALI {v['nvidia-dali']}, Pillow {v['pillow']}.",
+        "",
+        f"{len(files)} JPEGs (about 500x375, mean {mean_kb:.0f} KB), batch {a.batch}, {a.size}x{a.size} "
+        f"random-resized-crop + flip + normalize, {threads} DALI threads / DataLoader workers; "
+        f"one warm-up epoch each, then {a.repeats} timed epochs each, alternating between the pipelines "
+        f"(1-min load average {load_before:.1f} before, {load_after:.1f} after).",
+        "",
+        "| pipeline | img/s median | min | max |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name, r in runs.items():
+        lines.append(f"| {name} | {r['img_per_s_median']:.0f} | {r['img_per_s_min']:.0f} | {r['img_per_s_max']:.0f} |")
+    lines += ["", f"fastafd / torchvision (medians): **{ratio:.2f}x**", ""]
+    (a.out / "data.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

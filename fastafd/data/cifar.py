@@ -1,0 +1,119 @@
+"""CIFAR-100 from the standard ``cifar-100-python`` archive folder (``train``, ``test``, ``meta``
+pickles; fine labels), fed through DALI.
+
+The images (60,000 x 32 x 32 x 3 bytes, 184 MB) are held in memory. Training: each epoch is a
+permutation of the training set drawn from (seed, epoch), truncated to a multiple of the world
+size and split into contiguous per-rank shards; the pad-4 random crop and the flip are drawn from
+(seed, epoch, rank) with numpy and applied by DALI (``fn.crop`` with ``out_of_bounds_policy="pad"``,
+then ``fn.crop_mirror_normalize``), so an epoch is a pure function of its inputs and resuming at
+batch n only needs (epoch, n). Validation: the test set, in order, sharded like the folder reader.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fastafd.errors import UserError
+
+ARCHIVE = "cifar-100-python"
+FILES = ("train", "test", "meta")
+
+
+def find_archive(root: Path) -> Path | None:
+    """``root`` itself or ``root/cifar-100-python`` when it holds the archive's three pickles."""
+    root = Path(root).expanduser()
+    for d in (root, root / ARCHIVE):
+        if all((d / f).is_file() for f in FILES):
+            return d
+    return None
+
+
+@dataclass(frozen=True)
+class CifarSplit:
+    images: np.ndarray
+    """(N, 32, 32, 3) uint8, HWC."""
+    labels: np.ndarray
+    """(N,) int32 fine labels."""
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class Cifar100:
+    root: Path
+    classes: list[str]
+    train: CifarSplit
+    val: CifarSplit
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            return pickle.load(fh, encoding="bytes")
+    except Exception as exc:  # noqa: BLE001 - any failure means a damaged archive
+        raise UserError(f"cannot read {path} ({type(exc).__name__}: {exc}): re-extract cifar-100-python.tar.gz") from None
+
+
+def _split(path: Path) -> CifarSplit:
+    d = _unpickle(path)
+    try:
+        data, labels = np.asarray(d[b"data"], dtype=np.uint8), np.asarray(d[b"fine_labels"], dtype=np.int32)
+    except KeyError as exc:
+        raise UserError(f"{path} has no {exc.args[0]!r} entry: it is not a CIFAR-100 (python) file") from None
+    if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
+        raise UserError(f"{path}: data of shape {data.shape} and {len(labels)} labels, expected (N, 3072) and N")
+    return CifarSplit(np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)), labels)
+
+
+def load_cifar100(root: Path) -> Cifar100:
+    d = find_archive(root)
+    if d is None:
+        raise UserError(f"{root} is not a CIFAR-100 archive folder: pass the extracted {ARCHIVE}/ folder "
+                        "(with train, test and meta) or its parent")
+    meta = _unpickle(d / "meta")
+    names = meta.get(b"fine_label_names")
+    if names is None:
+        raise UserError(f"{d / 'meta'} has no fine_label_names: it is not CIFAR-100's meta file")
+    classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    train, val = _split(d / "train"), _split(d / "test")
+    for s, name in ((train, "train"), (val, "test")):
+        if len(s) and (s.labels.min() < 0 or s.labels.max() >= len(classes)):
+            raise UserError(f"{d / name} has labels outside 0..{len(classes) - 1}")
+    return Cifar100(root=d, classes=classes, train=train, val=val)
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """One rank's training epoch: sample indexes and per-sample crop offsets and flips."""
+
+    order: np.ndarray
+    dx: np.ndarray
+    dy: np.ndarray
+    flip: np.ndarray
+
+
+def epoch_plan(n: int, *, seed: int, epoch: int, rank: int, world_size: int, pad: int, hflip: float) -> EpochPlan:
+    perm = np.random.default_rng([seed, epoch, 0xC1FA]).permutation(n)
+    per_rank = n // world_size
+    order = perm[rank * per_rank:(rank + 1) * per_rank]
+    rng = np.random.default_rng([seed, epoch, rank, 0xA06])
+    return EpochPlan(order, rng.integers(0, 2 * pad + 1, per_rank), rng.integers(0, 2 * pad + 1, per_rank),
+                     (rng.random(per_rank) < hflip).astype(np.int32))
+
+
+def train_batches(split: CifarSplit, plan: EpochPlan, batch: int, start: int, stop: int,
+                  pad: int) -> Iterator[tuple[list, ...]]:
+    """external_source batches ``start <= b < stop`` of ``plan``: images, labels, crop_pos_x/y, mirror."""
+    denom = float(max(2 * pad, 1))
+    for b in range(start, stop):
+        sl = slice(b * batch, (b + 1) * batch)
+        idx = plan.order[sl]
+        yield (list(split.images[idx]), list(split.labels[idx].reshape(-1, 1)),
+               list((plan.dx[sl] / denom).astype(np.float32)), list((plan.dy[sl] / denom).astype(np.float32)),
+               list(plan.flip[sl]))

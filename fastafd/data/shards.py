@@ -1,0 +1,257 @@
+"""Webdataset tar shards with DALI index files: ``fastafd data pack`` writes them, the shard reader reads them.
+
+Layout written by :func:`pack` (``OUT``)::
+
+    OUT/classes.json                 {"format": "fastafd-shards", "version": 1, "classes": [...], "train": N, "val": M}
+    OUT/train/shard-000000.tar       samples <key>.jpg (the image bytes as they were) + <key>.cls
+    OUT/train/shard-000000.idx       DALI index (the format of DALI's wds2idx, v1.2)
+    OUT/val/...
+
+``<key>`` is the image's path relative to its split without the extension (``n01440764/x``;
+other dots become ``_``). ``.cls`` is the label as 6 ASCII digits (``000042``): webdataset tools
+read it as an integer, and the fixed width lets DALI batch it as a dense tensor. Labels are the
+indexes of the sorted train class folder names, exactly as the folder reader assigns them.
+Training samples are written in a seeded random order (shards mix all classes), validation
+samples in folder order.
+"""
+
+from __future__ import annotations
+
+import atexit
+import io
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from fastafd.data.folder import read_exclude, scan_folder
+from fastafd.errors import UserError
+
+FORMAT = "fastafd-shards"
+VERSION = 1
+CLASSES_FILE = "classes.json"
+LABEL_DIGITS = 6
+IMAGE_EXT, LABEL_EXT = "jpg", "cls"
+
+
+def sample_key(rel: str) -> str:
+    """The webdataset key of an image at ``rel`` (relative to its split)."""
+    stem, dot, _ext = rel.rpartition(".")
+    return (stem if dot else rel).replace(".", "_")
+
+
+def is_shard_dir(root: Path) -> bool:
+    return (Path(root) / CLASSES_FILE).is_file()
+
+
+# -- pack -------------------------------------------------------------------------------------------
+
+
+def _write_shard(tar_path: Path, items: list[tuple[str, Path, int]]) -> None:
+    """One tar of (key, image path, label) and its DALI index, each written to a temporary name
+    and renamed into place."""
+    lines = []
+    tmp_tar = tar_path.with_name(tar_path.name + ".part")
+    with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, path, label in items:
+            parts = []
+            for ext, data in ((IMAGE_EXT, path.read_bytes()), (LABEL_EXT, b"%0*d" % (LABEL_DIGITS, label))):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tar.addfile(info, io.BytesIO(data))
+                data_offset = tar.offset - -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                parts.append(f"{ext} {data_offset} {len(data)} {info.name}")
+            lines.append(" ".join(parts))
+    idx_path = tar_path.with_suffix(".idx")
+    tmp_idx = idx_path.with_name(idx_path.name + ".part")
+    tmp_idx.write_text(f"v1.2 {len(lines)}\n" + "".join(line + "\n" for line in lines))
+    os.replace(tmp_tar, tar_path)
+    os.replace(tmp_idx, idx_path)
+
+
+def pack(src: Path, out: Path, *, shard_samples: int = 1000, seed: int = 0, exclude: Path | None = None,
+         progress: bool = True) -> dict:
+    """Convert the ImageNet-layout folder ``src`` into shards under ``out``; returns classes.json's content."""
+    if shard_samples < 1:
+        raise UserError(f"--shard-samples={shard_samples} must be >= 1")
+    ds = scan_folder(src, read_exclude(exclude))
+    out = Path(out).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not empty: pack into a new folder")
+    jobs = []
+    for name, split in (("train", ds.train), ("val", ds.val)):
+        order = np.random.default_rng(seed).permutation(len(split)) if name == "train" else np.arange(len(split))
+        items = [(sample_key(split.files[i]), split.root / split.files[i], split.labels[i]) for i in order]
+        keys = {k for k, _, _ in items}
+        if len(keys) != len(items):
+            raise UserError(f"{split.root} has images whose names differ only in the extension: rename them so each "
+                            "class folder has one image per name")
+        (out / name).mkdir(parents=True, exist_ok=True)
+        for n, start in enumerate(range(0, len(items), shard_samples)):
+            jobs.append((out / name / f"shard-{n:06d}.tar", items[start:start + shard_samples]))
+    bar = tqdm(total=len(ds.train) + len(ds.val), desc="fastafd: packing", unit="img", disable=not progress,
+               mininterval=0.5)
+    for tar_path, items in jobs:
+        _write_shard(tar_path, items)
+        bar.update(len(items))
+    bar.close()
+    meta = {"format": FORMAT, "version": VERSION, "classes": ds.classes, "train": len(ds.train), "val": len(ds.val),
+            "source": str(ds.root)}
+    (out / CLASSES_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
+# -- read -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Where one sample's image lies: for naming a failing sample and for verify."""
+
+    tar: Path
+    name: str
+    """The image member's name in the tar (``<key>.jpg``)."""
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class ShardSplit:
+    """The shards of one split, in reading order, with the index files DALI is given."""
+
+    root: Path
+    tars: list[str]
+    indexes: list[str]
+    """Index file per tar: the original, or a filtered copy when the exclude list removed samples."""
+    samples: list[Sample]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+@dataclass(frozen=True)
+class ShardDataset:
+    root: Path
+    classes: list[str]
+    train: ShardSplit
+    val: ShardSplit
+
+
+def _parse_index(idx: Path, tar: Path) -> tuple[str, list[str], list[Sample]]:
+    """Header line, sample lines and image locations of one index, checked against its tar.
+
+    Checks what can be checked without reading the tar: the sample count, that every component
+    lies inside the tar, and, for up to 9 samples spread over the file, that a tar header whose
+    size field matches sits right before the data.
+    """
+    def bad(why: str) -> UserError:
+        return UserError(f"index {idx} does not match its shard {tar} ({why}): recreate it with "
+                         f"`wds2idx {tar} {idx}` or re-run `fastafd data pack`")
+
+    lines = idx.read_text().splitlines()
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or not head[0].startswith("v1.") or not head[1].isdigit():
+        raise bad("no 'v1.x COUNT' header line")
+    body = [ln for ln in lines[1:] if ln.strip()]
+    if int(head[1]) != len(body):
+        raise bad(f"header says {head[1]} samples, {len(body)} listed")
+    tar_size = tar.stat().st_size
+    samples, components = [], []
+    for ln in body:
+        f = ln.split()
+        if len(f) % 4:
+            raise bad(f"malformed line '{ln[:80]}'")
+        comps = [(f[i], int(f[i + 1]), int(f[i + 2]), f[i + 3]) for i in range(0, len(f), 4)]
+        image = next((c for c in comps if c[0] == IMAGE_EXT), None)
+        if image is None or not any(c[0] == LABEL_EXT for c in comps):
+            raise bad(f"sample '{ln[:80]}' lacks a .{IMAGE_EXT} or .{LABEL_EXT} component")
+        for c in comps:
+            if c[1] < tarfile.BLOCKSIZE or c[1] + c[2] > tar_size:
+                raise bad(f"{c[3]} at offset {c[1]} + {c[2]} bytes lies outside the {tar_size}-byte tar")
+        components.append(comps)
+        samples.append(Sample(tar, image[3], image[1], image[2]))
+    if components:
+        picks = sorted({round(i * (len(components) - 1) / 8) for i in range(9)})
+        with open(tar, "rb") as fh:
+            for i in picks:
+                for _ext, off, size, name in components[i]:
+                    fh.seek(off - tarfile.BLOCKSIZE)
+                    header = fh.read(tarfile.BLOCKSIZE)
+                    try:
+                        info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+                    except tarfile.TarError:
+                        raise bad(f"no tar header before {name} at offset {off}") from None
+                    if info.size != size:
+                        raise bad(f"{name}: the tar header says {info.size} bytes, the index {size}")
+    return lines[0], body, samples
+
+
+_TEMP_DIRS: list[str] = []
+
+
+def _cleanup() -> None:
+    for d in _TEMP_DIRS:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+atexit.register(_cleanup)
+
+
+def _read_split(root: Path, split: str, exclude: set[str]) -> ShardSplit:
+    d = root / split
+    if not d.is_dir():
+        raise UserError(f"{root} has {CLASSES_FILE} but no {split}/ folder: re-run `fastafd data pack`")
+    tars = sorted(p for p in d.iterdir() if p.suffix == ".tar")
+    idxs = {p.with_suffix(".tar") for p in d.iterdir() if p.suffix == ".idx"}
+    if not tars:
+        raise UserError(f"{d} has no .tar shards: re-run `fastafd data pack`")
+    for t in tars:
+        if t not in idxs:
+            raise UserError(f"shard {t} has no index {t.with_suffix('.idx')}: create it with "
+                            f"`wds2idx {t} {t.with_suffix('.idx')}` or re-run `fastafd data pack`")
+    orphans = sorted(idxs - set(tars))
+    if orphans:
+        raise UserError(f"index {orphans[0].with_suffix('.idx')} has no shard {orphans[0]}: remove the index or restore the shard")
+    excluded = {sample_key(e.split("/", 1)[1]) for e in exclude if e.startswith(split + "/")}
+    index_paths, samples, tmp = [], [], None
+    for t in tars:
+        idx = t.with_suffix(".idx")
+        head, body, s = _parse_index(idx, t)
+        keep = [i for i, smp in enumerate(s) if smp.name.rpartition(".")[0] not in excluded] if excluded else range(len(s))
+        if len(keep) != len(s):
+            if tmp is None:
+                tmp = tempfile.mkdtemp(prefix="fastafd-idx-")
+                _TEMP_DIRS.append(tmp)
+            idx = Path(tmp) / f"{split}-{idx.name}"
+            idx.write_text(f"{head.split()[0]} {len(keep)}\n" + "".join(body[i] + "\n" for i in keep))
+        index_paths.append(str(idx))
+        samples.extend(s[i] for i in keep)
+    if not samples:
+        raise UserError(f"{d} has no samples left: check the shards and the exclude list")
+    return ShardSplit(root=d, tars=[str(t) for t in tars], indexes=index_paths, samples=samples)
+
+
+def read_shards(root: Path, exclude: set[str] = frozenset()) -> ShardDataset:
+    """Open a folder written by :func:`pack`; every index is checked against its shard first."""
+    root = Path(root).expanduser()
+    try:
+        meta = json.loads((root / CLASSES_FILE).read_text())
+        classes = list(meta["classes"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{root / CLASSES_FILE} is missing or not a fastafd class map ({exc}): "
+                        "point --data at a folder written by `fastafd data pack`") from None
+    return ShardDataset(root=root, classes=classes, train=_read_split(root, "train", exclude),
+                        val=_read_split(root, "val", exclude))
+
+
+def read_sample(s: Sample) -> bytes:
+    with open(s.tar, "rb") as fh:
+        fh.seek(s.offset)
+        return fh.read(s.size)
+
