@@ -96,7 +96,8 @@ def tyro_parse(cls: type, args: Sequence[str], *, default: object | None = None,
 TRAIN_HELP = (
     "Train peers with one of the methods (independent, dml, l1, l2, afd). "
     "--recipe NAME picks the defaults (`fastafd recipes` lists them; default: demo); "
-    "--data DIR is short for --data.root DIR; every other option below overrides one config field."
+    "--data DIR is short for --data.root DIR; --profile START END is short for --log.profile START END; "
+    "every other option below overrides one config field."
 )
 
 
@@ -104,13 +105,19 @@ def cmd_train(argv: Sequence[str]) -> int:
     from fastafd import recipes
     from fastafd.config import TrainConfig
 
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
     pre.add_argument("--recipe", default="demo")
     pre.add_argument("--data", default=None)
-    known, rest = pre.parse_known_args(list(argv))
+    pre.add_argument("--profile", nargs=2, default=None, metavar=("START", "END"))
+    try:
+        known, rest = pre.parse_known_args(list(argv))
+    except argparse.ArgumentError as e:
+        raise UserError(f"{e} (see `{PROG} train --help`)") from None
     base = recipes.get(known.recipe)
     if known.data is not None:
         rest = ["--data.root", known.data, *rest]
+    if known.profile is not None:
+        rest = ["--log.profile", *known.profile, *rest]
     check_options(rest, option_names(TrainConfig), "train")
     cfg = tyro_parse(TrainConfig, rest, default=base, prog=f"{PROG} train", description=TRAIN_HELP)
     cfg.recipe = known.recipe
@@ -155,10 +162,45 @@ def cmd_recipes(argv: Sequence[str]) -> int:
     return 0
 
 
+@dataclass
+class PlotArgs:
+    """Write PNG training curves of one or more runs (several runs are overlaid, labelled by folder and method)."""
+
+    runs: Positional[tuple[Path, ...]]
+    """Run directories written by `fastafd train`."""
+
+    out: Path | None = None
+    """Folder for the PNGs; default: <first run>/plots."""
+
+
+def cmd_plot(argv: Sequence[str]) -> int:
+    from fastafd.plot import plot_runs
+
+    args = tyro_parse(PlotArgs, argv, prog=f"{PROG} plot", description=PlotArgs.__doc__ or "")
+    for path in plot_runs(args.runs, args.out):
+        print(path)
+    return 0
+
+
+def cmd_data(argv: Sequence[str]) -> int:
+    from fastafd.data.commands import cmd_data as run
+
+    return run(argv)
+
+
+def cmd_bench(argv: Sequence[str]) -> int:
+    from fastafd.bench import cmd_bench as run
+
+    return run(argv)
+
+
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "train": (cmd_train, "train peers (default: the demo recipe on built-in data)"),
     "eval": (cmd_eval, "evaluate a run directory"),
     "recipes": (cmd_recipes, "list the named recipes"),
+    "data": (cmd_data, "pack a folder into webdataset shards; verify a dataset"),
+    "plot": (cmd_plot, "write PNG training curves of one or more runs"),
+    "bench": (cmd_bench, "throughput benchmarks (fastafd bench step)"),
 }
 
 

@@ -137,9 +137,18 @@ class DataConfig:
     """Dataset folder (ImageNet layout: train/<class>/*.JPEG and val/<class>/*.JPEG). None: the
     built-in demo data, generated on first use into the cache folder. Also given as --data DIR."""
 
-    format: Literal["auto", "folder", "synthetic"] = "auto"
-    """auto: the folder at root, or the built-in demo data when root is None; folder: root must be
-    an ImageNet-layout folder; synthetic: random in-memory tensors (benchmarks)."""
+    format: Literal["auto", "folder", "shards", "cifar100", "synthetic"] = "auto"
+    """auto: detected from root (the built-in demo data when root is None); folder: ImageNet-layout
+    folder; shards: the output of `fastafd data pack` (webdataset tars + DALI indexes +
+    classes.json); cifar100: the `cifar-100-python` archive folder (fine labels); synthetic: random
+    in-memory tensors (benchmarks)."""
+
+    exclude: Path | None = None
+    """Text file of images to skip, one path per line relative to root (e.g. train/n01/x.JPEG), as
+    written by `fastafd data verify --exclude-out`; honoured by the folder and shard readers and by pack."""
+
+    crop_padding: int = 4
+    """cifar100: zero padding on each side before the random image_size crop (the usual pad-4 crop)."""
 
     batch_size: int = 256
     """Global training batch size (split evenly across processes)."""
@@ -187,6 +196,13 @@ class DataConfig:
         self.std = tuple(self.std)
         if self.root is not None:
             self.root = Path(self.root)
+        if self.exclude is not None:
+            self.exclude = Path(self.exclude)
+        if self.crop_padding < 0:
+            raise UserError(f"data.crop_padding={self.crop_padding} must be >= 0")
+        if self.format == "cifar100" and self.image_size > 32 + 2 * self.crop_padding:
+            raise UserError(f"data.image_size={self.image_size} is larger than a padded CIFAR image "
+                            f"(32 + 2 x {self.crop_padding}): use --data.image_size 32")
         if self.batch_size < 1:
             raise UserError(f"data.batch_size={self.batch_size} must be >= 1")
         if self.val_batch_size < 0:
@@ -252,7 +268,7 @@ class SystemConfig:
     """Deterministic algorithms (slower); for bitwise-reproducible runs."""
 
     optimizer_impl: Literal["auto", "fused", "foreach", "apex"] = "auto"
-    """auto: torch's fused optimizers on CUDA (non-finite steps skipped on the device), foreach on CPU; apex: NVIDIA apex's fused optimizers (only if apex is importable; never a dependency)."""
+    """auto: torch's fused optimizers on CUDA and CPU (on CUDA, non-finite steps are skipped on the device), foreach elsewhere; apex: NVIDIA apex's fused optimizers (only if apex is importable; never a dependency)."""
 
     compile_cache: Path | None = None
     """Persistent torch.compile cache folder (Inductor and Triton caches); None: <out>/compile_cache, so a requeued job reuses its own compiled kernels."""
@@ -262,6 +278,26 @@ class SystemConfig:
             self.compile_cache = Path(self.compile_cache)
         if self.seed < 0:
             raise UserError(f"system.seed={self.seed} must be >= 0")
+
+
+@dataclass
+class LogConfig:
+    """Observability: TensorBoard scalars, profiler traces and console progress (see README, Observability)."""
+
+    tensorboard: Literal["auto", "on", "off"] = "auto"
+    """TensorBoard scalars in <out>/tensorboard every loop.log_interval steps (rank 0); auto: if tensorboard is installed."""
+
+    profile: tuple[int, int] | None = None
+    """Profile training steps START <= i < END (0-based, whole run) into <out>/profile; also --profile START END."""
+
+    progress: Literal["auto", "bar", "lines", "off"] = "auto"
+    """Rank 0's epoch progress: auto is a bar on a terminal, else a line every loop.log_interval steps (Slurm logs)."""
+
+    def __post_init__(self) -> None:
+        if self.profile is not None:
+            self.profile = tuple(self.profile)
+            if len(self.profile) != 2 or not 0 <= self.profile[0] < self.profile[1]:
+                raise UserError(f"log.profile={self.profile} must be two steps START END with 0 <= START < END, e.g. --profile 10 15")
 
 
 @dataclass
@@ -277,6 +313,7 @@ class TrainConfig:
     """Feature-map stage optimizer of afd (discriminators; feature extractors + transfer layers)."""
     loop: LoopConfig = field(default_factory=LoopConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     out: Path | None = None
     """Run directory; default runs/<recipe>-<date>-<time>."""
@@ -320,6 +357,7 @@ def from_dict(d: dict) -> TrainConfig:
         "adv_optim": OptimConfig,
         "loop": LoopConfig,
         "system": SystemConfig,
+        "log": LogConfig,
     }
     kwargs = {}
     for name, value in d.items():

@@ -79,9 +79,13 @@ class StepGuard:
     def end(self) -> None:
         """Finish an iteration: restore BatchNorm statistics if it was skipped, count, update the scale."""
         if self._buffers:
-            keep = self.found_inf > 0
-            for buf, saved in zip(self._buffers, self._saved, strict=True):
-                buf.copy_(torch.where(keep, saved, buf))
+            if self.device.type == "cpu":  # synchronous: restore only when needed
+                if bool(self.found_inf):
+                    torch._foreach_copy_(self._buffers, self._saved)
+            else:
+                keep = self.found_inf > 0
+                for buf, saved in zip(self._buffers, self._saved, strict=True):
+                    buf.copy_(torch.where(keep, saved, buf))
         self.skipped += self.found_inf
         self.streak.copy_((self.streak + 1) * self.found_inf)
         torch.maximum(self.longest_streak, self.streak, out=self.longest_streak)

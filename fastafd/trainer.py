@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from fastafd import checkpoint, dist, rundir
-from fastafd.config import TrainConfig
+from fastafd import checkpoint, dist, observe, rundir
+from fastafd.config import TrainConfig, to_dict
 from fastafd.data import DatasetInfo, build_data
 from fastafd.errors import UserError
 from fastafd.methods import Numerics, Task, build_task
@@ -69,14 +68,6 @@ def build_session(cfg: TrainConfig) -> Session:
     return Session(cfg, rt, task, train_loader, val_loader, info)
 
 
-def _postfix(means: dict[str, list[float]], img_per_s: float) -> dict[str, str]:
-    post = {"img/s": f"{img_per_s:.0f}"}
-    for key in ("ce", "kl", "g_loss", "d_loss", "align"):
-        if key in means:
-            post[key] = "/".join(f"{v:.3f}" for v in means[key])
-    return post
-
-
 def _epoch_row(epoch: int, step: int, time_s: float, images: int, means: dict, stages: dict[str, Stage], evals: dict, names: list[str]) -> dict:
     row = {"epoch": epoch, "step": step, "time_s": round(time_s, 3), "img_per_s": round(images / time_s, 2)}
     row.update({k: v for k, v in evals.items() if k != "peers"})
@@ -113,65 +104,103 @@ def train(cfg: TrainConfig) -> Path:
         grad_sync=dist.all_reduce_grads if rt.world_size > 1 else None,
         impl=cfg.system.optimizer_impl,
     )
+    use_tensorboard = observe.tensorboard_enabled(cfg.log.tensorboard)  # UserError before anything is written
     run_dir = cfg.out or rundir.default_run_dir(cfg.recipe)
     if rt.is_main:
         rundir.create(run_dir, cfg, {"world_size": rt.world_size, "device": str(rt.device), "dataset": _info_dict(s.info)})
     step = 0
-    for epoch in range(1, cfg.loop.epochs + 1):
-        means, images, time_s, step = _train_epoch(s, stages, epoch, step, steps_per_epoch)
-        if epoch % cfg.loop.eval_interval and epoch != cfg.loop.epochs:
-            continue
-        evals = evaluate(task, s.val_loader)
-        row = _epoch_row(epoch, step, time_s, images, means, stages, evals, task.names)
-        if rt.is_main:
-            rundir.append_metrics(run_dir, row)
-            checkpoint.save_weights(run_dir / checkpoint.WEIGHTS, task, {"epoch": str(epoch), "step": str(step)})
-            tops = "  ".join(f"{p['name']} {p['top1']:.2f}" for p in row["peers"])
-            tqdm.write(f"epoch {epoch}/{cfg.loop.epochs}  top-1: {tops}  ensemble {row['ensemble_top1']:.2f}  {row['img_per_s']:.0f} img/s  {time_s:.1f} s")
+    obs = _Observers(
+        scalars=observe.Scalars(run_dir, task.names, to_dict(cfg)) if rt.is_main and use_tensorboard else None,
+        profiler=observe.Profiler(cfg.log.profile, run_dir / observe.PROFILE_DIR, rank=rt.rank, device=rt.device, first_step=step),
+    )
+    observe.set_nvtx(rt.device.type == "cuda")
+    try:
+        for epoch in range(1, cfg.loop.epochs + 1):
+            means, images, time_s, step, data_wait = _train_epoch(s, stages, epoch, step, steps_per_epoch, obs)
+            if epoch % cfg.loop.eval_interval and epoch != cfg.loop.epochs:
+                continue
+            with observe.trace_range("eval"):
+                evals = evaluate(task, s.val_loader)
+            row = _epoch_row(epoch, step, time_s, images, means, stages, evals, task.names)
+            row["data_wait_frac"] = round(data_wait, 4)
+            if rt.is_main:
+                rundir.append_metrics(run_dir, row)
+                checkpoint.save_weights(run_dir / checkpoint.WEIGHTS, task, {"epoch": str(epoch), "step": str(step)})
+                if obs.scalars is not None:
+                    obs.scalars.eval(step, row)
+                observe.write(observe.epoch_summary(row, cfg.loop.epochs, means))
+    finally:
+        obs.profiler.stop()
+        if obs.scalars is not None:
+            obs.scalars.close()
+        observe.set_nvtx(False)
     rt.accelerator.wait_for_everyone()
     rt.accelerator.end_training()
     return run_dir
 
 
-def _train_epoch(s: Session, stages: dict[str, Stage], epoch: int, step: int, steps: int) -> tuple[dict, int, float, int]:
-    """One epoch; returns (per-step metric means, images seen by all ranks, seconds, global step)."""
+@dataclass
+class _Observers:
+    """Rank 0's TensorBoard writer (None when off or on other ranks) and the profiler (every rank)."""
+
+    scalars: observe.Scalars | None
+    profiler: observe.Profiler
+
+
+def _train_epoch(s: Session, stages: dict[str, Stage], epoch: int, step: int, steps: int,
+                 obs: _Observers) -> tuple[dict, int, float, int, float]:
+    """One epoch; returns (per-step metric means, images seen by all ranks, seconds, global step, data-wait fraction)."""
     cfg, rt, task = s.cfg, s.rt, s.task
     guard = next(iter(stages.values())).guard  # shared by all stages
     task.train()
     meter = RunningMeans()
     if hasattr(s.train_loader, "set_epoch"):
         s.train_loader.set_epoch(epoch - 1)
-    bar = tqdm(
-        total=steps * cfg.data.batch_size,
-        unit="img",
-        unit_scale=True,
-        desc=f"epoch {epoch}/{cfg.loop.epochs}",
-        disable=not rt.is_main,
-        dynamic_ncols=True,
-        leave=False,
-    )
+    batch = cfg.data.batch_size
+    progress = observe.Progress(cfg.log.progress, enabled=rt.is_main, epoch=epoch, epochs=cfg.loop.epochs, steps=steps, batch=batch)
+    clock, recent = observe.LoopClock(), observe.IntervalMeans()
     start = time.perf_counter()
-    done = 0
-    for x, y in s.train_loader:
+    done = logged = 0
+    data_wait = 0.0
+    for x, y in clock.batches(s.train_loader):  # times each next(): the data-wait fraction
         if done == steps:
             break
         for stage in stages.values():
             stage.set_step(step)
-        guard.begin()
-        meter.add(task.train_step(x, y, stages))
-        guard.end()
+        with observe.trace_range("train_step"):
+            guard.begin()
+            meter.add(task.train_step(x, y, stages))
+            guard.end()
         step += 1
         done += 1
-        bar.update(cfg.data.batch_size)
+        obs.profiler.step()
+        progress.update()
         if done % cfg.loop.log_interval == 0:
             means = meter.means()  # host sync: only every log_interval steps
-            bar.set_postfix(_postfix(means, done * cfg.data.batch_size / (time.perf_counter() - start)))
+            data_wait += _log_interval(obs, progress, clock, recent, stages, means, step, done, done - logged, batch)
+            logged = done
     means = meter.means()
     if rt.device.type == "cuda":
         torch.cuda.synchronize(rt.device)
     time_s = time.perf_counter() - start
-    bar.close()
-    return means, done * cfg.data.batch_size, time_s, step
+    if done > logged:  # the epoch's last, partial interval: its sync is paid anyway
+        data_wait += _log_interval(obs, None, clock, recent, stages, means, step, done, done - logged, batch)
+    else:
+        data_wait += clock.wait  # the loader's end-of-epoch next()
+    progress.close()
+    return means, done * batch, time_s, step, min(data_wait / time_s, 1.0)
+
+
+def _log_interval(obs: _Observers, progress: observe.Progress | None, clock: observe.LoopClock, recent: observe.IntervalMeans,
+                  stages: dict[str, Stage], means: dict, step: int, done: int, steps: int, batch: int) -> float:
+    """Progress and TensorBoard at a log point, right after a host sync; returns the interval's seconds in next()."""
+    seconds, wait = clock.lap()  # the interval ends at the sync, i.e. where the device work ends
+    img_per_s, interval = steps * batch / seconds, recent.update(means, done)
+    if progress is not None:
+        progress.log(done, interval, img_per_s, wait)
+    if obs.scalars is not None:
+        obs.scalars.train(step, interval, {name: st.lr for name, st in stages.items()}, img_per_s, wait)
+    return wait * seconds
 
 
 def _info_dict(info: DatasetInfo) -> dict:

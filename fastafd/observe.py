@@ -1,0 +1,374 @@
+"""Observability: TensorBoard scalars, profiler traces, trace ranges, progress output.
+
+Nothing in this module reads a device value. The trainer hands over the host values it already
+read at its log interval (``RunningMeans.means()``, the loop's only device-to-host sync, every
+``loop.log_interval`` steps), so TensorBoard logging, the progress bar and the data-wait clock add
+no synchronisation to the training loop.
+
+**Data-wait fraction.** :class:`LoopClock` adds up the host time spent inside ``next()`` of the
+training loader (with ``perf_counter``) and divides it by the wall time between two log points.
+Both ends of that interval are host syncs (``means()``), so the wall time is the real time the
+device took for those steps even though CUDA runs asynchronously in between; ``next()`` returns as
+soon as the loader has a batch ready (DALI prefetches on its own threads and stream), so time spent
+there is time the training loop could not enqueue work because input was not ready. It is measured
+on rank 0 only. It is a host-side measure: while the host is ahead of the GPU, a slow ``next()``
+may still be hidden behind queued GPU work, so the fraction is an upper bound on the time the GPU
+idled for data (0 % means the input pipeline is never the bottleneck).
+
+**Trace ranges.** :func:`trace_range` names a region in profiler traces (``record_function``, only
+while a profile is being recorded) and in Nsight Systems (NVTX, on CUDA). Otherwise it returns a
+shared ``nullcontext``: a no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import importlib.util
+import json
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from fastafd.errors import UserError
+
+TB_DIR = "tensorboard"
+"""Run subfolder with the TensorBoard event files (``tensorboard --logdir RUN``)."""
+
+PROFILE_DIR = "profile"
+"""Run subfolder with the profiler traces (``rank<R>.<time>.pt.trace.json.gz``)."""
+
+LOSS_KEYS = ("ce", "kl", "g_loss", "d_loss", "align")
+"""The losses shown in the progress bar and the epoch summary (those a method returns)."""
+
+
+def require(module: str, extra: str, purpose: str, alternative: str = "", package: str = "") -> ModuleType:
+    """Import an optional dependency, or raise a one-line :class:`UserError` naming the extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        hint = f", or {alternative}" if alternative else ""
+        raise UserError(f"{purpose} needs the optional package {package or module}: pip install 'fastafd[{extra}]'{hint}") from None
+
+
+def tensorboard_enabled(mode: str) -> bool:
+    """``log.tensorboard``: on needs the package, auto uses it when installed, off never."""
+    if mode == "off":
+        return False
+    installed = importlib.util.find_spec("tensorboard") is not None
+    if mode == "on" and not installed:
+        raise UserError("TensorBoard logging (--log.tensorboard on) needs the optional package tensorboard: "
+                        "pip install 'fastafd[tensorboard]', or use --log.tensorboard off")
+    return installed
+
+
+def peer_labels(names: Sequence[str]) -> list[str]:
+    """Tag suffix of each peer: ``peer<k>-<timm name>`` (unique even when all peers share a name)."""
+    return [f"peer{k}-{name}" for k, name in enumerate(names)]
+
+
+# -- trace ranges ---------------------------------------------------------------------------------
+
+
+class _RangeState:
+    record = False  # a torch.profiler recording is active
+    nvtx = False  # NVTX ranges on (CUDA runs)
+
+
+_NULL = contextlib.nullcontext()
+
+
+class _Range:
+    __slots__ = ("name", "nvtx", "rf")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.nvtx = False
+        self.rf: contextlib.AbstractContextManager | None = None
+
+    def __enter__(self) -> None:
+        if _RangeState.nvtx:
+            torch.cuda.nvtx.range_push(self.name)
+            self.nvtx = True
+        if _RangeState.record:
+            self.rf = torch.profiler.record_function(self.name)
+            self.rf.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.rf is not None:
+            self.rf.__exit__(*exc)
+        if self.nvtx:
+            torch.cuda.nvtx.range_pop()
+
+
+def trace_range(name: str) -> contextlib.AbstractContextManager:
+    """A named range in profiler traces and Nsight Systems; a shared no-op unless one of them is on."""
+    if _RangeState.record or _RangeState.nvtx:
+        return _Range(name)
+    return _NULL
+
+
+def stage_range(method: Callable) -> Callable:
+    """Decorator for ``Stage`` methods: run them inside a trace range named ``<stage name>_step``."""
+
+    @functools.wraps(method)
+    def ranged(self: object, *args: object, **kwargs: object) -> object:
+        if not (_RangeState.record or _RangeState.nvtx):
+            return method(self, *args, **kwargs)
+        with _Range(f"{self.name}_step"):  # type: ignore[attr-defined]
+            return method(self, *args, **kwargs)
+
+    return ranged
+
+
+def set_nvtx(on: bool) -> None:
+    """Turn NVTX ranges on (CUDA runs: they cost about a microsecond each) or off."""
+    _RangeState.nvtx = bool(on) and torch.cuda.is_available()
+
+
+# -- profiler -------------------------------------------------------------------------------------
+
+
+class Profiler:
+    """``torch.profiler`` over the training steps with index ``start <= i < end`` (0-based, global).
+
+    The trace goes to ``out_dir`` through ``tensorboard_trace_handler`` (gzipped Chrome trace JSON,
+    one file per rank named ``rank<R>.<time>.pt.trace.json.gz``): it opens in TensorBoard's PyTorch
+    profiler plugin (torch-tb-profiler), in Perfetto (ui.perfetto.dev) and in chrome://tracing.
+    Call :meth:`step` after every training step and :meth:`stop` at the end (also on errors).
+    """
+
+    def __init__(self, steps: tuple[int, int] | None, out_dir: Path, *, rank: int, device: torch.device, first_step: int = 0) -> None:
+        self.prof: torch.profiler.profile | None = None
+        self.out_dir = Path(out_dir)
+        if steps is None:
+            return
+        start, end = max(steps[0], first_step), steps[1]
+        if end <= start:
+            return
+        warmup = min(1, start - first_step)  # one warm-up step when there is one before the range
+        self._length = start - first_step + (end - start)
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "won't be using warmup" when the range starts at step 0
+            self.prof = torch.profiler.profile(
+                activities=activities,
+                schedule=torch.profiler.schedule(wait=start - first_step - warmup, warmup=warmup, active=end - start, repeat=1),
+                on_trace_ready=torch.profiler.tensorboard_trace_handler(str(self.out_dir), worker_name=f"rank{rank}", use_gzip=True),
+                record_shapes=True,
+            )
+            self.prof.start()
+        self._done = 0
+        _RangeState.record = True
+
+    @property
+    def active(self) -> bool:
+        return self.prof is not None
+
+    def step(self) -> None:
+        """Mark the end of one training step; writes the trace after the last step of the range."""
+        if self.prof is None:
+            return
+        self.prof.step()
+        self._done += 1
+        if self._done >= self._length:
+            self.stop()
+
+    def stop(self) -> None:
+        """Stop recording (a range cut short by the end of training is still written)."""
+        if self.prof is None:
+            return
+        prof, self.prof = self.prof, None
+        _RangeState.record = False
+        prof.stop()
+
+
+# -- clocks and interval means --------------------------------------------------------------------
+
+
+class LoopClock:
+    """Host wall time and time blocked in the loader's ``next()`` since the last :meth:`lap`."""
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self.t0 = time.perf_counter()
+        self.wait = 0.0
+
+    def batches(self, loader: Iterable) -> Iterator:
+        """Iterate ``loader``, timing each ``next()`` (inside a ``data`` trace range)."""
+        t = time.perf_counter()
+        it = iter(loader)
+        self.wait += time.perf_counter() - t
+        while True:
+            t = time.perf_counter()
+            with trace_range("data"):
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    return
+            self.wait += time.perf_counter() - t
+            yield batch
+
+    def lap(self) -> tuple[float, float]:
+        """(seconds, fraction of them spent waiting for data) since the last lap; starts a new one.
+
+        Call it right after a host sync so that the interval ends where the device work ends.
+        """
+        now = time.perf_counter()
+        seconds = max(now - self.t0, 1e-9)
+        frac = min(self.wait / seconds, 1.0)
+        self.t0, self.wait = now, 0.0
+        return seconds, frac
+
+
+class IntervalMeans:
+    """Means over the last log interval from the epoch-to-date means ``RunningMeans`` returns (host only)."""
+
+    def __init__(self) -> None:
+        self.prev: dict[str, list[float]] = {}
+        self.prev_steps = 0
+
+    def update(self, means: Mapping[str, list[float]], steps: int) -> dict[str, list[float]]:
+        n = steps - self.prev_steps
+        out = {}
+        for key, values in means.items():
+            before = self.prev.get(key, [0.0] * len(values))
+            out[key] = [(v * steps - b * self.prev_steps) / n for v, b in zip(values, before, strict=True)] if n > 0 else list(values)
+        self.prev, self.prev_steps = {k: list(v) for k, v in means.items()}, steps
+        return out
+
+
+# -- TensorBoard ----------------------------------------------------------------------------------
+
+
+class Scalars:
+    """TensorBoard scalars of one run (create it on rank 0 only). Tags: see :func:`train_tags`, :func:`eval_tags`."""
+
+    def __init__(self, run_dir: Path, names: Sequence[str], config: dict | None = None) -> None:
+        tb = require("torch.utils.tensorboard", "tensorboard", "TensorBoard logging", "use --log.tensorboard off", package="tensorboard")
+        self.writer = tb.SummaryWriter(log_dir=str(Path(run_dir) / TB_DIR))
+        self.peers = peer_labels(names)
+        if config is not None:
+            self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)
+
+    def train(self, step: int, means: Mapping[str, list[float]], lrs: Mapping[str, float], img_per_s: float, data_wait: float) -> None:
+        """Interval means of the step metrics (per peer), the stages' learning rates, throughput."""
+        for key, values in means.items():
+            if len(values) == len(self.peers):
+                for label, value in zip(self.peers, values, strict=True):
+                    self.writer.add_scalar(f"train/{key}/{label}", value, step)
+        for stage, lr in lrs.items():
+            self.writer.add_scalar(f"lr/{stage}", lr, step)
+        self.writer.add_scalar("perf/img_per_s", img_per_s, step)
+        self.writer.add_scalar("perf/data_wait_frac", data_wait, step)
+
+    def eval(self, step: int, row: Mapping) -> None:
+        """Validation accuracy per peer and of the ensemble, and per-peer method extras (d_real, d_fake)."""
+        for label, peer in zip(self.peers, row["peers"], strict=True):
+            for key in ("top1", "top5", "d_real", "d_fake"):
+                if key in peer:
+                    self.writer.add_scalar(f"val/{key}/{label}", peer[key], step)
+        self.writer.add_scalar("val/top1/ensemble", row["ensemble_top1"], step)
+        self.writer.add_scalar("val/top5/ensemble", row["ensemble_top5"], step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def train_tags(names: Sequence[str], metric_keys: Iterable[str], stages: Iterable[str]) -> set[str]:
+    """The tags :meth:`Scalars.train` writes for these peers, step metrics and stages."""
+    tags = {f"train/{k}/{p}" for k in metric_keys for p in peer_labels(names)}
+    return tags | {f"lr/{s}" for s in stages} | {"perf/img_per_s", "perf/data_wait_frac"}
+
+
+def eval_tags(names: Sequence[str], extras: Iterable[str] = ()) -> set[str]:
+    """The tags :meth:`Scalars.eval` writes (``extras``: per-peer keys such as d_real, d_fake)."""
+    keys = ("top1", "top5", *extras)
+    return {f"val/{k}/{p}" for k in keys for p in peer_labels(names)} | {"val/top1/ensemble", "val/top5/ensemble"}
+
+
+# -- console --------------------------------------------------------------------------------------
+
+
+def format_losses(means: Mapping[str, list[float]], sep: str = " ") -> str:
+    """``ce 1.234/1.250 kl ...``: the main losses, one value per peer."""
+    return sep.join(f"{k} " + "/".join(f"{v:.3f}" for v in means[k]) for k in LOSS_KEYS if k in means)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    return f"{h}:{rem // 60:02d}:{rem % 60:02d}" if h else f"{rem // 60:02d}:{rem % 60:02d}"
+
+
+class Progress:
+    """Per-epoch progress on rank 0: a tqdm bar on a terminal, plain lines in logs (Slurm), or nothing.
+
+    ``mode`` is ``log.progress``: auto is a bar when stderr is a terminal and lines otherwise.
+    """
+
+    def __init__(self, mode: str, *, enabled: bool, epoch: int, epochs: int, steps: int, batch: int) -> None:
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "lines"
+        self.mode = mode if enabled else "off"
+        self.epoch, self.epochs, self.steps, self.batch = epoch, epochs, steps, batch
+        self.t0 = time.perf_counter()
+        self.bar = None
+        if self.mode == "bar":
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=steps * batch, unit="img", unit_scale=True, desc=f"epoch {epoch}/{epochs}", dynamic_ncols=True, leave=False)
+
+    def update(self) -> None:
+        if self.bar is not None:
+            self.bar.update(self.batch)
+
+    def log(self, done: int, means: Mapping[str, list[float]], img_per_s: float, data_wait: float) -> None:
+        """At a log point: interval img/s, data-wait fraction and the main losses."""
+        if self.bar is not None:
+            post = {"img/s": f"{img_per_s:.0f}", "data": f"{data_wait:.0%}"}
+            post.update({k: "/".join(f"{v:.3f}" for v in means[k]) for k in LOSS_KEYS if k in means})
+            self.bar.set_postfix(post)
+        elif self.mode == "lines":
+            elapsed = time.perf_counter() - self.t0
+            eta = elapsed / done * (self.steps - done) if done else 0.0
+            write(
+                f"epoch {self.epoch}/{self.epochs} step {done}/{self.steps}  {img_per_s:.0f} img/s  data {data_wait:.0%}  "
+                f"ETA {_clock(eta)}  {format_losses(means)}"
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def write(line: str) -> None:
+    """Print a line without breaking an active progress bar (stdout, flushed)."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(line)
+    sys.stdout.flush()
+
+
+def epoch_summary(row: Mapping, epochs: int, means: Mapping[str, list[float]]) -> str:
+    """The one line printed after each evaluated epoch."""
+    tops = "  ".join(f"{p['name']} {p['top1']:.2f}" for p in row["peers"])
+    disc = ""
+    if all("d_real" in p for p in row["peers"]):
+        disc = "  D(real)/D(fake) " + " ".join(f"{p['d_real']:.2f}/{p['d_fake']:.2f}" for p in row["peers"])
+    return (
+        f"epoch {row['epoch']}/{epochs}  top-1: {tops}  ensemble {row['ensemble_top1']:.2f}  {format_losses(means)}{disc}  "
+        f"{row['img_per_s']:.0f} img/s  data {row.get('data_wait_frac', 0.0):.0%}  {row['time_s']:.1f} s"
+    )
