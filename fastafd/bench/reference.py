@@ -1,8 +1,12 @@
 """A deliberately simple, slow, obviously correct AFD iteration, written from AFD.md alone.
 
-No fastafd code is used here: the reference gets plain modules (the peers, its own transfer layers
-and discriminators with weights copied in) and implements the losses, the cyclic teacher choice, the
-parameter split and the stage order with explicit Python loops.
+It is two things: the oracle of the correctness tests (``tests/integration/test_reference_afd.py``
+checks that fastafd's step gives the same parameters) and the baseline of the step benchmark,
+written the way a paper's code usually is (eager, fp32, NCHW, a Python loop over peers and
+discriminators, one optimizer call per stage). No other fastafd code is used here: the reference
+gets plain modules (the peers; its own transfer layers and discriminators, weights copied in when
+comparing) and implements the losses, the cyclic teacher choice, the parameter split and the stage
+order itself.
 """
 
 import torch

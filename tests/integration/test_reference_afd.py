@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.helpers import ADAM, SGD, batches, iterate, tiny_config, tiny_task
-from tests.reference_afd import ReferenceAFD, copy_into
+from fastafd.bench.reference import ReferenceAFD, copy_into
 
 CASES = {
     "k2_same": (("cifar_resnet8", "cifar_resnet8"), 32),

@@ -1,0 +1,286 @@
+"""Training-step throughput: fastafd's fast path against a plain PyTorch reference, in one run.
+
+Variants, all on the same in-memory batch and the same peers:
+
+* ``reference``: :mod:`fastafd.bench.reference`, AFD written the way a paper's code usually is
+  (eager, fp32, NCHW, Python loops over peers and discriminators);
+* ``independent``: fastafd training the same peers with CE only (the floor: what distillation
+  costs on top);
+* ``afd-sequential`` and ``afd-simultaneous``: fastafd's AFD in both orders.
+
+fastafd variants use the device's defaults (``system.*=auto``: bf16 + channels-last + compile on
+CUDA, fp32 + NCHW + eager on CPU) unless overridden. Each variant is warmed up first (its
+compilation time is reported separately), then timed over ``repeats`` windows of ``steps`` steps
+with synchronized brackets; img/s is reported as median, min and max over the windows.
+Run as ``fastafd bench step`` or ``python benchmarks/step.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from fastafd import rundir
+from fastafd.config import DataConfig, LoopConfig, MethodConfig, ModelConfig, SystemConfig, TrainConfig, adam_feature_stage, sgd_logit_stage
+from fastafd.errors import UserError
+
+VARIANTS = ("reference", "independent", "afd-sequential", "afd-simultaneous")
+
+
+@dataclass
+class StepBenchArgs:
+    """Measure training-step img/s of fastafd against a plain PyTorch reference."""
+
+    peers: tuple[str, ...] = ("resnet18", "resnet18")
+    """timm model names of the peers."""
+    image_size: int = 64
+    """Input resolution."""
+    batch_size: int = 32
+    """Batch size per step."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device to measure on."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """fastafd variants' autocast dtype (the reference is always fp32)."""
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    """fastafd variants' memory format."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile the fastafd variants."""
+    variants: tuple[str, ...] = VARIANTS
+    """Which variants to run."""
+    warmup: int = 3
+    """Untimed steps per variant (compilation happens here and is reported separately)."""
+    steps: int = 5
+    """Steps per timed window."""
+    repeats: int = 5
+    """Timed windows per variant."""
+    out: Path = Path("benchmarks/results")
+    """Folder for step-<name>.json/.md/.png."""
+    name: str = ""
+    """Result file stem; default: <device>-<peers>-<image_size>."""
+    seed: int = 0
+    """Seed of the peers and the batch."""
+
+
+@dataclass
+class VariantResult:
+    variant: str
+    img_per_s_median: float
+    img_per_s_min: float
+    img_per_s_max: float
+    windows: list[float] = field(default_factory=list)
+    first_step_s: float = 0.0
+    """Wall time of the first (warm-up) step: includes torch.compile when compiling."""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _fastafd_step(args: StepBenchArgs, method: str, order: str, device: torch.device):
+    """A fastafd task + stages on ``device``, built with the trainer's own factories."""
+    from fastafd import dist
+    from fastafd.methods import Numerics, build_task
+    from fastafd.optim import build_stages
+    from fastafd.steps import StepGuard
+
+    cfg = TrainConfig(
+        model=ModelConfig(peers=args.peers, num_classes=1000),
+        method=MethodConfig(name=method, order=order),  # type: ignore[arg-type]
+        data=DataConfig(format="synthetic", batch_size=args.batch_size, image_size=args.image_size),
+        optim=sgd_logit_stage(),
+        adv_optim=adam_feature_stage(),
+        loop=LoopConfig(epochs=1),
+        system=SystemConfig(device=args.device, precision=args.precision, channels_last=args.channels_last, compile=args.compile),
+    )
+    on_gpu = device.type == "cuda"
+    precision = args.precision if args.precision != "auto" else ("bf16" if on_gpu else "fp32")
+    dtype = dist._DTYPES[precision]
+    channels_last = args.channels_last == "on" or (args.channels_last == "auto" and on_gpu)
+    compile_ = args.compile == "on" or (args.compile == "auto" and on_gpu)
+    torch.manual_seed(args.seed)
+    task = build_task(cfg, 1000, Numerics(device.type, dtype, compile_), device, channels_last)
+    guard = StepGuard(device, fp16=dtype == torch.float16, buffers=list(task.buffers()))
+    stages = build_stages(
+        task.stages(),
+        {"optim": cfg.optim, "adv_optim": cfg.adv_optim},
+        global_batch=args.batch_size,
+        epochs=1,
+        steps_per_epoch=10_000,
+        device=device,
+        guard=guard,
+        grad_sync=None,
+    )
+    for s in stages.values():
+        s.set_step(0)
+    task.train()
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        guard.begin()
+        task.train_step(x, y, stages)
+        guard.end()
+
+    return step, channels_last
+
+
+def _reference_step(args: StepBenchArgs, device: torch.device):
+    from fastafd.bench.reference import ReferenceAFD
+    from fastafd.models.peers import create_peer, feature_shape
+
+    torch.manual_seed(args.seed)
+    nets = [create_peer(name, 1000).to(device) for name in args.peers]
+    shapes = [feature_shape(n, args.image_size) for n in nets]
+    ref = ReferenceAFD(nets, shapes, temperature=3.0, sgd=dict(lr=0.1, momentum=0.9, weight_decay=1e-4), adam=dict(lr=2e-5, weight_decay=0.1))
+    for m in ref.transfers + ref.discs:
+        m.to(device)
+    for net in nets:
+        net.train()
+    return ref.iteration, False
+
+
+def measure(args: StepBenchArgs, variant: str, device: torch.device, batch: tuple[torch.Tensor, torch.Tensor]) -> VariantResult:
+    if variant == "reference":
+        step, channels_last = _reference_step(args, device)
+    elif variant == "independent":
+        step, channels_last = _fastafd_step(args, "independent", "sequential", device)
+    elif variant in ("afd-sequential", "afd-simultaneous"):
+        step, channels_last = _fastafd_step(args, "afd", variant.split("-")[1], device)
+    else:
+        raise UserError(f"unknown variant '{variant}': choose from {', '.join(VARIANTS)}")
+    x, y = batch
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    _sync(device)
+    t0 = time.perf_counter()
+    step(x, y)
+    _sync(device)
+    first = time.perf_counter() - t0
+    for _ in range(max(args.warmup - 1, 0)):
+        step(x, y)
+    windows = []
+    for _ in range(args.repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step(x, y)
+        _sync(device)
+        windows.append(args.steps * args.batch_size / (time.perf_counter() - t0))
+    return VariantResult(variant, statistics.median(windows), min(windows), max(windows), windows, first)
+
+
+def hardware(device: torch.device) -> dict:
+    info = {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": torch.get_num_threads()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def run(args: StepBenchArgs) -> dict:
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but CUDA is not available: use --device cpu")
+    device = torch.device("cuda" if use_cuda else "cpu")
+    g = torch.Generator().manual_seed(args.seed)
+    batch = (
+        torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=g).to(device),
+        torch.randint(0, 1000, (args.batch_size,), generator=g).to(device),
+    )
+    results = [measure(args, v, device, batch) for v in args.variants]
+    by = {r.variant: r.img_per_s_median for r in results}
+    ratios = {}
+    if "reference" in by:
+        ratios.update({f"{v}/reference": by[v] / by["reference"] for v in by if v != "reference"})
+    if "independent" in by:
+        # cost of distillation: time per image relative to independent training of the same peers
+        ratios.update({f"cost {v} vs independent": by["independent"] / by[v] for v in by if v.startswith("afd")})
+    return {
+        "benchmark": "step",
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(args).items()},
+        "device": str(device),
+        "hardware": hardware(device),
+        "versions": rundir.versions(),
+        "git_sha": rundir.git_sha(),
+        "results": [asdict(r) for r in results],
+        "ratios": ratios,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def markdown(report: dict) -> str:
+    a = report["args"]
+    lines = [
+        f"# Step throughput: {' + '.join(a['peers'])}, {a['image_size']} px, batch {a['batch_size']}, {report['device']}",
+        "",
+        f"Hardware: {report['hardware'].get('gpu') or report['hardware'].get('cpu', '')} ({report['hardware']['cpu_count']} threads); "
+        f"torch {report['versions']['torch']}, timm {report['versions']['timm']}; git {report['git_sha']}; {report['date']}",
+        "",
+        f"Command: `fastafd bench step --peers {' '.join(a['peers'])} --image_size {a['image_size']} --batch_size {a['batch_size']} "
+        f"--device {a['device']} --warmup {a['warmup']} --steps {a['steps']} --repeats {a['repeats']}`",
+        "",
+        "| variant | img/s median | min | max | first step (s, incl. compile) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in report["results"]:
+        lines.append(f"| {r['variant']} | {r['img_per_s_median']:.1f} | {r['img_per_s_min']:.1f} | {r['img_per_s_max']:.1f} | {r['first_step_s']:.2f} |")
+    lines += ["", "| ratio | value |", "| --- | ---: |"]
+    lines += [f"| {k} | {v:.2f}x |" for k, v in report["ratios"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = report["results"]
+    names = [r["variant"] for r in res]
+    med = [r["img_per_s_median"] for r in res]
+    err = [[m - r["img_per_s_min"] for m, r in zip(med, res)], [r["img_per_s_max"] - m for m, r in zip(med, res)]]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar(names, med, yerr=err, capsize=4, color=["#888888"] + ["#3a7bd5"] * (len(names) - 1))
+    a = report["args"]
+    ax.set_ylabel("img/s (median, min-max)")
+    ax.set_title(f"{' + '.join(a['peers'])}, {a['image_size']} px, batch {a['batch_size']}, {report['device']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(args: StepBenchArgs) -> Path:
+    report = run(args)
+    stem = args.name or f"{report['device']}-{'+'.join(args.peers)}-{args.image_size}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    base = args.out / f"step-{stem}"
+    base.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    base.with_suffix(".md").write_text(markdown(report))
+    try:
+        plot(report, base.with_suffix(".png"))
+    except ImportError:
+        pass  # matplotlib is optional; the JSON and Markdown carry the numbers
+    print(markdown(report))
+    return base
+
+
+def cmd(argv: list[str]) -> int:
+    from fastafd.cli import tyro_parse
+
+    args = tyro_parse(StepBenchArgs, argv, prog="fastafd bench step", description=StepBenchArgs.__doc__ or "")
+    args = replace(args, variants=tuple(args.variants))
+    for v in args.variants:
+        if v not in VARIANTS:
+            raise UserError(f"unknown variant '{v}': choose from {', '.join(VARIANTS)}")
+    main(args)
+    return 0
