@@ -7,13 +7,22 @@ one-forward-one-backward reducer can only follow with ``find_unused_parameters``
 stage averages exactly its own gradients (:func:`all_reduce_grads`, one coalesced all-reduce per
 stage), and BatchNorm running statistics are averaged over processes before every evaluation and
 checkpoint (:func:`average_buffers`), so every rank holds the same model.
+
+Failures: the process group has a timeout (``system.dist_timeout_s``), so a collective never waits
+forever for a silent peer, and a :class:`PeerWatch` heartbeat in the rendezvous store lets the
+survivors of a failed collective name the rank that stopped (a peer that dies is seen at once:
+its sockets close). Under ``accelerate launch`` on one node, torchrun's agent also watches its
+children: when one dies it stops the others and prints the failed rank.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as tdist
@@ -49,11 +58,13 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def setup(cfg: SystemConfig) -> Runtime:
     """Create the accelerator and resolve the ``auto`` settings for this device."""
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("system.device=cuda but CUDA is not available: use --system.device auto or cpu")
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    accelerator = Accelerator(cpu=not use_cuda)
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout_s))
+    accelerator = Accelerator(cpu=not use_cuda, kwargs_handlers=[timeout])
     device = accelerator.device
     on_gpu = device.type == "cuda"
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if on_gpu else "fp32")
@@ -117,3 +128,87 @@ def all_reduce_sum(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         tdist.all_reduce(t)
         out[key] = t
     return out
+
+
+HEARTBEAT_S = float(os.environ.get("FASTAFD_HEARTBEAT_S", "2"))
+"""Seconds between two heartbeats of a rank in the rendezvous store (``FASTAFD_HEARTBEAT_S``)."""
+
+
+class PeerWatch:
+    """A heartbeat per rank in the rendezvous store, so that after a failed collective the survivors
+    can name the rank that stopped.
+
+    A daemon thread increments ``fastafd/beat/<rank>`` every :data:`HEARTBEAT_S` seconds (a few bytes
+    per rank per period to the store; no device work, no effect on the training step). Under
+    torchrun the store lives in the launcher of node 0, so it outlives any training process.
+    """
+
+    def __init__(self, rank: int, world_size: int, period_s: float = HEARTBEAT_S) -> None:
+        from torch.distributed.distributed_c10d import _get_default_store  # the rendezvous store
+
+        self.rank, self.world_size, self.period_s = rank, world_size, period_s
+        self._store = _get_default_store()
+        self._stop = threading.Event()
+        self._beat()
+        self._thread = threading.Thread(target=self._run, name="fastafd-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _key(self, rank: int) -> str:
+        return f"fastafd/beat/{rank}"
+
+    def _beat(self) -> None:
+        self._store.add(self._key(self.rank), 1)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            try:
+                self._beat()
+            except Exception:  # the store is gone (node 0's launcher died): failed_ranks() reports it
+                return
+
+    def _counts(self) -> list[int]:
+        keys = [self._key(r) for r in range(self.world_size)]
+        return [int(v) for v in self._store.multi_get(keys)]
+
+    def failed_ranks(self) -> list[int] | None:
+        """Ranks whose heartbeat stopped (waits three periods); None if the store itself is unreachable."""
+        try:
+            before = self._counts()
+            time.sleep(3 * self.period_s)
+            after = self._counts()
+        except Exception:
+            return None
+        return [r for r in range(self.world_size) if r != self.rank and after[r] == before[r]]
+
+    def describe(self, error: BaseException, failed: list[int] | None) -> str:
+        """One line for a collective that failed on this rank: which rank stopped, and what to do."""
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        if failed is None:
+            who = "the rendezvous store on the head node is unreachable: rank 0 or its node failed"
+        elif failed:
+            who = f"rank{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))} of {self.world_size} stopped (process died or node lost)"
+        else:
+            who = "no other rank stopped its heartbeat (a network fault or a rank stuck beyond system.dist_timeout_s)"
+        return f"rank {self.rank}: a collective failed: {who}; see that rank's log for the cause. ({first})"
+
+    def explain(self, error: BaseException) -> str | None:
+        """One line naming the ranks that stopped, if any did (else None: the error is this rank's own)."""
+        failed = self.failed_ranks()
+        return self.describe(error, failed) if failed is None or failed else None
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def peer_watch(rt: Runtime) -> PeerWatch | None:
+    """A :class:`PeerWatch` when several processes train, else None."""
+    return PeerWatch(rt.rank, rt.world_size) if _distributed() else None
+
+
+def all_reduce_max_flag(flag: bool, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is True on any rank (one tiny all-reduce: a host sync)."""
+    if not _distributed():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return bool(t.item())

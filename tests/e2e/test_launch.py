@@ -1,0 +1,102 @@
+"""launch/run.sh: the knobs, a dry run, a 2-process run, and a rank that dies mid-run (CPU, gloo)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from fastafd import rundir
+
+pytestmark = pytest.mark.distributed
+
+ROOT = Path(__file__).resolve().parents[2]
+RUN_SH = ROOT / "launch/run.sh"
+TINY = ["--model.peers", "cifar_resnet8", "cifar_resnet8", "--data.format", "synthetic", "--data.image_size", "32",
+        "--data.batch_size", "16", "--data.synthetic_samples", "512", "--data.synthetic_classes", "10",
+        "--loop.log_interval", "2", "--log.tensorboard", "off", "--log.progress", "lines"]
+FAILURE_BOUND_S = 45
+"""A surviving rank must exit this soon after its peer died (heartbeat check included)."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(tmp_path, **knobs) -> dict:
+    base = {k: v for k, v in os.environ.items() if k not in ("NNODES", "NODE_RANK", "NPROC", "GPUS_PER_NODE", "DRY_RUN", "PRINT_ONLY")}
+    return {**base, "FASTAFD_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "CPU": "1",
+            "MASTER_PORT": str(free_port()), **{k: str(v) for k, v in knobs.items()}}
+
+
+def test_knobs_become_accelerate_launch_arguments(tmp_path):
+    out = subprocess.run([str(RUN_SH), "--loop.epochs", "1"], env=env(tmp_path, PRINT_ONLY=1, NNODES=2, NODE_RANK=1, NPROC=4,
+                         MASTER_ADDR="10.1.2.3", MASTER_PORT=31000, DRY_RUN=1), capture_output=True, text=True, check=True).stdout.split()
+    after = lambda flag: out[out.index(flag) + 1]  # noqa: E731
+    assert out[1:3] == ["-m", "accelerate.commands.launch"] and "--multi_gpu" in out
+    assert (after("--num_machines"), after("--num_processes"), after("--machine_rank")) == ("2", "8", "1")
+    assert (after("--main_process_ip"), after("--main_process_port")) == ("10.1.2.3", "31000")
+    train = out[out.index("fastafd.cli"):]
+    assert train == ["fastafd.cli", "train", "--system.device", "cpu", "--loop.dry_run", "--loop.epochs", "1"]
+    single = subprocess.run([str(RUN_SH), "--x"], env=env(tmp_path, PRINT_ONLY=1), capture_output=True, text=True, check=True).stdout.split()
+    assert single[1:] == ["-m", "fastafd.cli", "train", "--system.device", "cpu", "--x"]
+    bad = subprocess.run([str(RUN_SH)], env=env(tmp_path, NNODES=2, NODE_RANK=2), capture_output=True, text=True)
+    assert bad.returncode == 2 and "NODE_RANK=2" in bad.stderr
+
+
+def test_dry_run_builds_everything_on_two_processes_and_trains_nothing(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([str(RUN_SH), *TINY, "--out", str(out)], env=env(tmp_path, NPROC=2, DRY_RUN=1),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout + proc.stderr
+    assert "dry run" in text and "2 processes" in text, text[-2000:]
+    assert text.count("dry run:") == 1  # rank 0 only
+    assert not (out / rundir.METRICS_FILE).exists()
+
+
+def test_two_processes_train_and_only_rank_0_writes(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([str(RUN_SH), *TINY, "--loop.epochs", "2", "--loop.max_steps_per_epoch", "4", "--out", str(out)],
+                          env=env(tmp_path, NPROC=2), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = rundir.read_metrics(out)
+    assert [(r["epoch"], r["step"]) for r in rows] == [(1, 4), (2, 8)]  # one row per epoch: rank 1 wrote nothing
+    assert json.loads((out / rundir.ENV_FILE).read_text())["world_size"] == 2
+    assert proc.stdout.count("run directory:") == 1
+    assert (proc.stdout + proc.stderr).count("epoch 2/2  top-1:") == 1
+
+
+def test_a_dead_rank_makes_the_other_exit_promptly_naming_it(tmp_path):
+    """Two nodes (one launcher each, as on a cluster); rank 1's process is killed after step 3."""
+    knobs = dict(NNODES=2, NPROC=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port())
+    args = [str(RUN_SH), *TINY, "--loop.epochs", "1", "--loop.max_steps_per_epoch", "400", "--data.synthetic_samples", "8192",
+            "--system.dist_timeout_s", "600", "--out", str(tmp_path / "run")]
+    logs = [open(tmp_path / f"node{r}.log", "w+") for r in range(2)]
+    nodes = [subprocess.Popen(args, env={**env(tmp_path, NODE_RANK=r, **knobs), **({"FASTAFD_FAULT": "kill@step=3"} if r else {})},
+                              stdout=logs[r], stderr=subprocess.STDOUT, start_new_session=True) for r in range(2)]
+    try:
+        died = None
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and nodes[0].poll() is None:
+            if died is None and nodes[1].poll() is not None:
+                died = time.monotonic()
+            time.sleep(0.2)
+        assert died is not None, "rank 1 should have been killed at step 3"
+        assert nodes[0].poll() is not None, "rank 0 still running: it hangs on its dead peer"
+        waited = time.monotonic() - died
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    text = [log.seek(0) or log.read() for log in logs]
+    assert nodes[1].returncode != 0
+    assert nodes[0].returncode != 0, text[0][-2000:]
+    assert waited < FAILURE_BOUND_S, f"rank 0 took {waited:.0f} s to exit after rank 1 died"
+    assert "rank 1 of 2 stopped" in text[0], text[0][-3000:]

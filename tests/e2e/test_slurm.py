@@ -1,0 +1,75 @@
+"""The real slurm/train.sbatch on a local 2-node Slurm cluster (skipped where Slurm cannot run)."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fastafd import rundir
+from tests import slurm_cluster as sc
+
+pytestmark = pytest.mark.slurm
+
+ROOT = Path(__file__).resolve().parents[2]
+SBATCH = ROOT / "slurm/train.sbatch"
+TINY = ["--model.peers", "cifar_resnet8", "cifar_resnet8", "--data.format", "synthetic", "--data.image_size", "32",
+        "--data.batch_size", "16", "--data.synthetic_classes", "10", "--log.tensorboard", "off", "--log.progress", "lines"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    state = Path(os.environ.get("FASTAFD_SLURM_DIR", "/tmp/fastafd-slurm"))  # one cluster per machine: fixed ports
+    env = sc.start(state)
+    yield env
+    sc.stop(state)
+
+
+def job_env(cluster, tmp_path, run_dir):
+    keep = {k: v for k, v in cluster.items() if not k.startswith(("SLURM_JOB", "MASTER_", "NODE_RANK", "NNODES", "NPROC", "DRY_RUN"))}
+    return {**keep, "FASTAFD_ROOT": str(ROOT), "CPU": "1", "NPROC": "1", "OMP_NUM_THREADS": "1",
+            "FASTAFD_CACHE": str(tmp_path / "cache"), "RUN_DIR": str(run_dir)}
+
+
+def log_of(tmp_path, job):
+    path = tmp_path / f"slurm-fastafd-{job}.out"
+    return path.read_text() if path.exists() else ""
+
+
+def test_two_node_job_trains_on_both_nodes(cluster, tmp_path):
+    run = tmp_path / "run"
+    job = sc.sbatch(job_env(cluster, tmp_path, run), "--nodes=2", str(SBATCH), *TINY, "--data.synthetic_samples", "512",
+                    "--loop.epochs", "2", "--loop.max_steps_per_epoch", "5", "--loop.log_interval", "5", cwd=tmp_path)
+    info = sc.wait_done(cluster, job, timeout=180)
+    log = log_of(tmp_path, job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    assert "run.sh: node 0/2" in log and "run.sh: node 1/2" in log  # one launcher per node, ranks from SLURM_NODEID
+    assert json.loads((run / rundir.ENV_FILE).read_text())["world_size"] == 2
+    assert [(r["epoch"], r["step"]) for r in rundir.read_metrics(run)] == [(1, 5), (2, 10)]
+
+
+def test_preemption_signal_checkpoints_requeues_and_resumes(cluster, tmp_path):
+    run = tmp_path / "run"
+    steps = 2 * 120
+    job = sc.sbatch(job_env(cluster, tmp_path, run), "--nodes=2", str(SBATCH), *TINY, "--data.synthetic_samples", "4096",
+                    "--loop.epochs", "2", "--loop.max_steps_per_epoch", "120", "--loop.log_interval", "5",
+                    "--checkpoint.every_steps", "0", cwd=tmp_path)
+    sc.wait_until(lambda: "epoch 1/2 step 10/" in log_of(tmp_path, job), 120, "training to reach step 10")
+    # what Slurm does --signal seconds before the time limit: SIGUSR1 to the job's tasks
+    subprocess.run(["scancel", "--signal=USR1", job], env=cluster, check=True, timeout=30)
+    def requeued():
+        info = sc.job_info(cluster, job)
+        return info.get("Restarts") == "1" and info.get("JobState") in ("PENDING", "RUNNING", "COMPLETED")
+    sc.wait_until(requeued, 120, "the job to requeue itself")
+    # a requeued job is held back by a begin time Slurm sets (about 2 min); release it now
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster, capture_output=True, timeout=30)
+    info = sc.wait_done(cluster, job, timeout=240)
+    log = log_of(tmp_path, job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    assert f"Slurm job {job} requeued" in log, log[-3000:]
+    stop = int(log.split("stopped at step ")[1].split()[0])
+    assert 10 <= stop < 120, log[-3000:]  # mid-epoch 1, at a log point
+    assert f"resuming from {run}/checkpoints/" in log and f"at epoch 1, step {stop}" in log, log[-3000:]
+    assert "(restart 1)" in log
+    assert [(r["epoch"], r["step"]) for r in rundir.read_metrics(run)] == [(1, steps // 2), (2, steps)]

@@ -1,0 +1,82 @@
+"""Run by tests/integration/test_distributed.py under `accelerate launch` (2 CPU processes, gloo).
+
+Every rank trains tiny tasks on its half of each global batch through fastafd's real process group
+(``dist.setup``) and per-stage gradient all-reduce; rank 0 also trains the same tasks in one process
+on the whole global batch (no process group). Parameters are written to OUT for the test to compare.
+"""
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from fastafd import dist  # noqa: E402
+from fastafd.config import SystemConfig  # noqa: E402
+from fastafd.methods import Numerics, build_task  # noqa: E402
+from fastafd.optim import build_stages  # noqa: E402
+from fastafd.steps import StepGuard  # noqa: E402
+from tests.helpers import batches, iterate, tiny_config  # noqa: E402
+
+GLOBAL_BATCH, STEPS = 8, 3
+CPU = torch.device("cpu")
+VARIANTS = {
+    "independent": dict(method="independent"),
+    "dml": dict(method="dml"),
+    "l1": dict(method="l1"),
+    "l2": dict(method="l2"),
+    "afd": dict(method="afd"),
+    "afd_simultaneous": dict(method="afd", order="simultaneous"),
+}
+
+
+def build(cfg, grad_sync, bn_eval: bool):
+    torch.manual_seed(0)  # identical initial parameters everywhere
+    task = build_task(cfg, cfg.model.num_classes, Numerics("cpu", torch.float32, False), CPU, False)
+    stages = build_stages(task.stages(), {"optim": cfg.optim, "adv_optim": cfg.adv_optim}, global_batch=cfg.data.batch_size,
+                          epochs=1, steps_per_epoch=100, device=CPU, guard=StepGuard(CPU, buffers=list(task.buffers())),
+                          grad_sync=grad_sync)
+    task.train()
+    if bn_eval:  # per-sample forward: the 2-process and 1-process runs then see exactly the same function
+        for m in task.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    return task, stages
+
+
+def main(out: Path) -> None:
+    rt = dist.setup(SystemConfig(device="cpu", dist_timeout_s=60))
+    assert rt.world_size == 2, f"expected 2 processes, got {rt.world_size}"
+    r, n = rt.rank, rt.world_size
+    data = batches(STEPS, batch=GLOBAL_BATCH)
+    local = [(x.chunk(n)[r], y.chunk(n)[r]) for x, y in data]
+    for name, kw in VARIANTS.items():
+        method = kw.pop("method")
+        cfg = tiny_config(["cifar_resnet8", "cifar_resnet8"], method, batch=GLOBAL_BATCH, **kw)
+        cfg.adv_optim = replace(cfg.adv_optim, lr=1e-4)
+        task, stages = build(cfg, dist.all_reduce_grads, bn_eval=True)
+        iterate(task, stages, local)
+        torch.save({k: v.detach() for k, v in task.named_parameters()}, out / f"{name}.rank{r}.pt")
+        if r == 0:
+            ref, ref_stages = build(cfg, None, bn_eval=True)
+            iterate(ref, ref_stages, data)
+            torch.save({k: v.detach() for k, v in ref.named_parameters()}, out / f"{name}.single.pt")
+    # BatchNorm in training mode: each rank normalises with its own batch statistics (as DDP does);
+    # parameters must still agree, and average_buffers must leave every rank with the mean buffers.
+    cfg = tiny_config(["cifar_resnet8", "cifar_resnet8"], "afd", batch=GLOBAL_BATCH)
+    task, stages = build(cfg, dist.all_reduce_grads, bn_eval=False)
+    iterate(task, stages, local)
+    before = {k: v.clone() for k, v in task.named_buffers() if v.is_floating_point()}
+    dist.average_buffers(task)
+    after = {k: v.clone() for k, v in task.named_buffers() if v.is_floating_point()}
+    params = {k: v.detach() for k, v in task.named_parameters()}
+    torch.save({"before": before, "after": after, "params": params}, out / f"bn_train.rank{r}.pt")
+    rt.accelerator.wait_for_everyone()
+    rt.accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
