@@ -1,33 +1,267 @@
-"""Model checkpoints: tensors in safetensors (no pickle), written atomically."""
+"""Checkpoints on disk: tensors in safetensors, everything else in JSON; never pickle.
+
+A checkpoint is a folder ``<run>/checkpoints/step-<9 digits>/`` holding ``model.safetensors``
+(peers, transfer layers, discriminators), ``optim.safetensors`` (optimizer state tensors),
+``state.json`` (epoch, step, optimizer hyper-parameters, schedules, loss scale, skip counters,
+per-rank RNG states and data-reader positions, the resolved config) and, written last,
+``MANIFEST.json`` with the size and SHA-256 of each file.
+
+Writes are atomic: everything goes to a hidden temporary folder, each file is fsynced, the
+manifest is written, the folder is renamed into place and the parent folder fsynced. A process
+killed mid-write leaves only a temporary folder, which is ignored and removed by the next write.
+Loading verifies the manifest; a corrupt or partial checkpoint is skipped with a warning naming the
+bad file, and the previous good one is used.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fastafd.errors import UserError
 
-WEIGHTS = "model.safetensors"
+CKPT_DIR = "checkpoints"
+MODEL = "model.safetensors"
+OPTIM = "optim.safetensors"
+STATE = "state.json"
+MANIFEST = "MANIFEST.json"
+BEST = "best.json"
+FORMAT = 1
 
 
-def save_weights(path: Path, module: nn.Module, metadata: dict[str, str] | None = None) -> None:
-    """Save ``module.state_dict()`` to ``path`` atomically (temporary file, fsync, rename)."""
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=metadata or {})
-    with open(tmp, "rb") as f:
+class CorruptCheckpoint(Exception):
+    """A checkpoint folder whose files do not match its manifest (or have none)."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    state: dict
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return _load_safetensors(self.path / name)
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load tensors; anything that is not a safetensors file (a pickle, say) is refused."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CorruptCheckpoint(f"{path} is not a readable safetensors file ({e}); fastafd never unpickles checkpoints") from None
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CKPT_DIR / f"step-{step:09d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint folders of a run, newest (highest step) first; temporary folders excluded."""
+    root = Path(run_dir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
         os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write(run_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict, *, keep: int, metric: float | None = None) -> Path:
+    """Write checkpoint ``step`` atomically (main process only); prune old ones; track the best.
+
+    ``tensors`` maps file names (``model.safetensors``, ...) to state dicts; ``state`` is JSON-ready.
+    ``metric`` (ensemble top-1, at epoch ends) decides which checkpoint is kept as the best.
+    """
+    from fastafd import faults
+
+    root = Path(run_dir) / CKPT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    final = step_dir(run_dir, step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    tmp.mkdir()
+    files = {}
+    for name, tensor_dict in tensors.items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensor_dict.items()}, str(tmp / name))
+        faults.point("checkpoint")  # tests: a SIGKILL in the middle of a write
+    (tmp / STATE).write_text(json.dumps({**state, "format": FORMAT, "step": step}, indent=1))
+    for name in [*tensors, STATE]:
+        _fsync_file(tmp / name)
+        files[name] = {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+    (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+    _fsync_file(tmp / MANIFEST)
+    if final.exists():  # a re-run of the same step (e.g. after a resume): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    if metric is not None:
+        _update_best(run_dir, final, metric)
+    _prune(run_dir, keep)
+    return final
+
+
+def _update_best(run_dir: Path, path: Path, metric: float) -> None:
+    best_file = Path(run_dir) / CKPT_DIR / BEST
+    best = json.loads(best_file.read_text()) if best_file.is_file() else None
+    if best is None or metric > best["metric"] or not (Path(run_dir) / CKPT_DIR / best["name"]).is_dir():
+        tmp = best_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"name": path.name, "metric": metric}))
+        os.replace(tmp, best_file)
+
+
+def best_name(run_dir: Path) -> str | None:
+    best_file = Path(run_dir) / CKPT_DIR / BEST
+    return json.loads(best_file.read_text())["name"] if best_file.is_file() else None
+
+
+def _prune(run_dir: Path, keep: int) -> None:
+    best = best_name(run_dir)
+    for path in list_checkpoints(run_dir)[keep:]:
+        if path.name != best:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def verify(path: Path) -> None:
+    """Raise :class:`CorruptCheckpoint` naming the first file that does not match the manifest."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        raise CorruptCheckpoint(f"{manifest} is missing (the write did not finish)")
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as e:
+        raise CorruptCheckpoint(f"{manifest} is unreadable ({e})") from None
+    for name, meta in files.items():
+        f = path / name
+        if not f.is_file():
+            raise CorruptCheckpoint(f"{f} is missing")
+        if f.stat().st_size != meta["size"] or _sha256(f) != meta["sha256"]:
+            raise CorruptCheckpoint(f"{f} does not match its checksum (truncated or corrupt)")
+
+
+def load(path: Path) -> Checkpoint:
+    """Load and verify one checkpoint folder."""
+    path = Path(path)
+    verify(path)
+    state = json.loads((path / STATE).read_text())
+    if state.get("format") != FORMAT:
+        raise CorruptCheckpoint(f"{path / STATE} has format {state.get('format')}, this fastafd reads {FORMAT}")
+    for name in (MODEL, OPTIM):
+        if (path / name).exists():
+            _load_safetensors(path / name)  # refuse anything that is not safetensors before using it
+    return Checkpoint(path, state)
+
+
+def latest_valid(run_dir: Path) -> Checkpoint | None:
+    """The newest checkpoint that verifies; each corrupt newer one is reported with a warning."""
+    for path in list_checkpoints(run_dir):
+        try:
+            return load(path)
+        except CorruptCheckpoint as e:
+            warnings.warn(f"skipping corrupt checkpoint: {e}; using the previous one", stacklevel=2)
+    return None
+
+
+def resolve(spec: str, run_dir: Path | None) -> Checkpoint | None:
+    """``checkpoint.resume``: ``auto`` (newest valid in the run folder, if any), ``none``, or a folder."""
+    if spec == "none":
+        if run_dir is not None and list_checkpoints(run_dir):
+            raise UserError(f"{run_dir} already holds checkpoints but checkpoint.resume=none: use another --out, or resume (auto)")
+        return None
+    if spec == "auto":
+        return latest_valid(run_dir) if run_dir is not None else None
+    path = Path(spec)
+    if (path / CKPT_DIR).is_dir():  # a run folder was given
+        ckpt = latest_valid(path)
+        if ckpt is None:
+            raise UserError(f"no valid checkpoint in {path / CKPT_DIR}: pass a checkpoint folder or start fresh")
+        return ckpt
+    if not path.is_dir():
+        raise UserError(f"checkpoint {path} not found: pass a run folder or one of its checkpoints/step-* folders")
+    try:
+        return load(path)
+    except CorruptCheckpoint as e:
+        raise UserError(f"cannot resume from {path}: {e}") from None
+
+
+# -- optimizer state <-> safetensors + JSON -------------------------------------------------------
+
+
+def optimizer_to_safe(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split ``opt.state_dict()`` into tensors (safetensors) and a JSON-ready rest."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for key, value in st.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{prefix}/{pid}/{key}"] = value
+            else:
+                scalars[f"{pid}/{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_safe(tensors: dict[str, torch.Tensor], meta: dict, prefix: str) -> dict:
+    """Inverse of :func:`optimizer_to_safe`: a state dict for ``optimizer.load_state_dict``."""
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        p, pid, name = key.split("/", 2)
+        if p == prefix:
+            state.setdefault(int(pid), {})[name] = value
+    for key, value in meta["scalars"].items():
+        pid, name = key.split("/", 1)
+        state.setdefault(int(pid), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# -- plain weights (export, eval) ----------------------------------------------------------------
+
+
+def save_weights(path: Path, module_state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Save a state dict to ``path`` atomically (temporary file, fsync, rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in module_state.items()}, str(tmp), metadata=metadata or {})
+    _fsync_file(tmp)
     os.replace(tmp, path)
 
 
-def load_weights(path: Path, module: nn.Module) -> None:
-    """Load a safetensors state dict into ``module`` (strict: every key must match)."""
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} not found: train first, or pass the run directory that holds {WEIGHTS}")
-    state = load_file(str(path))
+def load_model(ckpt: Checkpoint, module: nn.Module) -> None:
+    """Load a checkpoint's model tensors into ``module`` (strict)."""
+    state = ckpt.tensors(MODEL)
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise UserError(f"checkpoint {path} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]}): check the run's config")
+        raise UserError(
+            f"checkpoint {ckpt.path} does not match the model (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]}): "
+            "check the run's config"
+        )

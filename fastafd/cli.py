@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import io
 import json
+import os
 import sys
 import typing
 from collections.abc import Callable, Sequence
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from tyro.conf import Positional
 
-from fastafd.errors import UserError
+from fastafd.errors import RunStopped, UserError
 
 PROG = "fastafd"
 
@@ -55,7 +56,7 @@ def check_options(args: Sequence[str], valid: set[str], command: str) -> None:
             continue
         close = difflib.get_close_matches(key, sorted(valid), n=3, cutoff=0.5)
         group = key.split(".", 1)[0] + "."
-        siblings = sorted(v.split(".", 1)[1] for v in valid if v.startswith(group))
+        siblings = sorted(v.split(".", 1)[1] for v in valid if v.startswith(group) and not v.split(".", 1)[1].startswith("no_"))
         hint = f"did you mean {', '.join('--' + c for c in close)}?" if close else ""
         if siblings:
             hint += f" valid options of --{group[:-1]}: {', '.join(siblings)}."
@@ -125,7 +126,8 @@ def cmd_train(argv: Sequence[str]) -> int:
     from fastafd.trainer import train
 
     run_dir = train(cfg)
-    print(f"run directory: {run_dir}")
+    if run_dir is not None and os.environ.get("RANK", "0") == "0":  # None: dry run; one line per job, not per rank
+        print(f"run directory: {run_dir}")
     return 0
 
 
@@ -182,6 +184,28 @@ def cmd_plot(argv: Sequence[str]) -> int:
     return 0
 
 
+@dataclass
+class ExportArgs:
+    """Export one trained peer as a plain timm state dict (safetensors) from a run's newest valid checkpoint."""
+
+    run: Positional[Path]
+    """Run directory written by `fastafd train`."""
+
+    peer: int = 0
+    """Index of the peer to export (0-based, in --model.peers order)."""
+
+    out: Path = Path("peer.safetensors")
+    """Output file (.safetensors)."""
+
+
+def cmd_export(argv: Sequence[str]) -> int:
+    from fastafd.export import export_peer
+
+    args = tyro_parse(ExportArgs, argv, prog=f"{PROG} export", description=ExportArgs.__doc__ or "")
+    print(json.dumps(export_peer(args.run, args.peer, args.out), indent=2))
+    return 0
+
+
 def cmd_data(argv: Sequence[str]) -> int:
     from fastafd.data.commands import cmd_data as run
 
@@ -200,6 +224,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "recipes": (cmd_recipes, "list the named recipes"),
     "data": (cmd_data, "pack a folder into webdataset shards; verify a dataset"),
     "plot": (cmd_plot, "write PNG training curves of one or more runs"),
+    "export": (cmd_export, "export one trained peer as a timm state dict"),
     "bench": (cmd_bench, "throughput benchmarks (fastafd bench step)"),
 }
 
@@ -221,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             close = difflib.get_close_matches(name, COMMANDS, n=1)
             raise UserError(f"unknown command '{name}'{f': did you mean {close[0]}?' if close else ''} Commands: {', '.join(COMMANDS)}")
         return COMMANDS[name][0](rest)
-    except UserError as e:
+    except (UserError, RunStopped) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

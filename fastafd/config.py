@@ -237,11 +237,37 @@ class LoopConfig:
     max_steps_per_epoch: int = 0
     """If > 0, cut every epoch to this many steps (smoke tests, benchmarks)."""
 
+    dry_run: bool = False
+    """Build everything (process group, data, task, optimizers), print a summary and exit 0 before the first step (launch checks)."""
+
+    max_skipped_steps: int = 20
+    """Stop the run (exit 1, last good checkpoint kept) after this many consecutive steps skipped for a non-finite loss."""
+
     def __post_init__(self) -> None:
+        if self.max_skipped_steps < 1:
+            raise UserError(f"loop.max_skipped_steps={self.max_skipped_steps} must be >= 1")
         if self.epochs < 1:
             raise UserError(f"loop.epochs={self.epochs} must be >= 1")
         if self.log_interval < 1 or self.eval_interval < 1 or self.max_steps_per_epoch < 0:
             raise UserError("loop.log_interval and loop.eval_interval must be >= 1, loop.max_steps_per_epoch >= 0")
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints: what is kept, how often, and resuming."""
+
+    every_steps: int = 1000
+    """Write a checkpoint every this many steps (0: only at epoch ends); one is always written at each epoch end."""
+
+    keep: int = 3
+    """Keep the newest this many checkpoints (the best by ensemble top-1 is kept in addition)."""
+
+    resume: str = "auto"
+    """auto: continue from the newest valid checkpoint in --out if there is one; none: start fresh (refused if --out has checkpoints); or a checkpoint folder to continue from."""
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 0 or self.keep < 1:
+            raise UserError("checkpoint.every_steps must be >= 0 and checkpoint.keep >= 1")
 
 
 @dataclass
@@ -273,7 +299,12 @@ class SystemConfig:
     compile_cache: Path | None = None
     """Persistent torch.compile cache folder (Inductor and Triton caches); None: <out>/compile_cache, so a requeued job reuses its own compiled kernels."""
 
+    dist_timeout_s: int = 600
+    """Seconds a collective may wait for a silent peer before this process gives up (process-group timeout); a peer that dies is reported sooner."""
+
     def __post_init__(self) -> None:
+        if self.dist_timeout_s < 1:
+            raise UserError(f"system.dist_timeout_s={self.dist_timeout_s} must be >= 1, e.g. 600")
         if self.compile_cache is not None:
             self.compile_cache = Path(self.compile_cache)
         if self.seed < 0:
@@ -314,6 +345,7 @@ class TrainConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     out: Path | None = None
     """Run directory; default runs/<recipe>-<date>-<time>."""
@@ -358,6 +390,7 @@ def from_dict(d: dict) -> TrainConfig:
         "loop": LoopConfig,
         "system": SystemConfig,
         "log": LogConfig,
+        "checkpoint": CheckpointConfig,
     }
     kwargs = {}
     for name, value in d.items():

@@ -14,3 +14,12 @@ class UserError(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(message.split()))  # always a single line
+
+
+class RunStopped(Exception):
+    """A run that cannot go on (e.g. non-finite losses for too many steps): one line, exit code 1."""
+
+    exit_code = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.split()))

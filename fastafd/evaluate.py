@@ -40,8 +40,11 @@ def evaluate_run(run: Path, *, data: Path | None = None, batch_size: int = 0) ->
         cfg.data = replace(cfg.data, root=data, format="folder")
     if batch_size:
         cfg.data = replace(cfg.data, val_batch_size=batch_size)
+    ckpt = checkpoint.latest_valid(run)
+    if ckpt is None:
+        raise UserError(f"{run} has no valid checkpoint in {run / checkpoint.CKPT_DIR}: train it first")
     session = build_session(cfg)
-    checkpoint.load_weights(run / checkpoint.WEIGHTS, session.task)
+    checkpoint.load_model(ckpt, session.task)
     result = evaluate(session.task, session.val_loader)
     session.rt.accelerator.end_training()
     return result

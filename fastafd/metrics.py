@@ -19,6 +19,13 @@ class RunningMeans:
             self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
         self.steps += 1
 
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "sums": {k: v.reshape(-1).tolist() for k, v in self.sums.items()}}  # host read (checkpoint only)
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        self.steps = int(state["steps"])
+        self.sums = {k: torch.tensor(v, device=device) for k, v in state["sums"].items()}
+
     def means(self) -> dict[str, list[float]]:
         """Per-step means, as lists (one value per peer); a single device-to-host copy."""
         if not self.steps:

@@ -254,9 +254,10 @@ class IntervalMeans:
 class Scalars:
     """TensorBoard scalars of one run (create it on rank 0 only). Tags: see :func:`train_tags`, :func:`eval_tags`."""
 
-    def __init__(self, run_dir: Path, names: Sequence[str], config: dict | None = None) -> None:
+    def __init__(self, run_dir: Path, names: Sequence[str], config: dict | None = None, purge_step: int | None = None) -> None:
         tb = require("torch.utils.tensorboard", "tensorboard", "TensorBoard logging", "use --log.tensorboard off", package="tensorboard")
-        self.writer = tb.SummaryWriter(log_dir=str(Path(run_dir) / TB_DIR))
+        # purge_step: a resumed run hides the events a killed run wrote after its checkpoint
+        self.writer = tb.SummaryWriter(log_dir=str(Path(run_dir) / TB_DIR), purge_step=purge_step)
         self.peers = peer_labels(names)
         if config is not None:
             self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)

@@ -74,10 +74,25 @@ def create(run_dir: Path, cfg: TrainConfig, extra: dict) -> None:
 
 
 def append_metrics(run_dir: Path, row: dict) -> None:
-    with open(run_dir / METRICS_FILE, "a") as f:
+    append_jsonl(Path(run_dir) / METRICS_FILE, row)
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / METRICS_FILE
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(run_dir: Path, before_epoch: int) -> None:
+    """Drop metrics rows of epoch >= ``before_epoch`` (written by a run killed after its last checkpoint)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] < before_epoch]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(r + "\n" for r in rows))
+    os.replace(tmp, path)

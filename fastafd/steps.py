@@ -37,6 +37,10 @@ class StepGuard:
         self.streak = torch.zeros((), device=device)
         """Current run of consecutive skipped iterations."""
         self.longest_streak = torch.zeros((), device=device)
+        self.longest_end = torch.zeros((), device=device)
+        """Iteration count (= global step, 1-based) at which the longest streak last grew."""
+        self.count = torch.zeros((), device=device)
+        """Iterations finished (kept on the device so that no step number crosses to it per step)."""
         self.scaler = torch.amp.GradScaler(device.type) if fp16 else None
         self._buffers = list(buffers)
         self._saved = [torch.empty_like(b) for b in self._buffers]
@@ -86,11 +90,28 @@ class StepGuard:
                 keep = self.found_inf > 0
                 for buf, saved in zip(self._buffers, self._saved, strict=True):
                     buf.copy_(torch.where(keep, saved, buf))
+        self.count += 1
         self.skipped += self.found_inf
         self.streak.copy_((self.streak + 1) * self.found_inf)
+        self.longest_end.copy_(torch.where(self.streak > self.longest_streak, self.count, self.longest_end))
         torch.maximum(self.longest_streak, self.streak, out=self.longest_streak)
         if self.scaler is not None and self.scaler._per_optimizer_states:
             self.scaler.update()
+
+
+    _COUNTERS = ("skipped", "streak", "longest_streak", "longest_end", "count")
+
+    def state_dict(self) -> dict:
+        out = {name: float(getattr(self, name)) for name in self._COUNTERS}
+        if self.scaler is not None:
+            out["scaler"] = self.scaler.state_dict()
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in self._COUNTERS:
+            getattr(self, name).fill_(state[name])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
 
 
 @dataclass

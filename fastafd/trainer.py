@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -10,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastafd import checkpoint, dist, observe, rundir
+from fastafd import checkpoint, compile_cache, dist, faults, observe, preempt, rundir, state
 from fastafd.config import TrainConfig, to_dict
 from fastafd.data import DatasetInfo, build_data
-from fastafd.errors import UserError
+from fastafd.errors import RunStopped, UserError
 from fastafd.methods import Numerics, Task, build_task
 from fastafd.evaluate import evaluate
 from fastafd.metrics import RunningMeans
@@ -81,8 +82,9 @@ def _epoch_row(epoch: int, step: int, time_s: float, images: int, means: dict, s
     return row
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train ``cfg``; returns the run directory."""
+def train(cfg: TrainConfig) -> Path | None:
+    """Train ``cfg`` (continuing from a checkpoint when there is one); returns the run directory (None: dry run)."""
+    started = time.perf_counter()
     s = build_session(cfg)
     rt, task = s.rt, s.task
     steps_per_epoch = len(s.train_loader)
@@ -105,31 +107,56 @@ def train(cfg: TrainConfig) -> Path:
         impl=cfg.system.optimizer_impl,
     )
     use_tensorboard = observe.tensorboard_enabled(cfg.log.tensorboard)  # UserError before anything is written
+    if cfg.loop.dry_run:
+        return _dry_run(s, stages, steps_per_epoch)
     run_dir = cfg.out or rundir.default_run_dir(cfg.recipe)
+    if rt.compile:  # before the first compile: a requeued job finds its kernels in the run folder
+        compile_cache.enable(cfg.system.compile_cache or run_dir / "compile_cache")
+    meter = RunningMeans()
+    pos, ckpt = _resume(cfg, s, stages, meter, run_dir)
     if rt.is_main:
-        rundir.create(run_dir, cfg, {"world_size": rt.world_size, "device": str(rt.device), "dataset": _info_dict(s.info)})
-    step = 0
+        extra = {"resumed_from": str(ckpt.path) if ckpt else None}
+        rundir.create(run_dir, cfg, {"world_size": rt.world_size, "device": str(rt.device), "dataset": _info_dict(s.info), **extra})
+        if ckpt is not None:
+            rundir.truncate_metrics(run_dir, before_epoch=pos.epoch)
     obs = _Observers(
-        scalars=observe.Scalars(run_dir, task.names, to_dict(cfg)) if rt.is_main and use_tensorboard else None,
-        profiler=observe.Profiler(cfg.log.profile, run_dir / observe.PROFILE_DIR, rank=rt.rank, device=rt.device, first_step=step),
+        scalars=observe.Scalars(run_dir, task.names, to_dict(cfg), purge_step=pos.step if ckpt else None) if rt.is_main and use_tensorboard else None,
+        profiler=observe.Profiler(cfg.log.profile, run_dir / observe.PROFILE_DIR, rank=rt.rank, device=rt.device, first_step=pos.step),
     )
     observe.set_nvtx(rt.device.type == "cuda")
+    run = _Run(s, stages, run_dir, obs, steps_per_epoch, preempt.Preemption(), started)
+    watch, first_epoch = dist.peer_watch(rt), pos.epoch
     try:
-        for epoch in range(1, cfg.loop.epochs + 1):
-            means, images, time_s, step, data_wait = _train_epoch(s, stages, epoch, step, steps_per_epoch, obs)
+        for epoch in range(pos.epoch, cfg.loop.epochs + 1):
+            if epoch > first_epoch and run.preempt.should_stop(rt.device):  # the last epoch's checkpoint is written
+                raise preempt.Preempted(pos.step)
+            means, images, time_s, step, data_wait = _train_epoch(run, epoch, pos, meter)
+            pos = state.Position(epoch=epoch + 1, epoch_step=0, step=step)
+            meter = RunningMeans()
             if epoch % cfg.loop.eval_interval and epoch != cfg.loop.epochs:
+                run.save(pos, meter)
                 continue
             with observe.trace_range("eval"):
                 evals = evaluate(task, s.val_loader)
             row = _epoch_row(epoch, step, time_s, images, means, stages, evals, task.names)
             row["data_wait_frac"] = round(data_wait, 4)
-            if rt.is_main:
+            if rt.is_main:  # the row first: a run killed before the checkpoint below drops it on resume
                 rundir.append_metrics(run_dir, row)
-                checkpoint.save_weights(run_dir / checkpoint.WEIGHTS, task, {"epoch": str(epoch), "step": str(step)})
                 if obs.scalars is not None:
                     obs.scalars.eval(step, row)
                 observe.write(observe.epoch_summary(row, cfg.loop.epochs, means))
+            run.save(pos, meter, metric=row["ensemble_top1"])
+    except preempt.Preempted as stop:
+        if rt.is_main:
+            observe.write(run.preempt.requeue(stop.step))
+    except Exception as e:
+        if watch is not None and not isinstance(e, (UserError, RunStopped)) and (why := watch.explain(e)):
+            raise RunStopped(why) from e  # a peer died: say which, instead of a transport error
+        raise
     finally:
+        run.preempt.close()
+        if watch is not None:
+            watch.close()
         obs.profiler.stop()
         if obs.scalars is not None:
             obs.scalars.close()
@@ -137,6 +164,29 @@ def train(cfg: TrainConfig) -> Path:
     rt.accelerator.wait_for_everyone()
     rt.accelerator.end_training()
     return run_dir
+
+
+def _resume(cfg: TrainConfig, s: Session, stages: dict[str, Stage], meter: RunningMeans, run_dir: Path) -> tuple[state.Position, checkpoint.Checkpoint | None]:
+    """Load the checkpoint that ``checkpoint.resume`` names (auto: the newest valid one in --out)."""
+    start = state.Position(epoch=1, epoch_step=0, step=0)
+    ckpt = checkpoint.resolve(cfg.checkpoint.resume, run_dir if cfg.out is not None else None)
+    if ckpt is None:
+        return start, None
+    refused, allowed = state.config_changes(ckpt.state["config"], to_dict(cfg))
+    if refused:
+        raise UserError(
+            f"cannot resume from {ckpt.path}: the config differs in {'; '.join(refused)}. "
+            "Use the checkpoint's settings, or another --out (or --checkpoint.resume none) to start a new run"
+        )
+    same_schedule = not any(c.startswith(("optim.", "adv_optim.", "loop.epochs", "loop.max_steps_per_epoch", "data.batch_size")) for c in allowed)
+    rt = s.rt
+    pos = state.restore(
+        ckpt, s.task, stages, s.train_loader, meter, rank=rt.rank, world_size=rt.world_size, device=rt.device, same_schedule=same_schedule
+    )
+    if rt.is_main:
+        changes = f"; config changes: {'; '.join(allowed)}" if allowed else ""
+        observe.write(f"resuming from {ckpt.path} at epoch {pos.epoch}, step {pos.step}{changes}")
+    return pos, ckpt
 
 
 @dataclass
@@ -147,20 +197,79 @@ class _Observers:
     profiler: observe.Profiler
 
 
-def _train_epoch(s: Session, stages: dict[str, Stage], epoch: int, step: int, steps: int,
-                 obs: _Observers) -> tuple[dict, int, float, int, float]:
-    """One epoch; returns (per-step metric means, images seen by all ranks, seconds, global step, data-wait fraction)."""
+@dataclass
+class _Run:
+    """What the epoch loop needs besides the position."""
+
+    s: Session
+    stages: dict[str, Stage]
+    run_dir: Path
+    obs: _Observers
+    steps_per_epoch: int
+    preempt: preempt.Preemption
+    started: float
+    """perf_counter() when train() began: the first step reports the time to reach it (compile included)."""
+    first_step_done: bool = False
+
+    def first_step(self) -> None:
+        """Record this process's time to its first finished step in startup.jsonl (rank 0; one sync, once)."""
+        self.first_step_done = True
+        if self.s.rt.device.type == "cuda":
+            torch.cuda.synchronize(self.s.rt.device)
+        if self.s.rt.is_main:
+            rundir.append_jsonl(self.run_dir / "startup.jsonl", {
+                "time_to_first_step_s": round(time.perf_counter() - self.started, 3),
+                "compile": self.s.rt.compile, "world_size": self.s.rt.world_size,
+            })  # fmt: skip
+
+    @property
+    def guard(self) -> StepGuard:
+        return next(iter(self.stages.values())).guard  # shared by all stages
+
+    def save(self, pos: state.Position, meter: RunningMeans, metric: float | None = None) -> None:
+        """Checkpoint (collective: every rank contributes its RNG and reader state; rank 0 writes)."""
+        s = self.s
+        with observe.trace_range("checkpoint"):
+            dist.average_buffers(s.task)
+            tensors, st = state.capture(s.task, self.stages, s.train_loader, meter, pos, to_dict(s.cfg), s.rt.device)
+            if s.rt.is_main:
+                checkpoint.write(self.run_dir, pos.step, tensors, st, keep=s.cfg.checkpoint.keep, metric=metric)
+            s.rt.accelerator.wait_for_everyone()
+
+    def check_finite(self, means: dict[str, list[float]], step: int) -> None:
+        """Stop when too many consecutive steps were skipped (read at a log point, after its sync)."""
+        longest = int(self.guard.longest_streak)
+        if longest < self.s.cfg.loop.max_skipped_steps:
+            return
+        names = self.s.task.names
+        terms = [
+            f"{key} of peer {k} ({names[k]})" for key, values in means.items() for k, v in enumerate(values) if not math.isfinite(v) and k < len(names)
+        ]
+        last = checkpoint.list_checkpoints(self.run_dir)
+        raise RunStopped(
+            f"{longest} consecutive steps were skipped for non-finite losses (up to step {int(self.guard.longest_end)}); "
+            f"non-finite: {', '.join(terms) or 'a loss term'}. The last good checkpoint, {last[0] if last else 'none yet'}, is kept; "
+            "lower the learning rates or check the data, then resume"
+        )
+
+
+def _train_epoch(run: _Run, epoch: int, pos: state.Position, meter: RunningMeans) -> tuple[dict, int, float, int, float]:
+    """One epoch (from ``pos.epoch_step`` when resuming inside it); returns (per-step metric means,
+    images seen by all ranks, seconds, global step, data-wait fraction)."""
+    s, stages, obs = run.s, run.stages, run.obs
     cfg, rt, task = s.cfg, s.rt, s.task
-    guard = next(iter(stages.values())).guard  # shared by all stages
+    guard, steps = run.guard, run.steps_per_epoch
+    every = cfg.checkpoint.every_steps
     task.train()
-    meter = RunningMeans()
     if hasattr(s.train_loader, "set_epoch"):
         s.train_loader.set_epoch(epoch - 1)
     batch = cfg.data.batch_size
+    first = pos.epoch_step if epoch == pos.epoch else 0
+    step = pos.step
     progress = observe.Progress(cfg.log.progress, enabled=rt.is_main, epoch=epoch, epochs=cfg.loop.epochs, steps=steps, batch=batch)
     clock, recent = observe.LoopClock(), observe.IntervalMeans()
     start = time.perf_counter()
-    done = logged = 0
+    done = logged = first
     data_wait = 0.0
     for x, y in clock.batches(s.train_loader):  # times each next(): the data-wait fraction
         if done == steps:
@@ -173,12 +282,21 @@ def _train_epoch(s: Session, stages: dict[str, Stage], epoch: int, step: int, st
             guard.end()
         step += 1
         done += 1
+        faults.point("step", step)
+        if not run.first_step_done:
+            run.first_step()
         obs.profiler.step()
         progress.update()
         if done % cfg.loop.log_interval == 0:
             means = meter.means()  # host sync: only every log_interval steps
             data_wait += _log_interval(obs, progress, clock, recent, stages, means, step, done, done - logged, batch)
             logged = done
+            run.check_finite(means, step)
+            if done < steps and run.preempt.should_stop(rt.device):  # one all-reduce of the flag, at a log point
+                run.save(state.Position(epoch=epoch, epoch_step=done, step=step), meter)
+                raise preempt.Preempted(step)
+        if every and step % every == 0 and done < steps:
+            run.save(state.Position(epoch=epoch, epoch_step=done, step=step), meter)
     means = meter.means()
     if rt.device.type == "cuda":
         torch.cuda.synchronize(rt.device)
@@ -187,8 +305,9 @@ def _train_epoch(s: Session, stages: dict[str, Stage], epoch: int, step: int, st
         data_wait += _log_interval(obs, None, clock, recent, stages, means, step, done, done - logged, batch)
     else:
         data_wait += clock.wait  # the loader's end-of-epoch next()
+    run.check_finite(means, step)
     progress.close()
-    return means, done * batch, time_s, step, min(data_wait / time_s, 1.0)
+    return means, (done - first) * batch, time_s, step, min(data_wait / time_s, 1.0)
 
 
 def _log_interval(obs: _Observers, progress: observe.Progress | None, clock: observe.LoopClock, recent: observe.IntervalMeans,
@@ -201,6 +320,23 @@ def _log_interval(obs: _Observers, progress: observe.Progress | None, clock: obs
     if obs.scalars is not None:
         obs.scalars.train(step, interval, {name: st.lr for name, st in stages.items()}, img_per_s, wait)
     return wait * seconds
+
+
+def _dry_run(s: Session, stages: dict[str, Stage], steps_per_epoch: int) -> None:
+    """Everything is built (process group, data, task, optimizers): say so on rank 0 and stop before the first step."""
+    rt, cfg = s.rt, s.cfg
+    if rt.is_main:
+        backend = torch.distributed.get_backend() if rt.world_size > 1 else "none"
+        parts = [f"{name} {type(st.optimizer).__name__} {sum(p.numel() for p in st.params):,} params lr {st.lr:g}" for name, st in stages.items()]
+        observe.write(
+            f"dry run: {rt.world_size} processes ({backend}, {rt.device.type}, {rt.dtype}), method {cfg.method.name}, "
+            f"peers {' '.join(cfg.model.peers)}, {s.info.num_classes} classes, {s.info.train_size} train / {s.info.val_size} val images, "
+            f"global batch {cfg.data.batch_size}, {steps_per_epoch} steps x {cfg.loop.epochs} epochs; stages: {'; '.join(parts)}. "
+            "Nothing trained or written."
+        )
+    rt.accelerator.wait_for_everyone()
+    rt.accelerator.end_training()
+    return None
 
 
 def _info_dict(info: DatasetInfo) -> dict:

@@ -47,7 +47,8 @@ def test_run_directory_records_config_sha_and_versions(afd_run):
     assert cfg["recipe"] == "demo" and cfg["method"]["name"] == "afd" and cfg["loop"]["epochs"] == 3
     env = json.loads((out / "env.json").read_text())
     assert env["git_sha"] and {"torch", "timm", "accelerate", "nvidia-dali-cuda130"} <= set(env["versions"])
-    assert (out / "model.safetensors").is_file()
+    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    assert ckpts and (ckpts[-1] / "model.safetensors").is_file() and (ckpts[-1] / "MANIFEST.json").is_file()
 
 
 def test_eval_command_reproduces_the_last_epoch(afd_run):

@@ -1,0 +1,45 @@
+"""Export one trained peer as a plain timm state dict (safetensors)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fastafd import checkpoint, rundir
+from fastafd.errors import UserError
+
+
+def export_peer(run: Path, peer: int, out: Path) -> dict:
+    """Write peer ``peer`` of run ``run`` (its newest valid checkpoint) to ``out``; returns a description.
+
+    The file loads with ``timm.create_model(name, num_classes=N, pretrained=True,
+    pretrained_cfg_overlay=dict(file=out))``; for a timm model whose default class count differs
+    from N (e.g. resnet18 and its 1000 classes) add ``num_classes=N`` to the overlay too, or timm drops
+    the classifier.
+    """
+    run = Path(run)
+    cfg_path = run / rundir.CONFIG_FILE
+    if not cfg_path.is_file():
+        raise UserError(f"{run} is not a fastafd run directory (no {rundir.CONFIG_FILE}): pass the folder `fastafd train` wrote")
+    cfg = json.loads(cfg_path.read_text())
+    names = cfg["model"]["peers"]
+    if not 0 <= peer < len(names):
+        raise UserError(f"--peer {peer} is out of range: the run has {len(names)} peers (0..{len(names) - 1}: {', '.join(names)})")
+    ckpt = checkpoint.latest_valid(run)
+    if ckpt is None:
+        raise UserError(f"{run} has no valid checkpoint in {run / checkpoint.CKPT_DIR}: train it first")
+    prefix = f"peers.{peer}."
+    state = {k[len(prefix) :]: v for k, v in ckpt.tensors(checkpoint.MODEL).items() if k.startswith(prefix)}
+    num_classes = int(json.loads((run / rundir.ENV_FILE).read_text())["dataset"]["num_classes"]) if not cfg["model"]["num_classes"] else int(cfg["model"]["num_classes"])
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise UserError(f"--out {out} must end in .safetensors (timm picks the loader by extension)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"model": names[peer], "num_classes": str(num_classes), "checkpoint": str(ckpt.path), "step": str(ckpt.step)}
+    checkpoint.save_weights(out, state, meta)
+    return {
+        "file": str(out),
+        **meta,
+        "load": f"timm.create_model({names[peer]!r}, num_classes={num_classes}, pretrained=True, "
+        f"pretrained_cfg_overlay=dict(file={str(out)!r}, num_classes={num_classes}))",
+    }

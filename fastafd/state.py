@@ -1,0 +1,188 @@
+"""The training state a checkpoint holds, captured from and restored into a live run.
+
+Everything a run needs to continue exactly: every peer, transfer layer and discriminator; both (all)
+optimizers and their schedules; the fp16 loss scale; the non-finite skip counters; epoch and step;
+the RNG states of Python, NumPy, torch CPU and CUDA and the data-reader position of every rank;
+the running training metrics of the current epoch; the resolved config. Only the main process
+writes: the per-rank parts are gathered to it.
+"""
+
+from __future__ import annotations
+
+import base64
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+
+from fastafd import checkpoint
+from fastafd.errors import UserError
+from fastafd.metrics import RunningMeans
+from fastafd.steps import Stage
+
+STRUCTURAL = ("model.peers", "model.num_classes", "model.pretrained", "method.name")
+"""Config fields that change what the checkpoint's tensors mean: resuming with other values is refused."""
+
+
+@dataclass
+class Position:
+    """Where a restored run continues."""
+
+    epoch: int
+    """1-based epoch to (re)enter."""
+    epoch_step: int
+    """Steps of that epoch already done."""
+    step: int
+    """Global steps done."""
+
+
+# -- RNG ------------------------------------------------------------------------------------------
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode()
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+
+def rng_state(device: torch.device) -> dict:
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    out = {
+        "python": [version, list(mt), gauss],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": _b64(torch.get_rng_state()),
+    }
+    if device.type == "cuda":
+        out["cuda"] = _b64(torch.cuda.get_rng_state(device))
+    return out
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_unb64(state["torch"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(_unb64(state["cuda"]), device)
+
+
+def _gather(obj: dict) -> list[dict]:
+    """Every rank's ``obj`` on every rank (small JSON-ready dicts)."""
+    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+        return [obj]
+    out: list = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+# -- capture / restore ----------------------------------------------------------------------------
+
+
+def capture(
+    task: torch.nn.Module,
+    stages: dict[str, Stage],
+    train_loader: object,
+    meter: RunningMeans,
+    pos: Position,
+    config: dict,
+    device: torch.device,
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """Collective: every rank contributes its RNG and reader state; returns (tensors, JSON state)."""
+    guard = next(iter(stages.values())).guard
+    ranks = _gather({"rng": rng_state(device), "loader": train_loader.state_dict() if hasattr(train_loader, "state_dict") else None})
+    optim_tensors: dict[str, torch.Tensor] = {}
+    stage_meta = {}
+    for name, stage in stages.items():
+        tensors, meta = checkpoint.optimizer_to_safe(stage.optimizer, name)
+        optim_tensors.update(tensors)
+        stage_meta[name] = {"optimizer": meta, "scheduler": _jsonable(stage.scheduler.state_dict())}
+    state = {
+        "epoch": pos.epoch,
+        "epoch_step": pos.epoch_step,
+        "step": pos.step,
+        "stages": stage_meta,
+        "guard": guard.state_dict(),
+        "meter": meter.state_dict(),
+        "ranks": ranks,
+        "config": config,
+    }
+    return {checkpoint.MODEL: dict(task.state_dict()), checkpoint.OPTIM: optim_tensors}, state
+
+
+def _jsonable(obj: object) -> object:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    return obj
+
+
+def restore(
+    ckpt: checkpoint.Checkpoint,
+    task: torch.nn.Module,
+    stages: dict[str, Stage],
+    train_loader: object,
+    meter: RunningMeans,
+    *,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    same_schedule: bool,
+) -> Position:
+    """Load ``ckpt`` into the live run; returns where to continue."""
+    st = ckpt.state
+    if len(st["ranks"]) != world_size:
+        raise UserError(
+            f"checkpoint {ckpt.path} was written by {len(st['ranks'])} processes but this run has {world_size}: "
+            f"resume with {len(st['ranks'])} processes (the data-reader positions are per process)"
+        )
+    checkpoint.load_model(ckpt, task)
+    optim = ckpt.tensors(checkpoint.OPTIM)
+    if set(st["stages"]) != set(stages):
+        raise UserError(f"checkpoint {ckpt.path} has optimizer stages {sorted(st['stages'])}, this run {sorted(stages)}: same method needed")
+    for name, stage in stages.items():
+        meta = st["stages"][name]
+        sd = checkpoint.optimizer_from_safe(optim, meta["optimizer"], name)
+        sd["param_groups"] = stage.optimizer.state_dict()["param_groups"]  # hyper-parameters: this run's config
+        stage.optimizer.load_state_dict(sd)
+        if same_schedule:
+            stage.scheduler.load_state_dict(meta["scheduler"])
+    guard = next(iter(stages.values())).guard
+    guard.load_state_dict(st["guard"])
+    meter.load_state_dict(st["meter"], device)
+    mine = st["ranks"][rank]
+    set_rng_state(mine["rng"], device)
+    if mine["loader"] is not None and hasattr(train_loader, "load_state_dict"):
+        train_loader.load_state_dict(mine["loader"])
+    return Position(epoch=int(st["epoch"]), epoch_step=int(st["epoch_step"]), step=int(st["step"]))
+
+
+def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(refused, allowed) differences between a checkpoint's config and this run's, as 'key: old -> new'."""
+    refused, allowed = [], []
+    for key, (a, b) in _flat_diff(old, new).items():
+        if key in ("out", "recipe", "checkpoint.resume"):
+            continue
+        (refused if key in STRUCTURAL else allowed).append(f"{key}: {a!r} -> {b!r}")
+    return refused, allowed
+
+
+def _flat_diff(old: dict, new: dict, prefix: str = "") -> dict[str, tuple]:
+    out = {}
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        name = prefix + key
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(_flat_diff(a, b, name + "."))
+        elif a != b:
+            out[name] = (a, b)
+    return out
+

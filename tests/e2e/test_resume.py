@@ -1,0 +1,139 @@
+"""Reliability through the real CLI: SIGKILL + resume is bitwise exact, corrupt checkpoints,
+incompatible configs, non-finite losses, export to plain timm."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastafd import checkpoint
+
+TINY = [
+    "--model.peers", "cifar_resnet8", "cifar_resnet8",
+    "--data.batch_size", "16",
+    "--loop.max_steps_per_epoch", "6",
+    "--loop.epochs", "2",
+    "--checkpoint.every_steps", "2",
+    "--log.progress", "off",
+    "--log.tensorboard", "off",
+    "--system.deterministic",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return {**os.environ, "FASTAFD_CACHE": str(tmp_path_factory.mktemp("cache"))}
+
+
+def run_cli(args, env, fault=None, check=True):
+    e = {**env, **({"FASTAFD_FAULT": fault} if fault else {})}
+    proc = subprocess.run([sys.executable, "-m", "fastafd.cli", *args], capture_output=True, text=True, env=e, timeout=600)
+    if check and fault is None:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def final_weights(run: Path) -> dict:
+    return load_file(str(checkpoint.list_checkpoints(run)[0] / checkpoint.MODEL))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, env):
+    out = tmp_path_factory.mktemp("runs") / "straight"
+    run_cli(["train", "--out", str(out), *TINY], env)
+    return out
+
+
+def test_sigkill_at_random_steps_and_mid_checkpoint_resumes_bitwise(uninterrupted, tmp_path, env):
+    seed = int(os.environ.get("FASTAFD_TEST_SEED", random.randrange(1 << 30)))
+    rng = random.Random(seed)
+    total = 12  # 2 epochs x 6 steps
+    kill_steps = sorted(rng.sample(range(1, total), 2))
+    faults = [f"kill@step={kill_steps[0]}", "kill@checkpoint=2", f"kill@step={kill_steps[1]}"]
+    out = tmp_path / "killed"
+    for fault in faults:
+        proc = run_cli(["train", "--out", str(out), *TINY], env, fault=fault)
+        assert proc.returncode == -9, (seed, fault, proc.returncode, proc.stderr[-2000:])  # really SIGKILLed
+    proc = run_cli(["train", "--out", str(out), *TINY], env)
+    assert "resuming from" in proc.stderr + proc.stdout
+    a, b = final_weights(uninterrupted), final_weights(out)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), (seed, faults, key)
+    # the metrics log has each epoch once, like the uninterrupted run
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    straight = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    assert [p["top1"] for p in rows[-1]["peers"]] == [p["top1"] for p in straight[-1]["peers"]]
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(uninterrupted, tmp_path, env):
+    run = tmp_path / "corrupt"
+    import shutil
+
+    shutil.copytree(uninterrupted, run)
+    newest = checkpoint.list_checkpoints(run)[0]
+    bad = newest / checkpoint.MODEL
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    proc = run_cli(["train", "--out", str(run), *TINY[:-1], "--loop.epochs", "3", "--system.deterministic"], env)
+    text = proc.stderr + proc.stdout
+    assert str(bad) in text and "skipping corrupt checkpoint" in text
+    previous = checkpoint.list_checkpoints(uninterrupted)[1]
+    assert f"resuming from {run / 'checkpoints' / previous.name}" in text
+    assert "loop.epochs: 2 -> 3" in text  # a deliberate change is allowed and reported
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_incompatible_config_is_refused_with_the_differences(uninterrupted, tmp_path, env):
+    import shutil
+
+    run = tmp_path / "other"
+    shutil.copytree(uninterrupted, run)
+    args = [a if a != "cifar_resnet8" else "cifar_resnet14" for a in TINY]
+    proc = run_cli(["train", "--out", str(run), *args, "--method.name", "dml"], env, check=False)
+    assert proc.returncode == 2
+    err = proc.stderr.strip()
+    assert err.count("\n") == 0 and "cannot resume" in err
+    assert "model.peers: ['cifar_resnet8', 'cifar_resnet8'] -> ['cifar_resnet14', 'cifar_resnet14']" in err
+    assert "method.name: 'afd' -> 'dml'" in err
+
+
+def test_non_finite_losses_stop_the_run_naming_step_and_term(tmp_path, env):
+    out = tmp_path / "diverge"
+    args = [*TINY, "--optim.lr", "1e30", "--loop.max_skipped_steps", "3", "--loop.log_interval", "1", "--checkpoint.every_steps", "1"]
+    proc = run_cli(["train", "--out", str(out), *args], env, check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("fastafd: error: 3 consecutive steps were skipped for non-finite losses (up to step ")
+    assert "non-finite: " in line and "of peer 0 (cifar_resnet8)" in line
+    kept = checkpoint.latest_valid(out)  # the last good checkpoint is intact and loadable
+    assert kept is not None and all(torch.isfinite(t).all() for t in kept.tensors(checkpoint.MODEL).values())
+
+
+def test_export_round_trip_through_plain_timm(uninterrupted, tmp_path, env):
+    import timm
+
+    import fastafd.models  # noqa: F401  (registers the CIFAR networks with timm)
+    from fastafd.trainer import build_session
+    from fastafd import config
+
+    out = tmp_path / "peer1.safetensors"
+    proc = run_cli(["export", str(uninterrupted), "--peer", "1", "--out", str(out)], env)
+    info = json.loads(proc.stdout)
+    assert info["model"] == "cifar_resnet8" and info["num_classes"] == "10"
+    model = timm.create_model("cifar_resnet8", num_classes=10, pretrained=True, pretrained_cfg_overlay=dict(file=str(out))).eval()
+    cfg = config.from_dict(json.loads((uninterrupted / "config.json").read_text()))
+    os.environ["FASTAFD_CACHE"] = env["FASTAFD_CACHE"]
+    session = build_session(cfg)
+    checkpoint.load_model(checkpoint.latest_valid(uninterrupted), session.task)
+    inside = session.task.peers[1].eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), inside(x))
+    session.rt.accelerator.end_training()

@@ -1,0 +1,97 @@
+"""Checkpoint files: atomic writes, manifests, pruning, optimizer round trip, no pickle."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from fastafd import checkpoint
+from fastafd.errors import UserError
+
+
+def _write(run, step, keep=3, metric=None, value=1.0):
+    tensors = {checkpoint.MODEL: {"w": torch.full((4,), value)}, checkpoint.OPTIM: {"s/0/m": torch.zeros(2)}}
+    return checkpoint.write(run, step, tensors, {"epoch": 1, "epoch_step": 0, "config": {}}, keep=keep, metric=metric)
+
+
+def test_write_is_complete_and_verifies(tmp_path):
+    path = _write(tmp_path, 7)
+    assert path.name == "step-000000007"
+    assert sorted(p.name for p in path.iterdir()) == ["MANIFEST.json", "model.safetensors", "optim.safetensors", "state.json"]
+    ckpt = checkpoint.load(path)
+    assert ckpt.step == 7 and torch.equal(ckpt.tensors(checkpoint.MODEL)["w"], torch.ones(4))
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def test_keeps_the_newest_and_the_best(tmp_path):
+    _write(tmp_path, 1, metric=90.0)
+    for step, metric in ((2, 10.0), (3, None), (4, 20.0), (5, None)):
+        _write(tmp_path, step, keep=2, metric=metric)
+    names = [p.name for p in checkpoint.list_checkpoints(tmp_path)]
+    assert names == ["step-000000005", "step-000000004", "step-000000001"]  # newest 2 + the best (step 1)
+    assert checkpoint.best_name(tmp_path) == "step-000000001"
+
+
+def test_truncated_latest_falls_back_with_a_warning_naming_the_file(tmp_path):
+    _write(tmp_path, 1, value=1.0)
+    latest = _write(tmp_path, 2, value=2.0)
+    bad = latest / checkpoint.MODEL
+    bad.write_bytes(bad.read_bytes()[:20])
+    with pytest.warns(UserWarning, match=str(bad)):
+        ckpt = checkpoint.latest_valid(tmp_path)
+    assert ckpt.step == 1 and torch.equal(ckpt.tensors(checkpoint.MODEL)["w"], torch.ones(4))
+
+
+def test_unfinished_write_is_ignored_and_cleaned(tmp_path):
+    _write(tmp_path, 1)
+    partial = tmp_path / "checkpoints" / "step-000000002"
+    partial.mkdir()
+    (partial / checkpoint.MODEL).write_bytes(b"partial")
+    stale = tmp_path / "checkpoints" / ".tmp-step-000000003-123"
+    stale.mkdir()
+    with pytest.warns(UserWarning, match="MANIFEST.json is missing"):
+        assert checkpoint.latest_valid(tmp_path).step == 1
+    _write(tmp_path, 4)
+    assert not stale.exists()
+
+
+def test_pickled_checkpoint_is_refused(tmp_path):
+    path = _write(tmp_path, 1)
+    # replace the weights by a pickle (what torch.save writes) and make the manifest agree with it
+    torch.save({"w": torch.ones(4), "evil": ValueError("arbitrary object")}, path / checkpoint.MODEL)
+    manifest = json.loads((path / checkpoint.MANIFEST).read_text())
+    manifest["files"][checkpoint.MODEL] = {"size": (path / checkpoint.MODEL).stat().st_size, "sha256": checkpoint._sha256(path / checkpoint.MODEL)}
+    (path / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(checkpoint.CorruptCheckpoint, match="never unpickles"):
+        checkpoint.load(path)
+    with pytest.raises(UserError, match="never unpickles"):
+        checkpoint.resolve(str(path), None)
+
+
+def test_optimizer_state_round_trip_through_safetensors_and_json():
+    p = [torch.nn.Parameter(torch.randn(3, 3)), torch.nn.Parameter(torch.randn(3))]
+    for cls in (torch.optim.SGD, torch.optim.Adam):
+        opt = cls(p, lr=0.1, **({"momentum": 0.9} if cls is torch.optim.SGD else {}))
+        for _ in range(2):
+            for q in p:
+                q.grad = torch.randn_like(q)
+            opt.step()
+        tensors, meta = checkpoint.optimizer_to_safe(opt, "s")
+        meta = json.loads(json.dumps(meta))  # really JSON
+        fresh = cls(p, lr=0.1, **({"momentum": 0.9} if cls is torch.optim.SGD else {}))
+        fresh.load_state_dict(checkpoint.optimizer_from_safe(tensors, meta, "s"))
+        a, b = opt.state_dict()["state"], fresh.state_dict()["state"]
+        assert a.keys() == b.keys()
+        for pid in a:
+            for key in a[pid]:
+                assert torch.equal(torch.as_tensor(a[pid][key]), torch.as_tensor(b[pid][key])), (cls, key)
+
+
+def test_resume_none_refuses_a_run_with_checkpoints(tmp_path):
+    _write(tmp_path, 1)
+    with pytest.raises(UserError, match="already holds checkpoints"):
+        checkpoint.resolve("none", tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert checkpoint.resolve("auto", tmp_path).step == 1
