@@ -65,7 +65,7 @@ def build_data(cfg: DataConfig, *, rank: int, world_size: int, local_rank: int, 
         from fastafd.data.cifar import load_cifar100
 
         ds = load_cifar100(cfg.root)
-        from fastafd.data.dali import build_cifar_loaders  # imports DALI (UserError if missing)
+        from fastafd.data.cifar_dali import build_cifar_loaders  # imports DALI (UserError if missing)
 
         train, val = build_cifar_loaders(ds, cfg, **common)
         info = DatasetInfo(num_classes=len(ds.classes), classes=ds.classes, train_size=len(ds.train),
