@@ -66,10 +66,7 @@ def setup(cfg: SystemConfig) -> Runtime:
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout_s))
     accelerator = Accelerator(cpu=not use_cuda, kwargs_handlers=[timeout])
     device = accelerator.device
-    on_gpu = device.type == "cuda"
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if on_gpu else "fp32")
-    if precision == "fp16" and not on_gpu:
-        raise UserError("system.precision=fp16 needs a GPU: use fp32 or bf16 on CPU")
+    dtype, channels_last, compile_ = resolve_numerics(cfg, device)
     return Runtime(
         accelerator=accelerator,
         device=device,
@@ -77,10 +74,21 @@ def setup(cfg: SystemConfig) -> Runtime:
         world_size=accelerator.num_processes,
         local_rank=accelerator.local_process_index,
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
-        dtype=_DTYPES[precision],
-        channels_last=cfg.channels_last == "on" or (cfg.channels_last == "auto" and on_gpu),
-        compile=cfg.compile == "on" or (cfg.compile == "auto" and on_gpu),
+        dtype=dtype,
+        channels_last=channels_last,
+        compile=compile_,
     )
+
+
+def resolve_numerics(cfg: SystemConfig, device: torch.device) -> tuple[torch.dtype, bool, bool]:
+    """The ``auto`` defaults per device: (autocast dtype, channels-last, torch.compile)."""
+    on_gpu = device.type == "cuda"
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if on_gpu else "fp32")
+    if precision == "fp16" and not on_gpu:
+        raise UserError("system.precision=fp16 needs a GPU: use fp32 or bf16 on CPU")
+    channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and on_gpu)
+    compile_ = cfg.compile == "on" or (cfg.compile == "auto" and on_gpu)
+    return _DTYPES[precision], channels_last, compile_
 
 
 def _distributed() -> bool:

@@ -100,11 +100,7 @@ def _fastafd_step(args: StepBenchArgs, method: str, order: str, device: torch.de
         loop=LoopConfig(epochs=1),
         system=SystemConfig(device=args.device, precision=args.precision, channels_last=args.channels_last, compile=args.compile),
     )
-    on_gpu = device.type == "cuda"
-    precision = args.precision if args.precision != "auto" else ("bf16" if on_gpu else "fp32")
-    dtype = dist._DTYPES[precision]
-    channels_last = args.channels_last == "on" or (args.channels_last == "auto" and on_gpu)
-    compile_ = args.compile == "on" or (args.compile == "auto" and on_gpu)
+    dtype, channels_last, compile_ = dist.resolve_numerics(cfg.system, device)
     torch.manual_seed(args.seed)
     task = build_task(cfg, 1000, Numerics(device.type, dtype, compile_), device, channels_last)
     guard = StepGuard(device, fp16=dtype == torch.float16, buffers=list(task.buffers()))

@@ -1,0 +1,24 @@
+"""`fastafd bench step` measures every variant in one run and writes its report."""
+
+import json
+
+from fastafd import cli
+
+
+def test_bench_step_writes_all_variants(tmp_path, capsys):
+    args = ["bench", "step", "--peers", "cifar_resnet8", "cifar_resnet8", "--image_size", "32", "--batch_size", "8",
+            "--warmup", "1", "--steps", "1", "--repeats", "2", "--out", str(tmp_path), "--name", "t"]  # fmt: skip
+    assert cli.main(args) == 0
+    report = json.loads((tmp_path / "step-t.json").read_text())
+    assert [r["variant"] for r in report["results"]] == ["reference", "independent", "afd-sequential", "afd-simultaneous"]
+    assert all(r["img_per_s_median"] > 0 and len(r["windows"]) == 2 for r in report["results"])
+    assert {"afd-sequential/reference", "cost afd-simultaneous vs independent"} <= set(report["ratios"])
+    assert report["device"] == "cpu" and report["versions"]["torch"]
+    md = (tmp_path / "step-t.md").read_text()
+    assert "| afd-simultaneous |" in md and "fastafd bench step" in md
+    assert "| reference |" in capsys.readouterr().out
+
+
+def test_bench_rejects_unknown_variant(capsys):
+    assert cli.main(["bench", "step", "--variants", "afd-fast"]) == 2
+    assert "unknown variant 'afd-fast'" in capsys.readouterr().err
