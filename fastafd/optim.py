@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from timm.scheduler import MultiStepLRScheduler
 from torch import nn
 
 from fastafd.config import OptimConfig
-from fastafd.methods.base import StageSpec
+from fastafd.config import TrainConfig
+from fastafd.methods.base import Task
 from fastafd.errors import UserError
 from fastafd.steps import GradSync, Stage, StepGuard
 
@@ -77,22 +78,22 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: 
     )
 
 def build_stages(
-    specs: Mapping[str, StageSpec],
-    configs: Mapping[str, OptimConfig],
+    task: Task,
+    cfg: TrainConfig,
     *,
-    global_batch: int,
-    epochs: int,
-    steps_per_epoch: int,
     device: torch.device,
-    guard: StepGuard,
-    grad_sync: GradSync | None,
-    impl: str = "auto",
+    dtype: torch.dtype,
+    steps_per_epoch: int,
+    grad_sync: GradSync | None = None,
 ) -> dict[str, Stage]:
-    """One :class:`Stage` (optimizer + schedule) per stage the method asks for, all sharing ``guard``."""
+    """One :class:`Stage` (optimizer + schedule) per stage the method asks for, all sharing one
+    :class:`StepGuard` (fp16 loss scale when ``dtype`` is float16; the task's buffers restored on a skip)."""
+    guard = StepGuard(device, fp16=dtype == torch.float16, buffers=list(task.buffers()))
+    configs = {"optim": cfg.optim, "adv_optim": cfg.adv_optim}
     stages = {}
-    for name, spec in specs.items():
-        cfg = configs[spec.optim]
-        opt = build_optimizer(spec.params, cfg, scaled_lr(cfg, global_batch), device, impl)
-        sched = build_scheduler(opt, cfg, epochs, steps_per_epoch)
+    for name, spec in task.stages().items():
+        ocfg = configs[spec.optim]
+        opt = build_optimizer(spec.params, ocfg, scaled_lr(ocfg, cfg.data.batch_size), device, cfg.system.optimizer_impl)
+        sched = build_scheduler(opt, ocfg, cfg.loop.epochs, steps_per_epoch)
         stages[name] = Stage(name, list(spec.params), opt, sched, guard, grad_sync)
     return stages

@@ -96,15 +96,8 @@ def train(cfg: TrainConfig) -> Path | None:
             "lower --data.batch_size"
         )
     stages = build_stages(
-        task.stages(),
-        {"optim": cfg.optim, "adv_optim": cfg.adv_optim},
-        global_batch=cfg.data.batch_size,
-        epochs=cfg.loop.epochs,
-        steps_per_epoch=steps_per_epoch,
-        device=rt.device,
-        guard=StepGuard(rt.device, fp16=rt.dtype == torch.float16, buffers=list(task.buffers())),
+        task, cfg, device=rt.device, dtype=rt.dtype, steps_per_epoch=steps_per_epoch,
         grad_sync=dist.all_reduce_grads if rt.world_size > 1 else None,
-        impl=cfg.system.optimizer_impl,
     )
     use_tensorboard = observe.tensorboard_enabled(cfg.log.tensorboard)  # UserError before anything is written
     if cfg.loop.dry_run:

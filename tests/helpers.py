@@ -7,7 +7,6 @@ import torch
 from fastafd.config import DataConfig, LoopConfig, MethodConfig, ModelConfig, OptimConfig, TrainConfig
 from fastafd.methods import Numerics, build_task
 from fastafd.optim import build_stages
-from fastafd.steps import StepGuard
 
 SGD = OptimConfig(name="sgd", lr=0.1, lr_batch_ref=0, momentum=0.9, weight_decay=1e-4, milestones=(0.5,))
 ADAM = OptimConfig(name="adam", lr=1e-3, lr_batch_ref=0, weight_decay=0.1, milestones=(0.5,))
@@ -27,16 +26,7 @@ def tiny_config(peers, method="afd", image_size=32, batch=8, **method_kw) -> Tra
 def tiny_task(cfg: TrainConfig, seed=0, compile=False, dtype=torch.float32):
     torch.manual_seed(seed)
     task = build_task(cfg, cfg.model.num_classes, Numerics("cpu", dtype, compile), torch.device("cpu"), False)
-    stages = build_stages(
-        task.stages(),
-        {"optim": cfg.optim, "adv_optim": cfg.adv_optim},
-        global_batch=cfg.data.batch_size,
-        epochs=1,
-        steps_per_epoch=100,
-        device=torch.device("cpu"),
-        guard=StepGuard(torch.device("cpu"), buffers=list(task.buffers())),
-        grad_sync=None,
-    )
+    stages = build_stages(task, cfg, device=torch.device("cpu"), dtype=dtype, steps_per_epoch=100)
     return task, stages
 
 

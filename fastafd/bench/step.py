@@ -89,7 +89,6 @@ def _fastafd_step(args: StepBenchArgs, method: str, order: str, device: torch.de
     from fastafd import dist
     from fastafd.methods import Numerics, build_task
     from fastafd.optim import build_stages
-    from fastafd.steps import StepGuard
 
     cfg = TrainConfig(
         model=ModelConfig(peers=args.peers, num_classes=1000),
@@ -103,17 +102,8 @@ def _fastafd_step(args: StepBenchArgs, method: str, order: str, device: torch.de
     dtype, channels_last, compile_ = dist.resolve_numerics(cfg.system, device)
     torch.manual_seed(args.seed)
     task = build_task(cfg, 1000, Numerics(device.type, dtype, compile_), device, channels_last)
-    guard = StepGuard(device, fp16=dtype == torch.float16, buffers=list(task.buffers()))
-    stages = build_stages(
-        task.stages(),
-        {"optim": cfg.optim, "adv_optim": cfg.adv_optim},
-        global_batch=args.batch_size,
-        epochs=1,
-        steps_per_epoch=10_000,
-        device=device,
-        guard=guard,
-        grad_sync=None,
-    )
+    stages = build_stages(task, cfg, device=device, dtype=dtype, steps_per_epoch=10_000)
+    guard = next(iter(stages.values())).guard
     for s in stages.values():
         s.set_step(0)
     task.train()

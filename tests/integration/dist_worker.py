@@ -18,7 +18,6 @@ from fastafd import dist  # noqa: E402
 from fastafd.config import SystemConfig  # noqa: E402
 from fastafd.methods import Numerics, build_task  # noqa: E402
 from fastafd.optim import build_stages  # noqa: E402
-from fastafd.steps import StepGuard  # noqa: E402
 from tests.helpers import batches, iterate, tiny_config  # noqa: E402
 
 GLOBAL_BATCH, STEPS = 8, 3
@@ -36,9 +35,7 @@ VARIANTS = {
 def build(cfg, grad_sync, bn_eval: bool):
     torch.manual_seed(0)  # identical initial parameters everywhere
     task = build_task(cfg, cfg.model.num_classes, Numerics("cpu", torch.float32, False), CPU, False)
-    stages = build_stages(task.stages(), {"optim": cfg.optim, "adv_optim": cfg.adv_optim}, global_batch=cfg.data.batch_size,
-                          epochs=1, steps_per_epoch=100, device=CPU, guard=StepGuard(CPU, buffers=list(task.buffers())),
-                          grad_sync=grad_sync)
+    stages = build_stages(task, cfg, device=CPU, dtype=torch.float32, steps_per_epoch=100, grad_sync=grad_sync)
     task.train()
     if bn_eval:  # per-sample forward: the 2-process and 1-process runs then see exactly the same function
         for m in task.modules():
