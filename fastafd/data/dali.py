@@ -24,12 +24,15 @@ and a resumed run needs only the epoch, the batch and DALI's checkpoint of that 
   (``pad_last_batch`` keeps DALI from reading into the next epoch to fill it).
 
 Augmentation: ``fn.decoders.image_random_crop`` decodes only the random-resized-crop window (ROI
-decode: scale 0.08-1, ratio 3/4-4/3 by default), then resize, flip and normalize in
-``crop_mirror_normalize``, whose output is HWC (the NHWC batch permuted to logical NCHW is exactly
-channels-last memory) or CHW, in float32 or float16, on the pipeline's device. Decoding is "mixed"
-(nvJPEG; DALI uses the hardware JPEG decoder of A100/H100-class GPUs when there is one) on CUDA,
-CPU threads otherwise. Validation: no shuffle, ``stick_to_shard``, ``pad_last_batch`` and
-``LastBatchPolicy.PARTIAL``: every image is seen exactly once over all ranks.
+decode: scale 0.08-1, ratio 3/4-4/3 by default) and ``fn.random.coin_flip`` draws the flips. On
+CUDA, decoding is "mixed" (nvJPEG; DALI uses the hardware JPEG decoder of A100/H100-class GPUs when
+there is one), then resize, flip and normalize run in DALI on the GPU (``crop_mirror_normalize``,
+whose output is HWC (the NHWC batch permuted to logical NCHW is exactly channels-last memory) or
+CHW, in float32 or float16). Without a GPU, DALI decodes on CPU threads and returns the crops and
+flips as they are; :class:`~fastafd.data.cpu_finish.CpuFinish` resizes, flips and normalizes them
+in torch (DALI's CPU resize is not vectorised; see that module). Validation: no shuffle,
+``stick_to_shard``, ``pad_last_batch`` and ``LastBatchPolicy.PARTIAL``: every image is seen exactly
+once over all ranks.
 """
 
 from __future__ import annotations
@@ -47,13 +50,14 @@ import torch
 
 from fastafd.config import DataConfig
 from fastafd.data.base import DataError, to_model_layout
+from fastafd.data.cpu_finish import CpuFinish
 from fastafd.data.folder import Split
 from fastafd.data.shards import LABEL_DIGITS, ShardSplit, read_sample
 from fastafd.errors import UserError
 
 try:
     from nvidia.dali import fn, pipeline_def, types
-    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, DALIRaggedIterator, LastBatchPolicy
 except ImportError as exc:  # pragma: no cover - exercised by a test that hides DALI
     raise UserError(
         "NVIDIA DALI is needed to read image data but is not installed: pip install nvidia-dali-cuda130 "
@@ -63,7 +67,8 @@ except ImportError as exc:  # pragma: no cover - exercised by a test that hides 
 READER = "Reader"
 SHUFFLE_BUFFER = 1024
 """Samples in the shard reader's shuffle buffer (DALI's default ``initial_fill``)."""
-STATE_VERSION = 1
+STATE_VERSION = 2
+"""2: the CPU training pipeline hands crops to :class:`CpuFinish` (its DALI graph, and so its checkpoints, changed)."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,9 @@ class PipelineSettings:
     """Output HWC (permuted to channels-last NCHW) instead of CHW (contiguous NCHW)."""
     dtype: torch.dtype = torch.float32
     """Images handed to the model: float32, float16 (written by DALI) or bfloat16 (cast on the device)."""
+    cpu_finish: bool = True
+    """CPU-only pipeline: resize, flip and normalize in torch (:class:`CpuFinish`); False runs DALI's
+    CPU operators for them, the GPU pipeline's graph (slower; kept for ``benchmarks/data.py``)."""
 
 
 def _derive_seed(*parts: int) -> int:
@@ -182,16 +190,20 @@ class ShardReader:
 
 @pipeline_def
 def train_pipeline(reader, order, shard_id: int, cfg: DataConfig, s: PipelineSettings):
-    """Read one epoch of this rank's shard, random-resized-crop (ROI decode), resize, flip, normalize."""
+    """Read one epoch of this rank's shard, random-resized-crop (ROI decode), draw the flips; on a
+    GPU also resize, flip and normalize (outputs: images, labels). Without a GPU the outputs are the
+    crops as decoded, the labels and the flips, finished by :class:`CpuFinish`."""
     encoded, lab = reader.node(order=order, shard_id=shard_id, num_shards=s.world_size, training=True)
     images = fn.decoders.image_random_crop(
         encoded, device=s.decoder, output_type=types.RGB,
         random_area=list(cfg.scale), random_aspect_ratio=list(cfg.ratio),
     )
+    mirror = fn.random.coin_flip(probability=cfg.hflip)
+    if s.device_id is None and s.cpu_finish:
+        return images, lab, mirror
     images = fn.resize(images, resize_x=cfg.image_size, resize_y=cfg.image_size)
     if s.device_id is not None:
         images, lab = images.gpu(), lab.gpu()
-    mirror = fn.random.coin_flip(probability=cfg.hflip)
     images = fn.crop_mirror_normalize(images, mirror=mirror, **_normalize_args(cfg, s))
     return images, lab
 
@@ -285,6 +297,8 @@ class TrainLoader:
         self._it: DALIGenericIterator | None = None
         self._resume: dict | None = None  # a loaded state not yet applied
         self._next: dict | None = None  # the next epoch's pipeline, being built on a helper thread
+        self._finish = (CpuFinish(cfg.image_size, cfg.mean, cfg.std, channels_last=settings.channels_last,
+                                  dtype=settings.dtype) if settings.device_id is None and settings.cpu_finish else None)
 
     def __len__(self) -> int:
         return self._len
@@ -338,8 +352,12 @@ class TrainLoader:
             order, pipe = self._pipeline(epoch, checkpoint)
         self._order = order
         try:
-            return DALIGenericIterator(pipe, ["images", "labels"], reader_name=READER,
-                                       last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
+            if self._finish is None:
+                return DALIGenericIterator(pipe, ["images", "labels"], reader_name=READER,
+                                           last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
+            dense, ragged = DALIRaggedIterator.DENSE_TAG, DALIRaggedIterator.SPARSE_LIST_TAG
+            return DALIRaggedIterator(pipe, ["images", "labels", "flips"], output_types=[ragged, dense, dense],
+                                      reader_name=READER, last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
         except RuntimeError as exc:
             raise self._error(exc, epoch, 0) from exc
 
@@ -374,7 +392,10 @@ class TrainLoader:
             images, labels = out[0]["images"], out[0]["labels"]
             labels = self._reader.labels(labels).to(device=self._device, dtype=torch.int64, non_blocking=True)
             self._consumed = b + 1
-            yield to_model_layout(images, self._device, channels_last=s.channels_last, dtype=s.dtype), labels
+            if self._finish is not None:
+                yield self._finish(images, out[0]["flips"].reshape(-1).tolist()), labels
+            else:
+                yield to_model_layout(images, self._device, channels_last=s.channels_last, dtype=s.dtype), labels
         self._it = self._active = None
         self._epoch = epoch + 1
 

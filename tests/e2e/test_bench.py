@@ -22,3 +22,19 @@ def test_bench_step_writes_all_variants(tmp_path, capsys):
 def test_bench_rejects_unknown_variant(capsys):
     assert cli.main(["bench", "step", "--variants", "afd-fast"]) == 2
     assert "unknown variant 'afd-fast'" in capsys.readouterr().err
+
+
+def test_data_benchmark_times_every_pipeline_on_the_same_epochs(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_data", Path(__file__).parents[2] / "benchmarks" / "data.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--images", "64", "--batch", "8", "--size", "32", "--threads", "1", "--repeats", "2",
+                       "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "data.json").read_text())
+    assert set(report["runs"]) == {bench.FAST, bench.FAST_CL, bench.DALI_RESIZE, bench.TORCHVISION}
+    assert all(len(r["epoch_s"]) == 2 and r["images_per_epoch"] == 64 for r in report["runs"].values())
+    assert report["ratio_median"] == report["runs"][bench.FAST]["img_per_s_median"] / report["runs"][bench.TORCHVISION]["img_per_s_median"]
+    assert "| torchvision ImageFolder + DataLoader |" in (tmp_path / "data.md").read_text()
