@@ -4,8 +4,12 @@ Variants, all on the same in-memory batch and the same peers:
 
 * ``reference``: :mod:`fastafd.bench.reference`, AFD written the way a paper's code usually is
   (eager, fp32, NCHW, Python loops over peers and discriminators);
-* ``independent``: fastafd training the same peers with CE only (the floor: what distillation
+* ``independent``: fastafd training the same peers with CE only (the baseline: what distillation
   costs on top);
+* ``extra-backward``: ``independent`` plus a second backward pass from the feature maps into the
+  feature extractors (gradients dropped): the passes that AFD's simultaneous order cannot avoid
+  (one forward, two backward), without its discriminators and second optimizer. AFD's cost above
+  this is what the method's own parts (discriminators, Adam) add;
 * ``afd-sequential`` and ``afd-simultaneous``: fastafd's AFD in both orders.
 
 fastafd variants use the device's defaults (``system.*=auto``: bf16 + channels-last + compile on
@@ -31,7 +35,7 @@ from fastafd import rundir
 from fastafd.config import DataConfig, LoopConfig, MethodConfig, ModelConfig, SystemConfig, TrainConfig, adam_feature_stage, sgd_logit_stage
 from fastafd.errors import UserError
 
-VARIANTS = ("reference", "independent", "afd-sequential", "afd-simultaneous")
+VARIANTS = ("reference", "independent", "extra-backward", "afd-sequential", "afd-simultaneous")
 
 
 @dataclass
@@ -84,7 +88,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _fastafd_step(args: StepBenchArgs, method: str, order: str, device: torch.device):
+def _extra_backward_step(task, stages):
+    """``independent``'s iteration plus a backward from the feature maps into the extractors."""
+    from fastafd.models.peers import feature_parameters
+
+    logit = stages["logit"]
+    extractors = [p for peer in task.peers for p in feature_parameters(peer)]
+
+    def forward(x: torch.Tensor, y: torch.Tensor):
+        with task.numerics.autocast():
+            feats, logits = task.forward_peers(x)
+        loss, _ = task.logit_loss(logits, y, kl=False)
+        return loss, sum(f.float().square().mean() for f in feats)
+
+    forward = task.compiled(forward)
+
+    def train_step(x: torch.Tensor, y: torch.Tensor, stages) -> None:
+        loss, feature_loss = forward(x, y)
+        grads = torch.autograd.grad(logit.guard.scale(loss), logit.params, retain_graph=True, allow_unused=True)
+        torch.autograd.grad(feature_loss, extractors)
+        logit.step_with(grads)
+
+    return train_step
+
+
+def _fastafd_step(args: StepBenchArgs, method: str, order: str, device: torch.device, *, extra_backward: bool = False):
     """A fastafd task + stages on ``device``, built with the trainer's own factories."""
     from fastafd import dist
     from fastafd.methods import Numerics, build_task
@@ -107,10 +135,11 @@ def _fastafd_step(args: StepBenchArgs, method: str, order: str, device: torch.de
     for s in stages.values():
         s.set_step(0)
     task.train()
+    train_step = _extra_backward_step(task, stages) if extra_backward else task.train_step
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         guard.begin()
-        task.train_step(x, y, stages)
+        train_step(x, y, stages)
         guard.end()
 
     return step, channels_last
@@ -136,6 +165,8 @@ def measure(args: StepBenchArgs, variant: str, device: torch.device, batch: tupl
         step, channels_last = _reference_step(args, device)
     elif variant == "independent":
         step, channels_last = _fastafd_step(args, "independent", "sequential", device)
+    elif variant == "extra-backward":
+        step, channels_last = _fastafd_step(args, "independent", "sequential", device, extra_backward=True)
     elif variant in ("afd-sequential", "afd-simultaneous"):
         step, channels_last = _fastafd_step(args, "afd", variant.split("-")[1], device)
     else:
@@ -190,7 +221,10 @@ def run(args: StepBenchArgs) -> dict:
         ratios.update({f"{v}/reference": by[v] / by["reference"] for v in by if v != "reference"})
     if "independent" in by:
         # cost of distillation: time per image relative to independent training of the same peers
-        ratios.update({f"cost {v} vs independent": by["independent"] / by[v] for v in by if v.startswith("afd")})
+        ratios.update({f"cost {v} vs independent": by["independent"] / by[v]
+                       for v in by if v.startswith("afd") or v == "extra-backward"})
+    if "extra-backward" in by and "afd-simultaneous" in by:
+        ratios["cost afd-simultaneous vs extra-backward"] = by["extra-backward"] / by["afd-simultaneous"]
     return {
         "benchmark": "step",
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(args).items()},

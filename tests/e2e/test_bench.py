@@ -1,8 +1,18 @@
 """`fastafd bench step` measures every variant in one run and writes its report."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 from fastafd import cli
+
+
+def load_benchmark(filename: str):
+    """A script of benchmarks/ as a module (they are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(filename.removesuffix(".py"), Path(__file__).parents[2] / "benchmarks" / filename)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_bench_step_writes_all_variants(tmp_path, capsys):
@@ -10,9 +20,10 @@ def test_bench_step_writes_all_variants(tmp_path, capsys):
             "--warmup", "1", "--steps", "1", "--repeats", "2", "--out", str(tmp_path), "--name", "t"]  # fmt: skip
     assert cli.main(args) == 0
     report = json.loads((tmp_path / "step-t.json").read_text())
-    assert [r["variant"] for r in report["results"]] == ["reference", "independent", "afd-sequential", "afd-simultaneous"]
+    assert [r["variant"] for r in report["results"]] == ["reference", "independent", "extra-backward", "afd-sequential", "afd-simultaneous"]
     assert all(r["img_per_s_median"] > 0 and len(r["windows"]) == 2 for r in report["results"])
-    assert {"afd-sequential/reference", "cost afd-simultaneous vs independent"} <= set(report["ratios"])
+    assert {"afd-sequential/reference", "cost afd-simultaneous vs independent", "cost extra-backward vs independent",
+            "cost afd-simultaneous vs extra-backward"} <= set(report["ratios"])
     assert report["device"] == "cpu" and report["versions"]["torch"]
     md = (tmp_path / "step-t.md").read_text()
     assert "| afd-simultaneous |" in md and "fastafd bench step" in md
@@ -25,12 +36,7 @@ def test_bench_rejects_unknown_variant(capsys):
 
 
 def test_data_benchmark_times_every_pipeline_on_the_same_epochs(tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("bench_data", Path(__file__).parents[2] / "benchmarks" / "data.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("data.py")
     assert bench.main(["--images", "64", "--batch", "8", "--size", "32", "--threads", "1", "--repeats", "2",
                        "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "data.json").read_text())
@@ -38,3 +44,13 @@ def test_data_benchmark_times_every_pipeline_on_the_same_epochs(tmp_path):
     assert all(len(r["epoch_s"]) == 2 and r["images_per_epoch"] == 64 for r in report["runs"].values())
     assert report["ratio_median"] == report["runs"][bench.FAST]["img_per_s_median"] / report["runs"][bench.TORCHVISION]["img_per_s_median"]
     assert "| torchvision ImageFolder + DataLoader |" in (tmp_path / "data.md").read_text()
+
+
+def test_optimizer_benchmark_times_each_implementation(tmp_path):
+    bench = load_benchmark("optimizers.py")
+    assert bench.main(["--peers", "resnet10t", "--steps", "1", "--repeats", "2", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "optimizers.json").read_text())
+    assert [(r["optimizer"], r["impl"]) for r in report["rows"]] == [
+        (o, i) for o in ("SGD", "Adam") for i in ("fused", "foreach", "for-loop")]
+    assert all(r["ms_median"] > 0 and len(r["ms"]) == 2 for r in report["rows"])
+    assert "| Adam | fused |" in (tmp_path / "optimizers.md").read_text()
