@@ -10,8 +10,8 @@ import torch
 from fastafd.config import DataConfig
 from fastafd.data.base import to_model_layout
 from fastafd.data.dali import (
-    DALIGenericIterator,
     STATE_VERSION,
+    DALIGenericIterator,
     PipelineSettings,
     _derive_seed,
     _normalize_args,

@@ -3,9 +3,11 @@
 Importing this module imports DALI; ``fastafd.data`` imports it only when real data is read, so
 the package works without DALI for synthetic data.
 
-Readers: an image folder is read by ``fn.readers.file`` from the file list made by one scan at
-start-up (no directory walk per epoch); shards by ``fn.readers.webdataset`` with their DALI index
-files. Both are sharded by the *global* rank (``shard_id=rank, num_shards=world_size``).
+Readers (:mod:`fastafd.data.dali_readers`): an image folder is read by ``fn.readers.file`` from the
+file list made by one scan at start-up (no directory walk per epoch); shards by
+``fn.readers.webdataset`` with their DALI index files. Both are sharded by the *global* rank
+(``shard_id=rank, num_shards=world_size``). A decode failure is turned into a one-line error naming
+the file by :mod:`fastafd.data.decode_errors`.
 
 Training epochs (:class:`TrainLoader`): one pipeline per epoch, built from (seed, epoch, rank,
 world size) alone, so an epoch never depends on how the previous one ended (``max_steps_per_epoch``)
@@ -38,11 +40,9 @@ once over all ranks.
 from __future__ import annotations
 
 import base64
-import io
 import os
-import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,8 +51,9 @@ import torch
 from fastafd.config import DataConfig
 from fastafd.data.base import DataError, to_model_layout
 from fastafd.data.cpu_finish import CpuFinish
+from fastafd.data.decode_errors import decode_error
 from fastafd.data.folder import Split
-from fastafd.data.shards import LABEL_DIGITS, ShardSplit, read_sample
+from fastafd.data.shards import ShardSplit
 from fastafd.errors import UserError
 
 try:
@@ -64,9 +65,8 @@ except ImportError as exc:  # pragma: no cover - exercised by a test that hides 
         "(or use data.format=synthetic)"
     ) from exc
 
-READER = "Reader"
-SHUFFLE_BUFFER = 1024
-"""Samples in the shard reader's shuffle buffer (DALI's default ``initial_fill``)."""
+from fastafd.data.dali_readers import READER, SHUFFLE_BUFFER, FolderReader, ShardReader  # noqa: E402 - after the DALI check
+
 STATE_VERSION = 2
 """2: the CPU training pipeline hands crops to :class:`CpuFinish` (its DALI graph, and so its checkpoints, changed)."""
 
@@ -114,77 +114,6 @@ def _shard_range(n: int, shard: int, shards: int) -> tuple[int, int]:
     return shard * n // shards, (shard + 1) * n // shards
 
 
-# -- readers ----------------------------------------------------------------------------------------
-
-
-class FolderReader:
-    """``fn.readers.file`` over a scanned folder split."""
-
-    kind = "folder"
-
-    def __init__(self, split: Split) -> None:
-        self.split, self.root = split, str(split.root)
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def epoch_order(self, seed: int, epoch: int, world_size: int) -> np.ndarray:
-        n = len(self.split)
-        return np.random.default_rng([seed, epoch]).permutation(n)[: n // world_size * world_size]
-
-    def node(self, *, order: np.ndarray | None, shard_id: int, num_shards: int, training: bool):
-        files, labels = self.split.files, self.split.labels
-        if order is not None:
-            files, labels = [files[i] for i in order], [labels[i] for i in order]
-        return fn.readers.file(
-            file_root=self.root, files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
-            random_shuffle=False, pad_last_batch=True, stick_to_shard=not training, name=READER,
-        )
-
-    def labels(self, lab: torch.Tensor) -> torch.Tensor:
-        return lab.reshape(-1)
-
-    def candidates(self, order: np.ndarray | None, begin: int, end: int) -> list[tuple[str, Callable[[], bytes]]]:
-        idx = order[begin:end] if order is not None else range(begin, min(end, len(self.split)))
-        root = self.split.root
-        return [(str(root / self.split.files[i]), (lambda p=root / self.split.files[i]: p.read_bytes())) for i in idx]
-
-
-class ShardReader:
-    """``fn.readers.webdataset`` over indexed tar shards (see :mod:`fastafd.data.shards`)."""
-
-    kind = "shards"
-
-    def __init__(self, split: ShardSplit) -> None:
-        self.split, self.root = split, str(split.root)
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def epoch_order(self, seed: int, epoch: int, world_size: int) -> None:
-        return None
-
-    def node(self, *, order: None, shard_id: int, num_shards: int, training: bool):
-        jpeg, cls = fn.readers.webdataset(
-            paths=self.split.tars, index_paths=self.split.indexes, ext=["jpg", "cls"],
-            missing_component_behavior="error", shard_id=shard_id, num_shards=num_shards,
-            random_shuffle=training, initial_fill=SHUFFLE_BUFFER, pad_last_batch=True,
-            stick_to_shard=not training, name=READER,
-        )
-        return jpeg, cls
-
-    def labels(self, lab: torch.Tensor) -> torch.Tensor:
-        """The .cls component: LABEL_DIGITS ASCII digits per sample."""
-        powers = torch.tensor([10**k for k in reversed(range(LABEL_DIGITS))], dtype=torch.int64, device=lab.device)
-        return ((lab.reshape(lab.shape[0], -1).to(torch.int64) - 48) * powers).sum(1)
-
-    def candidates(self, order: None, begin: int, end: int) -> list[tuple[str, Callable[[], bytes]]]:
-        out = []
-        for s in self.split.samples[begin:end]:
-            out.append((f"{s.tar}:{s.name}", (lambda s=s: read_sample(s))))
-        return out
-
-
 # -- pipelines --------------------------------------------------------------------------------------
 
 
@@ -218,67 +147,6 @@ def val_pipeline(reader, cfg: DataConfig, s: PipelineSettings):
         images, lab = images.gpu(), lab.gpu()
     images = fn.crop_mirror_normalize(images, crop=(cfg.image_size, cfg.image_size), **_normalize_args(cfg, s))
     return images, lab
-
-
-# -- errors -----------------------------------------------------------------------------------------
-
-
-_PATH_IN_ERROR = re.compile(r"(?:File mapping failed|[Ff]ile|[Pp]ath)[^:\n]*:\s*(/[^\s'\"]+)")
-_OPERATOR_IN_ERROR = re.compile(r"Error in \w+ operator `([\w.]+)`")
-
-
-def _cause(text: str) -> str:
-    """DALI's multi-line report's cause: the first line after ``encountered:``."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return next((lines[i + 1] for i, ln in enumerate(lines[:-1]) if ln == "encountered:"), lines[0] if lines else "")
-
-
-def undecodable(data: bytes) -> str | None:
-    """Why PIL cannot decode ``data`` to RGB, or None when it can."""
-    from PIL import Image
-
-    if not data:
-        return "zero-byte file"
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            im.convert("RGB")
-    except Exception as exc:  # noqa: BLE001 - any decoder failure is the answer
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
-def find_bad(candidates: list[tuple[str, Callable[[], bytes]]]) -> tuple[str, str] | None:
-    for name, read in candidates:
-        try:
-            why = undecodable(read())
-        except OSError as exc:
-            why = f"cannot read: {exc.strerror}"
-        if why:
-            return name, why
-    return None
-
-
-def decode_error(exc: Exception, root: str, verify_root: str,
-                 candidates: Callable[[], list[tuple[str, Callable[[], bytes]]]] | None = None) -> DataError:
-    """A one-line :class:`DataError` for a DALI failure that names the failing file.
-
-    DALI names the file for some failures (``File mapping failed: <path>`` for an empty file) but
-    not for a corrupt image (``nvImageCodec failure``); then the images of the batches around the
-    failing one (``candidates``) are decoded with PIL to find it.
-    """
-    text = str(exc)
-    cause = _cause(text)
-    op = _OPERATOR_IN_ERROR.search(text)
-    where = f" in {op.group(1)}" if op else ""
-    hint = f"run `fastafd data verify {verify_root}` and replace the file or list it in --data.exclude"
-    path = _PATH_IN_ERROR.search(text.split("encountered:", 1)[-1])  # skip DALI's traceback of the pipeline
-    if path:
-        return DataError(f"cannot read {path.group(1)}{where} ({cause}): {hint}")
-    found = find_bad(candidates()) if candidates is not None else None
-    if found:
-        return DataError(f"cannot decode {found[0]} ({found[1]}; DALI{where}: {cause}): {hint}")
-    return DataError(f"DALI failed{where} on an image under {root} ({cause}); the file could not be identified: {hint}")
 
 
 # -- loaders ----------------------------------------------------------------------------------------
