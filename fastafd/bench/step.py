@@ -70,6 +70,8 @@ class StepBenchArgs:
     """Result file stem; default: <device>-<peers>-<image_size>."""
     seed: int = 0
     """Seed of the peers and the batch."""
+    count_flops: bool = False
+    """Also count each variant's floating-point operations per step (one extra eager step, torch's FlopCounterMode)."""
 
 
 @dataclass
@@ -81,6 +83,8 @@ class VariantResult:
     windows: list[float] = field(default_factory=list)
     first_step_s: float = 0.0
     """Wall time of the first (warm-up) step: includes torch.compile when compiling."""
+    gflop_per_step: float | None = None
+    """Floating-point operations of one step (forward, backward, optimizers), with --count_flops."""
 
 
 def _sync(device: torch.device) -> None:
@@ -160,7 +164,7 @@ def _reference_step(args: StepBenchArgs, device: torch.device):
     return ref.iteration, False
 
 
-def measure(args: StepBenchArgs, variant: str, device: torch.device, batch: tuple[torch.Tensor, torch.Tensor]) -> VariantResult:
+def _build(args: StepBenchArgs, variant: str, device: torch.device):
     if variant == "reference":
         step, channels_last = _reference_step(args, device)
     elif variant == "independent":
@@ -171,6 +175,25 @@ def measure(args: StepBenchArgs, variant: str, device: torch.device, batch: tupl
         step, channels_last = _fastafd_step(args, "afd", variant.split("-")[1], device)
     else:
         raise UserError(f"unknown variant '{variant}': choose from {', '.join(VARIANTS)}")
+    return step, channels_last
+
+
+def count_flops(args: StepBenchArgs, variant: str, device: torch.device, batch: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """GFLOP of one step of ``variant``, counted in eager mode (compiling does not change the count)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    step, channels_last = _build(replace(args, compile="off"), variant, device)
+    x, y = batch
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    step(x, y)  # optimizer state exists, as in a timed step
+    with FlopCounterMode(display=False) as counter:
+        step(x, y)
+    return counter.get_total_flops() / 1e9
+
+
+def measure(args: StepBenchArgs, variant: str, device: torch.device, batch: tuple[torch.Tensor, torch.Tensor]) -> VariantResult:
+    step, channels_last = _build(args, variant, device)
     x, y = batch
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -189,7 +212,8 @@ def measure(args: StepBenchArgs, variant: str, device: torch.device, batch: tupl
             step(x, y)
         _sync(device)
         windows.append(args.steps * args.batch_size / (time.perf_counter() - t0))
-    return VariantResult(variant, statistics.median(windows), min(windows), max(windows), windows, first)
+    gflop = count_flops(args, variant, device, batch) if args.count_flops else None
+    return VariantResult(variant, statistics.median(windows), min(windows), max(windows), windows, first, gflop)
 
 
 def hardware(device: torch.device) -> dict:
@@ -225,6 +249,10 @@ def run(args: StepBenchArgs) -> dict:
                        for v in by if v.startswith("afd") or v == "extra-backward"})
     if "extra-backward" in by and "afd-simultaneous" in by:
         ratios["cost afd-simultaneous vs extra-backward"] = by["extra-backward"] / by["afd-simultaneous"]
+    flops = {r.variant: r.gflop_per_step for r in results if r.gflop_per_step}
+    if "independent" in flops:
+        # the same comparison in arithmetic: what the variant computes per image, relative to independent
+        ratios.update({f"FLOP {v} vs independent": flops[v] / flops["independent"] for v in flops if v not in ("independent", "reference")})
     return {
         "benchmark": "step",
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(args).items()},
@@ -247,13 +275,16 @@ def markdown(report: dict) -> str:
         f"torch {report['versions']['torch']}, timm {report['versions']['timm']}; git {report['git_sha']}; {report['date']}",
         "",
         f"Command: `fastafd bench step --peers {' '.join(a['peers'])} --image_size {a['image_size']} --batch_size {a['batch_size']} "
-        f"--device {a['device']} --warmup {a['warmup']} --steps {a['steps']} --repeats {a['repeats']}`",
+        f"--device {a['device']} --warmup {a['warmup']} --steps {a['steps']} --repeats {a['repeats']}"
+        f"{' --count_flops' if a.get('count_flops') else ''}`",
         "",
-        "| variant | img/s median | min | max | first step (s, incl. compile) |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| variant | img/s median | min | max | first step (s, incl. compile) | GFLOP/step |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in report["results"]:
-        lines.append(f"| {r['variant']} | {r['img_per_s_median']:.1f} | {r['img_per_s_min']:.1f} | {r['img_per_s_max']:.1f} | {r['first_step_s']:.2f} |")
+        gflop = f"{r['gflop_per_step']:.1f}" if r.get("gflop_per_step") else "-"
+        lines.append(f"| {r['variant']} | {r['img_per_s_median']:.1f} | {r['img_per_s_min']:.1f} | {r['img_per_s_max']:.1f} "
+                     f"| {r['first_step_s']:.2f} | {gflop} |")
     lines += ["", "| ratio | value |", "| --- | ---: |"]
     lines += [f"| {k} | {v:.2f}x |" for k, v in report["ratios"].items()]
     return "\n".join(lines) + "\n"

@@ -17,7 +17,7 @@ def load_benchmark(filename: str):
 
 def test_bench_step_writes_all_variants(tmp_path, capsys):
     args = ["bench", "step", "--peers", "cifar_resnet8", "cifar_resnet8", "--image_size", "32", "--batch_size", "8",
-            "--warmup", "1", "--steps", "1", "--repeats", "2", "--out", str(tmp_path), "--name", "t"]  # fmt: skip
+            "--warmup", "1", "--steps", "1", "--repeats", "2", "--out", str(tmp_path), "--name", "t", "--count_flops"]  # fmt: skip
     assert cli.main(args) == 0
     report = json.loads((tmp_path / "step-t.json").read_text())
     assert [r["variant"] for r in report["results"]] == ["reference", "independent", "extra-backward", "afd-sequential", "afd-simultaneous"]
@@ -25,6 +25,10 @@ def test_bench_step_writes_all_variants(tmp_path, capsys):
     assert {"afd-sequential/reference", "cost afd-simultaneous vs independent", "cost extra-backward vs independent",
             "cost afd-simultaneous vs extra-backward"} <= set(report["ratios"])
     assert report["device"] == "cpu" and report["versions"]["torch"]
+    flops = {r["variant"]: r["gflop_per_step"] for r in report["results"]}
+    # one extra backward of the extractors costs less than a forward + backward; AFD adds discriminators on top
+    assert 1 < report["ratios"]["FLOP extra-backward vs independent"] < 2
+    assert flops["afd-sequential"] > flops["afd-simultaneous"] > flops["extra-backward"] > flops["independent"] > 0
     md = (tmp_path / "step-t.md").read_text()
     assert "| afd-simultaneous |" in md and "fastafd bench step" in md
     assert "| reference |" in capsys.readouterr().out
