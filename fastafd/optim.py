@@ -8,11 +8,11 @@ import torch
 from timm.scheduler import MultiStepLRScheduler
 from torch import nn
 
-from fastafd.config import OptimConfig
-from fastafd.config import TrainConfig
-from fastafd.methods.base import Task
+from fastafd.config import OptimConfig, TrainConfig
 from fastafd.errors import UserError
+from fastafd.methods.base import Task
 from fastafd.steps import GradSync, Stage, StepGuard
+
 
 def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
     """``lr * global_batch / lr_batch_ref`` when ``lr_batch_ref`` is set (linear scaling rule), else ``lr``."""

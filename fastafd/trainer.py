@@ -15,8 +15,8 @@ from fastafd import checkpoint, compile_cache, dist, faults, observe, preempt, r
 from fastafd.config import TrainConfig, to_dict
 from fastafd.data import DatasetInfo, build_data
 from fastafd.errors import RunStopped, UserError
-from fastafd.methods import Numerics, Task, build_task
 from fastafd.evaluate import evaluate
+from fastafd.methods import Numerics, Task, build_task
 from fastafd.metrics import RunningMeans
 from fastafd.optim import build_stages
 from fastafd.steps import Stage, StepGuard

@@ -51,12 +51,11 @@ from typing import Any, Dict, Optional, Sequence, Type, Union
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from timm.layers import create_classifier, get_device_dtype
 from timm.models._builder import build_model_with_cfg
 from timm.models._manipulate import checkpoint_seq
 from timm.models._registry import generate_default_cfgs, register_model
+from torch import nn
 
 __all__ = ['CifarResNet', 'WideResNet', 'CIFAR100_MEAN', 'CIFAR100_STD']
 

@@ -120,8 +120,8 @@ def test_export_round_trip_through_plain_timm(uninterrupted, tmp_path, env):
     import timm
 
     import fastafd.models  # noqa: F401  (registers the CIFAR networks with timm)
-    from fastafd.trainer import build_session
     from fastafd import config
+    from fastafd.trainer import build_session
 
     out = tmp_path / "peer1.safetensors"
     proc = run_cli(["export", str(uninterrupted), "--peer", "1", "--out", str(out)], env)

@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from tests.helpers import ADAM, SGD, batches, iterate, tiny_config, tiny_task
 from fastafd.bench.reference import ReferenceAFD, copy_into
+from tests.helpers import ADAM, SGD, batches, iterate, tiny_config, tiny_task
 
 CASES = {
     "k2_same": (("cifar_resnet8", "cifar_resnet8"), 32),
