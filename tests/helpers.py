@@ -23,10 +23,11 @@ def tiny_config(peers, method="afd", image_size=32, batch=8, **method_kw) -> Tra
     )
 
 
-def tiny_task(cfg: TrainConfig, seed=0, compile=False, dtype=torch.float32):
+def tiny_task(cfg: TrainConfig, seed=0, compile=False, dtype=torch.float32, device="cpu", channels_last=False):
     torch.manual_seed(seed)
-    task = build_task(cfg, cfg.model.num_classes, Numerics("cpu", dtype, compile), torch.device("cpu"), False)
-    stages = build_stages(task, cfg, device=torch.device("cpu"), dtype=dtype, steps_per_epoch=100)
+    device = torch.device(device)
+    task = build_task(cfg, cfg.model.num_classes, Numerics(device.type, dtype, compile), device, channels_last)
+    stages = build_stages(task, cfg, device=device, dtype=dtype, steps_per_epoch=100)
     return task, stages
 
 
@@ -43,9 +44,11 @@ def iterate(task, stages, data, start=0):
     return metrics
 
 
-def batches(n, batch=8, size=32, classes=10, seed=1):
+def batches(n, batch=8, size=32, classes=10, seed=1, device="cpu", channels_last=False):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, 3, size, size, generator=g), torch.randint(0, classes, (batch,), generator=g)) for _ in range(n)]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = [(torch.randn(batch, 3, size, size, generator=g), torch.randint(0, classes, (batch,), generator=g)) for _ in range(n)]
+    return [(x.to(device).contiguous(memory_format=fmt), y.to(device)) for x, y in out]
 
 
 def snapshot(module) -> dict[str, torch.Tensor]:

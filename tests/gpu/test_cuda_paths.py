@@ -1,0 +1,139 @@
+"""The CUDA paths: grouped discriminators, bf16/fp16 autocast, channels-last, torch.compile, the
+device-side skip of a non-finite step, the trainer and the step benchmark on a GPU, and DALI's GPU
+pipeline. Marked ``gpu`` and skipped without a CUDA device: run them with ``pytest -m gpu`` on a
+machine with one (DALI's test also needs nvidia-dali installed there)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from fastafd import cli, losses
+from fastafd.models.discriminator import Discriminator, DiscriminatorBank
+from tests.helpers import batches, iterate, tiny_config, tiny_task
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+CUDA = torch.device("cuda")
+PAIR = ("cifar_resnet8", "cifar_resnet8")
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    """fp32 comparisons without TF32 (Ampere and later use it for convolutions and matmuls by default)."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_grouped_discriminator_bank_on_cuda_equals_per_peer_discriminators():
+    torch.manual_seed(0)
+    k, c = 3, 64
+    discs = [Discriminator(c).to(CUDA) for _ in range(k)]
+    bank = DiscriminatorBank(c, k).to(CUDA)
+    bank.load_discriminators(discs)
+    maps = torch.randn(k, 16, c, 4, 4, device=CUDA, requires_grad=True)
+    ref = torch.stack([d(maps[i]) for i, d in enumerate(discs)])
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), maps)
+    out = bank(maps)
+    (g_out,) = torch.autograd.grad(out.square().sum(), maps)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_out, g_ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("order", ["sequential", "simultaneous"])
+def test_afd_iterations_on_cuda_match_cpu_in_fp32(order):
+    cfg = tiny_config(PAIR, order=order)
+    cfg.adv_optim = replace(cfg.adv_optim, lr=1e-7)  # Adam amplifies rounding of near-zero gradients (see test_speed_paths)
+    cpu_task, cpu_stages = tiny_task(cfg)
+    gpu_task, gpu_stages = tiny_task(cfg, device="cuda")
+    m_cpu = iterate(cpu_task, cpu_stages, batches(2))
+    m_gpu = iterate(gpu_task, gpu_stages, batches(2, device="cuda"))
+    for key in m_cpu:
+        torch.testing.assert_close(m_gpu[key].cpu(), m_cpu[key], rtol=1e-3, atol=1e-4, msg=key)
+    for (name, a), b in zip(cpu_task.state_dict().items(), gpu_task.state_dict().values(), strict=True):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-3, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("order", ["sequential", "simultaneous"])
+def test_bf16_channels_last_compiled_step_on_cuda_tracks_fp32(order):
+    cfg = tiny_config(PAIR, order=order)
+    fast, fast_stages = tiny_task(cfg, device="cuda", dtype=torch.bfloat16, compile=True, channels_last=True)
+    ref, ref_stages = tiny_task(cfg, device="cuda")
+    data = batches(3, device="cuda", channels_last=True)
+    m_fast = iterate(fast, fast_stages, data[:1])
+    m_ref = iterate(ref, ref_stages, data[:1])
+    for key in ("ce", "kl", "d_loss", "g_loss"):
+        torch.testing.assert_close(m_fast[key].float(), m_ref[key].float(), rtol=3e-2, atol=2e-2, msg=key)
+    m_fast = iterate(fast, fast_stages, data[1:], start=1)
+    assert all(torch.isfinite(v).all() for v in m_fast.values())
+    assert fast_stages["logit"].guard.skipped.item() == 0
+    conv = next(m for m in fast.peers[0].modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("order", ["sequential", "simultaneous"])
+def test_fp16_nan_in_one_peer_loss_skips_every_optimizer_on_cuda(order, monkeypatch):
+    task, stages = tiny_task(tiny_config(PAIR, order=order), device="cuda", dtype=torch.float16)
+    data = batches(2, device="cuda")
+    iterate(task, stages, data[:1])  # optimizer states exist
+    before = {k: v.detach().clone() for k, v in task.state_dict().items()}
+    opts = {n: copy.deepcopy(s.optimizer.state_dict()["state"]) for n, s in stages.items()}
+    real_ce = losses.cross_entropy
+    monkeypatch.setattr(losses, "cross_entropy",
+                        lambda logits, target: real_ce(logits, target) * torch.tensor([float("nan"), 1.0], device=logits.device))
+    iterate(task, stages, data[1:], start=1)
+    for key, value in task.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    for name, s in stages.items():
+        for pid, st in opts[name].items():
+            for field, value in st.items():
+                assert torch.equal(value, s.optimizer.state_dict()["state"][pid][field]), (name, field)
+    assert stages["logit"].guard.skipped.item() == 1
+
+
+def test_train_cli_on_cuda(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTAFD_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    code = cli.main([
+        "train", "--out", str(out), "--model.peers", *PAIR, "--data.format", "synthetic", "--data.synthetic_classes", "10",
+        "--data.image_size", "32", "--data.batch_size", "16", "--data.synthetic_samples", "256", "--loop.epochs", "2",
+        "--loop.max_steps_per_epoch", "4", "--system.device", "cuda",
+    ])
+    assert code == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2] and all(0 <= r["ensemble_top1"] <= 100 for r in records)
+    assert json.loads((out / "env.json").read_text())["device"].startswith("cuda")
+
+
+def test_bench_step_on_cuda(tmp_path):
+    args = ["bench", "step", "--peers", *PAIR, "--image_size", "32", "--batch_size", "16", "--device", "cuda",
+            "--warmup", "2", "--steps", "2", "--repeats", "2", "--out", str(tmp_path), "--name", "t"]  # fmt: skip
+    assert cli.main(args) == 0
+    report = json.loads((tmp_path / "step-t.json").read_text())
+    assert report["device"] == "cuda" and report["hardware"]["gpu"]
+    assert all(r["img_per_s_median"] > 0 for r in report["results"])
+
+
+def test_dali_gpu_pipeline_feeds_every_image_once_in_the_training_layout(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    from fastafd.config import DataConfig
+    from fastafd.data import build_data
+    from tests.integration.test_data_pipeline import TRAIN_IDS, ids, make_folder
+
+    make_folder(tmp_path)
+    cfg = DataConfig(root=tmp_path, num_threads=2, image_size=16, batch_size=4)
+    train, val, _ = build_data(cfg, rank=0, world_size=1, local_rank=0, device=CUDA, seed=0, channels_last=True,
+                               dtype=torch.bfloat16)
+    seen = []
+    for x, y in train:
+        assert x.device.type == "cuda" and y.device.type == "cuda"
+        assert x.dtype == torch.bfloat16 and x.shape[1:] == (3, 16, 16) and x.is_contiguous(memory_format=torch.channels_last)
+        seen += ids(x.float().cpu())
+    assert len(seen) == len(set(seen)) and set(seen) <= TRAIN_IDS and len(seen) == len(TRAIN_IDS) // 4 * 4
+    assert sum(x.shape[0] for x, _ in val) == 13
