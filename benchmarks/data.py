@@ -113,14 +113,9 @@ def versions() -> dict:
 
 
 def hardware() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from fastafd.bench.step import hardware as step_hardware
+
+    cpu = step_hardware(torch.device("cpu")).get("cpu") or platform.processor() or platform.machine()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"cpu": cpu, "cores": cores, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "os": platform.platform()}

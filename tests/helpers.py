@@ -1,8 +1,11 @@
 """Shared test helpers: tiny tasks built through the package's real factories."""
 
+from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import torch
+from PIL import Image
 
 from fastafd.config import DataConfig, LoopConfig, MethodConfig, ModelConfig, OptimConfig, TrainConfig
 from fastafd.methods import Numerics, build_task
@@ -57,3 +60,35 @@ def snapshot(module) -> dict[str, torch.Tensor]:
 
 def changed(before: dict, module) -> set[str]:
     return {k for k, v in module.named_parameters() if not torch.equal(v, before[k])}
+
+
+# -- image folders whose images carry their sample id ----------------------------------------------
+
+MEAN = torch.tensor(DataConfig().mean).view(1, 3, 1, 1)
+STD = torch.tensor(DataConfig().std).view(1, 3, 1, 1)
+
+
+def _grey_jpeg(path: Path, grey: int, k: int) -> None:
+    Image.new("RGB", (40, 30), (grey,) * 3).save(path, quality=95)
+
+
+def grey_folder(root: Path, train: tuple[int, ...], val: tuple[int, ...], *, save: Callable[[Path, int, int], None] = _grey_jpeg,
+                class_dir: str = "c{c}", file_name: str = "img{i}.JPEG") -> dict[int, int]:
+    """An ImageNet-layout folder of constant-grey images, sample k at grey level 4 k (``save(path, grey, k)``);
+    ``train``/``val``: images per class. Returns {sample id: class index}; :func:`ids` reads the ids back."""
+    owner, k = {}, 0
+    for split, counts in (("train", train), ("val", val)):
+        for c, n in enumerate(counts):
+            d = root / split / class_dir.format(c=c)
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                save(d / file_name.format(i=i, k=k), 4 * k, k)
+                owner[k] = c
+                k += 1
+    return owner
+
+
+def ids(images: torch.Tensor) -> list[int]:
+    """Sample ids of a batch of normalised images from :func:`grey_folder`."""
+    grey = (images.float() * STD + MEAN) * 255
+    return (grey.mean(dim=(1, 2, 3)) / 4).round().long().tolist()

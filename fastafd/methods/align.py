@@ -5,18 +5,15 @@ The baseline the paper compares AFD with. One SGD stage trains the peers and the
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 from torch import Tensor, nn
 
 from fastafd import losses
-from fastafd.methods.base import StageSpec, Task
+from fastafd.methods.base import SingleStageTask, StageSpec
 from fastafd.models.transfer import common_shape, make_transfer
-from fastafd.steps import Stage
 
 
-class Align(Task):
+class Align(SingleStageTask):
     method = "l1"
     p = 1
 
@@ -24,7 +21,6 @@ class Align(Task):
         super().__init__(*args, **kwargs)
         target = common_shape(self.shapes)
         self.transfers = nn.ModuleList(make_transfer(s, target) for s in self.shapes)
-        self._forward_loss = self.compiled(self.forward_loss)
 
     def stages(self) -> dict[str, StageSpec]:
         return {"logit": StageSpec(self.peer_parameters() + list(self.transfers.parameters()), "optim")}
@@ -37,11 +33,6 @@ class Align(Task):
         align = torch.stack([losses.feature_alignment(mapped[k], mapped[j], self.p) for k, j in enumerate(self.teacher_of)])
         metrics["align"] = align.detach()
         return total + self.cfg.feature_weight * align.sum(), metrics
-
-    def train_step(self, x: Tensor, y: Tensor, stages: Mapping[str, Stage]) -> dict[str, Tensor]:
-        loss, metrics = self._forward_loss(x, y)
-        stages["logit"].step(loss)
-        return metrics
 
 
 class AlignL2(Align):

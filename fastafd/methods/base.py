@@ -124,3 +124,20 @@ class Task(nn.Module):
             total = total + self.cfg.kl_weight * kl_term.sum()
             metrics["kl"] = kl_term.detach()
         return total, metrics
+
+
+class SingleStageTask(Task):
+    """A method with one loss and one optimizer: :meth:`forward_loss` (compiled when the run compiles)
+    gives the loss, the ``logit`` stage steps on it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._forward_loss = self.compiled(self.forward_loss)
+
+    def forward_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        raise NotImplementedError
+
+    def train_step(self, x: Tensor, y: Tensor, stages: Mapping[str, Stage]) -> dict[str, Tensor]:
+        loss, metrics = self._forward_loss(x, y)
+        stages["logit"].step(loss)
+        return metrics

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from torch import Tensor
 
-from fastafd.methods.base import StageSpec, Task
-from fastafd.steps import Stage
+from fastafd.methods.base import SingleStageTask, StageSpec
 
 
-class DML(Task):
+class DML(SingleStageTask):
     """Logit loss only, one SGD stage over all peer parameters."""
 
     method = "dml"
     use_kl = True
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._forward_loss = self.compiled(self.forward_loss)
 
     def stages(self) -> dict[str, StageSpec]:
         return {"logit": StageSpec(self.peer_parameters(), "optim")}
@@ -27,11 +20,6 @@ class DML(Task):
         with self.numerics.autocast():
             _, logits = self.forward_peers(x)
         return self.logit_loss(logits, y, kl=self.use_kl)
-
-    def train_step(self, x: Tensor, y: Tensor, stages: Mapping[str, Stage]) -> dict[str, Tensor]:
-        loss, metrics = self._forward_loss(x, y)
-        stages["logit"].step(loss)
-        return metrics
 
 
 class Independent(DML):

@@ -14,7 +14,7 @@ import torch
 
 from fastafd import cli, losses
 from fastafd.models.discriminator import Discriminator, DiscriminatorBank
-from tests.helpers import batches, iterate, tiny_config, tiny_task
+from tests.helpers import batches, ids, iterate, tiny_config, tiny_task
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -124,7 +124,7 @@ def test_dali_gpu_pipeline_feeds_every_image_once_in_the_training_layout(tmp_pat
     pytest.importorskip("nvidia.dali")
     from fastafd.config import DataConfig
     from fastafd.data import build_data
-    from tests.integration.test_data_pipeline import TRAIN_IDS, ids, make_folder
+    from tests.integration.test_data_pipeline import TRAIN_IDS, make_folder
 
     make_folder(tmp_path)
     cfg = DataConfig(root=tmp_path, num_threads=2, image_size=16, batch_size=4)
@@ -134,6 +134,6 @@ def test_dali_gpu_pipeline_feeds_every_image_once_in_the_training_layout(tmp_pat
     for x, y in train:
         assert x.device.type == "cuda" and y.device.type == "cuda"
         assert x.dtype == torch.bfloat16 and x.shape[1:] == (3, 16, 16) and x.is_contiguous(memory_format=torch.channels_last)
-        seen += ids(x.float().cpu())
+        seen += ids(x.cpu())
     assert len(seen) == len(set(seen)) and set(seen) <= TRAIN_IDS and len(seen) == len(TRAIN_IDS) // 4 * 4
     assert sum(x.shape[0] for x, _ in val) == 13

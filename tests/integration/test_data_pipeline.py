@@ -22,10 +22,9 @@ from fastafd.config import DataConfig
 from fastafd.data import DataError, build_data
 from fastafd.data.shards import pack
 from fastafd.errors import UserError
+from tests.helpers import grey_folder, ids
 
 CPU = torch.device("cpu")
-MEAN = torch.tensor(DataConfig().mean).view(1, 3, 1, 1)
-STD = torch.tensor(DataConfig().std).view(1, 3, 1, 1)
 TRAIN, VAL = (12, 12, 12), (4, 5, 4)  # 36 training images: divisible by 2 x 2 and 3 x 2
 
 
@@ -44,21 +43,7 @@ def save_image(path: Path, grey: int, i: int) -> None:
 
 
 def make_folder(root: Path, train=TRAIN, val=VAL) -> dict[int, int]:
-    owner, k = {}, 0
-    for split, counts in (("train", train), ("val", val)):
-        for c, n in enumerate(counts):
-            d = root / split / f"k{c}"
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                save_image(d / f"im{k:03d}.JPEG", 4 * k, k)
-                owner[k] = c
-                k += 1
-    return owner
-
-
-def ids(x: torch.Tensor) -> list[int]:
-    grey = (x.float() * STD + MEAN) * 255
-    return (grey.mean(dim=(1, 2, 3)) / 4).round().long().tolist()
+    return grey_folder(root, train, val, save=save_image, class_dir="k{c}", file_name="im{k:03d}.JPEG")
 
 
 def loaders(root: Path, *, rank=0, world_size=1, seed=0, per_rank=2, **kw):

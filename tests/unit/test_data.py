@@ -21,32 +21,16 @@ from fastafd.config import DataConfig
 from fastafd.data import DEMO_CLASSES, DataError, build_data, demo_root, scan_folder
 from fastafd.data import demo as demo_mod
 from fastafd.errors import UserError
+from tests.helpers import MEAN, STD, grey_folder, ids
 
 CPU = torch.device("cpu")
-MEAN = torch.tensor(DataConfig().mean).view(1, 3, 1, 1)
-STD = torch.tensor(DataConfig().std).view(1, 3, 1, 1)
 TRAIN_COUNTS = (9, 11, 11)  # 31 training images in classes c0, c1, c2: not a multiple of 2 or 3
 VAL_COUNTS = (4, 4, 5)  # 13 validation images: with 2 or 3 ranks, some shards end one batch early
 
 
 def make_folder(root: Path, train: tuple[int, ...] = TRAIN_COUNTS, val: tuple[int, ...] = VAL_COUNTS) -> dict[int, int]:
     """An ImageNet-layout folder of constant grey images; returns {sample id: class index}."""
-    owner, k = {}, 0
-    for split, counts in (("train", train), ("val", val)):
-        for c, n in enumerate(counts):
-            d = root / split / f"c{c}"
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                Image.new("RGB", (40, 30), (4 * k,) * 3).save(d / f"img{i}.JPEG", quality=95)
-                owner[k] = c
-                k += 1
-    return owner
-
-
-def ids(images: torch.Tensor) -> list[int]:
-    """Sample ids of a batch of normalised constant-grey images."""
-    grey = (images * STD + MEAN) * 255
-    return (grey.mean(dim=(1, 2, 3)) / 4).round().long().tolist()
+    return grey_folder(root, train, val)
 
 
 def loaders(root: Path, *, rank: int = 0, world_size: int = 1, seed: int = 0, channels_last: bool = False, **kw):
