@@ -153,6 +153,7 @@ def restore(
         sd = checkpoint.optimizer_from_safe(optim, meta["optimizer"], name)
         sd["param_groups"] = stage.optimizer.state_dict()["param_groups"]  # hyper-parameters: this run's config
         stage.optimizer.load_state_dict(sd)
+        match_parameter_layout(stage.optimizer)
         if same_schedule:
             stage.scheduler.load_state_dict(meta["scheduler"])
     guard = next(iter(stages.values())).guard
@@ -163,6 +164,22 @@ def restore(
     if mine["loader"] is not None and hasattr(train_loader, "load_state_dict"):
         train_loader.load_state_dict(mine["loader"])
     return Position(epoch=int(st["epoch"]), epoch_step=int(st["epoch_step"]), step=int(st["step"]))
+
+
+def match_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give every per-parameter state tensor its parameter's strides (memory format).
+
+    Checkpoints store tensors contiguous (NCHW) and ``Optimizer.load_state_dict`` restores dtype and
+    device but not layout, while channels-last parameters stay channels-last. The fused kernels need
+    parameters, gradients and state with the same strides: CUDA refuses the step, CPU computes a wrong
+    update (it walks both buffers in memory order).
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state.get(p)
+            for key, value in (st or {}).items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    st[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:

@@ -43,24 +43,43 @@ def final_weights(run: Path) -> dict:
     return load_file(str(checkpoint.list_checkpoints(run)[0] / checkpoint.MODEL))
 
 
+LAYOUTS = {"nchw": [], "channels_last": ["--system.channels_last", "on"]}
+"""Memory formats of the peers: CPU's default, and the CUDA default (optimizer state must come back in it)."""
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, env):
-    out = tmp_path_factory.mktemp("runs") / "straight"
-    run_cli(["train", "--out", str(out), *TINY], env)
-    return out
+def straight(tmp_path_factory, env):
+    """The uninterrupted run of TINY in a memory format (made once per format)."""
+    runs = {}
+
+    def get(layout: str) -> Path:
+        if layout not in runs:
+            runs[layout] = tmp_path_factory.mktemp("runs") / f"straight-{layout}"
+            run_cli(["train", "--out", str(runs[layout]), *TINY, *LAYOUTS[layout]], env)
+        return runs[layout]
+
+    return get
 
 
-def test_sigkill_at_random_steps_and_mid_checkpoint_resumes_bitwise(uninterrupted, tmp_path, env):
+@pytest.fixture(scope="module")
+def uninterrupted(straight):
+    return straight("nchw")
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_sigkill_at_random_steps_and_mid_checkpoint_resumes_bitwise(layout, straight, tmp_path, env):
+    uninterrupted = straight(layout)
     seed = int(os.environ.get("FASTAFD_TEST_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
     total = 12  # 2 epochs x 6 steps
     kill_steps = sorted(rng.sample(range(1, total), 2))
     faults = [f"kill@step={kill_steps[0]}", "kill@checkpoint=2", f"kill@step={kill_steps[1]}"]
     out = tmp_path / "killed"
+    args = ["train", "--out", str(out), *TINY, *LAYOUTS[layout]]
     for fault in faults:
-        proc = run_cli(["train", "--out", str(out), *TINY], env, fault=fault)
+        proc = run_cli(args, env, fault=fault)
         assert proc.returncode == -9, (seed, fault, proc.returncode, proc.stderr[-2000:])  # really SIGKILLed
-    proc = run_cli(["train", "--out", str(out), *TINY], env)
+    proc = run_cli(args, env)
     assert "resuming from" in proc.stderr + proc.stdout
     a, b = final_weights(uninterrupted), final_weights(out)
     assert a.keys() == b.keys()
