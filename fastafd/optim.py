@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -51,13 +52,57 @@ def build_optimizer(
     kw = {"fused": True} if fused else {"foreach": True}
     if cfg.name == "sgd":
         opt = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **kw)
+        init_momentum(opt)
     else:
         cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
         opt = cls(groups, lr=lr, betas=cfg.betas, **kw)
-    # torch's CUDA fused kernels honour ``found_inf``; its CPU fused Adam does not (measured), so
-    # only CUDA skips on the device
-    opt._fastafd_device_skip = fused and device.type == "cuda"
+    # the fused kernels skip a flagged step themselves (``found_inf``), so no step reads the flag
+    opt._fastafd_device_skip = fused and fused_kernels_skip(device.type)
     return opt
+
+
+def init_momentum(opt: torch.optim.SGD) -> None:
+    """Create SGD's momentum buffers as zeros now, in each parameter's memory format.
+
+    torch creates them lazily at the first step, and its fused kernel makes them with ``empty_like``
+    and fills them in the kernel: when that first step is skipped on the device (``found_inf``: an
+    fp16 overflow, a non-finite step-1 loss), the kernel returns early and the uninitialised memory
+    becomes the momentum (seen: parameters near 1e18 one step later). With zero buffers the first
+    step computes ``0 * momentum + grad = grad``, bitwise what the lazy first step stores (no dampening).
+    """
+    for group in opt.param_groups:
+        if not group["momentum"]:
+            continue
+        for p in group["params"]:
+            opt.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+@functools.cache
+def fused_kernels_skip(device_type: str) -> bool:
+    """Whether torch's fused SGD and Adam on ``device_type`` skip a step given ``found_inf = 1``.
+
+    True on CUDA (the kernels' contract); on CPU probed once on two one-element parameters, because
+    the CPU kernels gained the check later than the CUDA ones (torch 2.14: both skip).
+    """
+    if device_type == "cuda":
+        return True
+    if device_type != "cpu":
+        return False
+    flag = torch.ones((), dtype=torch.float32)
+    for make in (lambda p: torch.optim.SGD([p], lr=1.0, momentum=0.9, fused=True), lambda p: torch.optim.Adam([p], lr=1.0, fused=True)):
+        p = nn.Parameter(torch.ones(1))
+        p.grad = torch.ones(1)
+        opt = make(p)
+        if isinstance(opt, torch.optim.SGD):
+            init_momentum(opt)
+        opt.found_inf, opt.grad_scale = flag, None
+        try:
+            opt.step()
+        except (RuntimeError, TypeError):
+            return False
+        if not torch.equal(p.detach(), torch.ones(1)):
+            return False
+    return True
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: int, steps_per_epoch: int) -> MultiStepLRScheduler:
