@@ -5,11 +5,12 @@ feature step with Adam). Each :class:`Stage` zeroes its own gradients, back-prop
 its own parameters only (``backward(inputs=...)``: a frozen discriminator gets no gradient), averages
 the gradients over processes, and steps its optimizer.
 
-All stages of an iteration share one :class:`StepGuard`: a non-finite loss (or, with fp16, a
-non-finite gradient) on any rank sets one device-side flag, and every later optimizer step of the
-iteration is skipped on every rank, BatchNorm statistics included. On CUDA the skip happens inside
-torch's fused optimizer kernels (``found_inf``), so the hot path never reads a value back to the
-host. On CPU execution is synchronous anyway, so the flag is read directly (no pipeline to stall).
+All stages of an iteration share one :class:`StepGuard`: a non-finite loss or a non-finite gradient
+(any precision: one fused check over the stage's gradients, on the device) on any rank sets one
+device-side flag, and every later optimizer step of the iteration is skipped on every rank,
+BatchNorm statistics included. With torch's fused optimizers (the default on CUDA and CPU) the skip
+happens inside the optimizer kernels (``found_inf``), so the hot path never reads a value back to
+the host; other implementations read the flag (a host sync) and skip the call.
 """
 
 from __future__ import annotations
@@ -31,15 +32,16 @@ class StepGuard:
 
     def __init__(self, device: torch.device, *, fp16: bool = False, buffers: Sequence[Tensor] = ()) -> None:
         self.device = device
-        self.found_inf = torch.zeros((), device=device)
-        self.skipped = torch.zeros((), device=device)
+        self.found_inf = torch.zeros((), device=device, dtype=torch.float32)  # fused kernels read it as float
+        self._one = torch.ones((), device=device, dtype=torch.float32)
+        self.skipped = torch.zeros((), device=device, dtype=torch.float32)
         """Skipped iterations since the start (a device tensor; read it at log time)."""
-        self.streak = torch.zeros((), device=device)
+        self.streak = torch.zeros((), device=device, dtype=torch.float32)
         """Current run of consecutive skipped iterations."""
-        self.longest_streak = torch.zeros((), device=device)
-        self.longest_end = torch.zeros((), device=device)
+        self.longest_streak = torch.zeros((), device=device, dtype=torch.float32)
+        self.longest_end = torch.zeros((), device=device, dtype=torch.float32)
         """Iteration count (= global step, 1-based) at which the longest streak last grew."""
-        self.count = torch.zeros((), device=device)
+        self.count = torch.zeros((), device=device, dtype=torch.float32)
         """Iterations finished (kept on the device so that no step number crosses to it per step)."""
         self.scaler = torch.amp.GradScaler(device.type) if fp16 else None
         self._buffers = list(buffers)
@@ -58,14 +60,23 @@ class StepGuard:
     def scale(self, loss: Tensor) -> Tensor:
         return self.scaler.scale(loss) if self.scaler is not None else loss
 
-    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
-        """fp16: unscale the gradients in place and merge their non-finite check into the flag."""
-        if self.scaler is None:
+    def check_grads(self, optimizer: torch.optim.Optimizer) -> None:
+        """Raise the flag if any gradient of ``optimizer``'s parameters is NaN or infinite (device-side).
+
+        fp16: the scaler unscales the gradients in place and checks them in the same kernel. Otherwise
+        one fused kernel checks them (torch's ``_amp_foreach_non_finite_check_and_unscale_`` with a
+        scale of 1, which leaves the values bitwise unchanged): a finite loss can still give an inf
+        gradient, in bf16 and fp32 too, and one such step would poison Adam's moments for good.
+        """
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+            state = self.scaler._per_optimizer_states[id(optimizer)]  # torch keeps the per-device flags here
+            for flag in state["found_inf_per_device"].values():
+                self.found_inf.copy_(torch.maximum(self.found_inf, flag.to(self.found_inf)))
             return
-        self.scaler.unscale_(optimizer)
-        state = self.scaler._per_optimizer_states[id(optimizer)]  # torch keeps the per-device flags here
-        for flag in state["found_inf_per_device"].values():
-            self.found_inf.copy_(torch.maximum(self.found_inf, flag.to(self.found_inf)))
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found_inf, self._one)
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         """Step ``optimizer`` unless the flag is raised."""
@@ -127,22 +138,33 @@ class Stage:
 
     @stage_range  # trace range '<name>_step' (profiler, NVTX)
     def step(self, loss: Tensor) -> None:
-        """Zero grads, backward into this stage's parameters, sync gradients and the flag, step."""
+        """Zero grads, backward into this stage's parameters, check them, sync gradients and the flag, step."""
         self.guard.check(loss)
         self.optimizer.zero_grad(set_to_none=True)
         torch.autograd.backward(self.guard.scale(loss), inputs=self.params)
-        self.apply()
+        self.guard.check_grads(self.optimizer)
+        self._sync_and_step()
 
     @stage_range  # trace range '<name>_step' (profiler, NVTX)
     def step_with(self, grads: Sequence[Tensor | None]) -> None:
-        """Step with precomputed (scaled) gradients of this stage's parameters (simultaneous mode)."""
+        """Step with precomputed (scaled) gradients of this stage's parameters: :meth:`set_grads` + :meth:`apply`."""
+        self.set_grads(grads)
+        self._sync_and_step()
+
+    def set_grads(self, grads: Sequence[Tensor | None]) -> None:
+        """Take precomputed (scaled) gradients of this stage's parameters and check them (simultaneous
+        mode: the check raises the shared flag before any other stage steps); :meth:`apply` steps."""
         for p, g in zip(self.params, grads, strict=True):
             p.grad = g
-        self.apply()
+        self.guard.check_grads(self.optimizer)
 
+    @stage_range  # trace range '<name>_step' (profiler, NVTX)
     def apply(self) -> None:
-        """Unscale (fp16), sync over processes, and step: the second half of :meth:`step`."""
-        self.guard.unscale(self.optimizer)
+        """Step with the gradients given to :meth:`set_grads`."""
+        self._sync_and_step()
+
+    def _sync_and_step(self) -> None:
+        """Sync the gradients and the flag over processes, and step."""
         if self.grad_sync is not None:
             self.grad_sync(self.params, self.guard.found_inf)
         self.guard.step(self.optimizer)

@@ -15,7 +15,12 @@ batched over the peer dimension: no Python loop over discriminators in the hot p
 
 ``method.order=simultaneous`` (opt-in, a deviation from AFD.md) runs the feature extractors once:
 the logit loss and the generator loss are both taken from that forward pass, their gradients are
-computed before either optimizer moves the shared weights, and then SGD and Adam step in turn.
+computed before either optimizer moves the shared weights, and then SGD and Adam step in turn. The
+logit gradients are computed (and checked for non-finite values) before the discriminator steps, so
+a non-finite logit gradient skips every optimizer of the iteration, as in the sequential order.
+
+Mapped feature maps travel as a list of K ``(B, C, H, W)`` tensors in the common shape (channels-last
+on CUDA); the discriminator bank concatenates them along channels, one copy that keeps the layout.
 """
 
 from __future__ import annotations
@@ -62,32 +67,35 @@ class AFD(Task):
             _, logits = self.forward_peers(x)
         return self.logit_loss(logits, y)
 
-    def mapped_features(self, x: Tensor) -> Tensor:
-        """``T_k(G_k(x))`` for every peer, stacked as ``(K, B, C, H, W)`` in the common shape."""
+    def mapped_features(self, x: Tensor) -> list[Tensor]:
+        """``T_k(G_k(x))`` for every peer: K maps in the common shape."""
         with self.numerics.autocast():
-            return torch.stack([t(peer.forward_features(x)) for peer, t in zip(self.peers, self.transfers, strict=True)])
+            return [t(peer.forward_features(x)) for peer, t in zip(self.peers, self.transfers, strict=True)]
 
-    def forward_all(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    def forward_all(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor], list[Tensor]]:
         """Simultaneous mode: one forward pass gives the logit loss and the mapped feature maps."""
         with self.numerics.autocast():
             feats, logits = self.forward_peers(x)
-            mapped = torch.stack([t(f) for t, f in zip(self.transfers, feats, strict=True)])
+            mapped = [t(f) for t, f in zip(self.transfers, feats, strict=True)]
         loss, metrics = self.logit_loss(logits, y)
         return loss, metrics, mapped
 
-    def discriminate(self, maps: Tensor) -> Tensor:
-        """``D_k(maps[k])`` for every k: ``(K, B, C, H, W)`` -> ``(K, B)``."""
+    def discriminate(self, maps: list[Tensor]) -> Tensor:
+        """``D_k(maps[k])`` for every k: K ``(B, C, H, W)`` maps -> ``(K, B)``."""
         with self.numerics.autocast():
             return self.discriminators(maps)
 
-    def disc_loss(self, mapped: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        fake = mapped.detach()
-        real = fake.index_select(0, self.teachers)
-        d_real, d_fake = self.discriminate(real), self.discriminate(fake)
+    def teacher_maps(self, maps: list[Tensor]) -> list[Tensor]:
+        """The map each discriminator calls real: its peer's teacher's (``maps[teacher_of[k]]``)."""
+        return [maps[j] for j in self.teacher_of]
+
+    def disc_loss(self, mapped: list[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        fake = [m.detach() for m in mapped]
+        d_real, d_fake = self.discriminate(self.teacher_maps(fake)), self.discriminate(fake)
         loss = losses.lsgan_discriminator(d_real, d_fake)
         return loss.sum(), {"d_loss": loss.detach(), "d_real": d_real.detach().float().mean(1), "d_fake": d_fake.detach().float().mean(1)}
 
-    def gen_loss(self, mapped: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def gen_loss(self, mapped: list[Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         loss = losses.lsgan_generator(self.discriminate(mapped))
         return self.cfg.feature_weight * loss.sum(), {"g_loss": loss.detach()}
 
@@ -109,21 +117,22 @@ class AFD(Task):
         logit, disc, feat = stages["logit"], stages["disc"], stages["feat"]
         logit_loss, metrics, mapped = self._forward_all(x, y)
         logit.guard.check(logit_loss)
+        # both gradients before either optimizer moves the weights the two stages share; the logit
+        # gradients (checked in set_grads) before the discriminator steps
+        logit.set_grads(torch.autograd.grad(logit.guard.scale(logit_loss), logit.params, retain_graph=True, allow_unused=True))
         d_loss, d_metrics = self._disc_loss(mapped)
         disc.step(d_loss)
         g_loss, g_metrics = self._gen_loss(mapped)
         feat.guard.check(g_loss)
-        # both gradients before either optimizer moves the weights the two stages share
-        g_logit = torch.autograd.grad(logit.guard.scale(logit_loss), logit.params, retain_graph=True, allow_unused=True)
         g_feat = torch.autograd.grad(feat.guard.scale(g_loss), feat.params, allow_unused=True)
-        logit.step_with(g_logit)
+        logit.apply()
         feat.step_with(g_feat)
         return metrics | d_metrics | g_metrics
 
     def eval_extras(self, feats: list[Tensor]) -> dict[str, Tensor]:
         """Sums of each discriminator's output on its real (teacher's) and fake (own) maps."""
         with self.numerics.autocast():
-            fake = torch.stack([t(f) for t, f in zip(self.transfers, feats, strict=True)])
+            fake = [t(f) for t, f in zip(self.transfers, feats, strict=True)]
             d_fake = self.discriminate(fake).float()
-            d_real = self.discriminate(fake.index_select(0, self.teachers)).float()
+            d_real = self.discriminate(self.teacher_maps(fake)).float()
         return {"d_real": d_real.sum(1), "d_fake": d_fake.sum(1)}

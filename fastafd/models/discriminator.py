@@ -12,6 +12,7 @@ per-group dot product. The bank is numerically the same function as K separate d
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -46,7 +47,7 @@ class Discriminator(nn.Module):
 
 
 class DiscriminatorBank(nn.Module):
-    """K discriminators evaluated together: ``(K, B, C, H, W)`` maps -> ``(K, B)`` outputs, D_k on map k."""
+    """K discriminators evaluated together: K ``(B, C, H, W)`` maps -> ``(K, B)`` outputs, D_k on map k."""
 
     def __init__(self, channels: int, k: int) -> None:
         super().__init__()
@@ -63,12 +64,17 @@ class DiscriminatorBank(nn.Module):
         nn.init.uniform_(self.fc_weight, -bound, bound)
         nn.init.uniform_(self.fc_bias, -bound, bound)
 
-    def forward(self, maps: Tensor) -> Tensor:
-        k, b, c, h, w = maps.shape
-        x = maps.transpose(0, 1).reshape(b, k * c, h, w)
+    def forward(self, maps: Sequence[Tensor] | Tensor) -> Tensor:
+        """K maps of shape ``(B, C, H, W)`` (a list, or stacked as ``(K, B, C, H, W)``) -> ``(K, B)``.
+
+        The grouped convolution's input is the maps concatenated along channels: one copy, in the
+        maps' own memory format (channels-last maps stay channels-last).
+        """
+        x = torch.cat(tuple(maps), dim=1)
+        b = x.shape[0]
         x = self.act(self.bn1(self.conv1(x)))
         x = self.act(self.bn2(self.conv2(x)))
-        pooled = x.mean(dim=(2, 3)).view(b, k, self.c4)
+        pooled = x.mean(dim=(2, 3)).reshape(b, self.k, self.c4)
         logits = (pooled * self.fc_weight).sum(dim=-1) + self.fc_bias  # (B, K)
         return logits.t().sigmoid()
 
