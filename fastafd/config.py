@@ -302,9 +302,14 @@ class SystemConfig:
     dist_timeout_s: int = 600
     """Seconds a collective may wait for a silent peer before this process gives up (process-group timeout); a peer that dies is reported sooner."""
 
+    peer_timeout_s: float = 60.0
+    """Seconds without a heartbeat from another rank (its process died, hung or was stopped, or its node was lost) before every other rank exits with one line naming it (a watchdog thread; works on NCCL, where collectives with a dead peer never raise)."""
+
     def __post_init__(self) -> None:
         if self.dist_timeout_s < 1:
             raise UserError(f"system.dist_timeout_s={self.dist_timeout_s} must be >= 1, e.g. 600")
+        if not self.peer_timeout_s > 0:
+            raise UserError(f"system.peer_timeout_s={self.peer_timeout_s} must be > 0, e.g. 60")
         if self.compile_cache is not None:
             self.compile_cache = Path(self.compile_cache)
         if self.seed < 0:

@@ -8,19 +8,22 @@ stage averages exactly its own gradients (:func:`all_reduce_grads`, one coalesce
 stage), and BatchNorm running statistics are averaged over processes before every evaluation and
 checkpoint (:func:`average_buffers`), so every rank holds the same model.
 
-Failures: the process group has a timeout (``system.dist_timeout_s``), so a collective never waits
-forever for a silent peer, and a :class:`PeerWatch` heartbeat in the rendezvous store lets the
-survivors of a failed collective name the rank that stopped (a peer that dies is seen at once:
-its sockets close). Under ``accelerate launch`` on one node, torchrun's agent also watches its
-children: when one dies it stops the others and prints the failed rank.
+Failures: every rank beats a heartbeat in the rendezvous store and watches the others'
+(:class:`PeerWatch`, a thread): a rank that dies, hangs as a whole process or loses its node makes
+the survivors exit within ``system.peer_timeout_s`` with one line naming it, on gloo and on NCCL
+alike (on NCCL a collective with a dead peer never raises). The process group also has a timeout
+(``system.dist_timeout_s``), and on gloo a peer that dies is seen at once (its sockets close).
+Under ``accelerate launch`` on one node, torchrun's agent also watches its children: when one dies
+it stops the others.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -141,76 +144,150 @@ def all_reduce_sum(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 HEARTBEAT_S = float(os.environ.get("FASTAFD_HEARTBEAT_S", "2"))
 """Seconds between two heartbeats of a rank in the rendezvous store (``FASTAFD_HEARTBEAT_S``)."""
 
+DONE = 1 << 40
+"""Added to a rank's heartbeat count when it finishes training normally: the others stop watching it."""
+FAILED = 1 << 50
+"""Added when a rank stops with an error: the others exit at once, naming it, instead of waiting in a collective."""
+
+
+def _say(line: str) -> None:
+    """The watchdog's last words: one line on stderr, then exit 1 without unwinding the blocked main thread."""
+    sys.stderr.write(f"fastafd: error: {line}\n")
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(1)
+
 
 class PeerWatch:
-    """A heartbeat per rank in the rendezvous store, so that after a failed collective the survivors
-    can name the rank that stopped.
+    """A heartbeat per rank in the rendezvous store, and a watchdog thread on every rank that reads them.
 
-    A daemon thread increments ``fastafd/beat/<rank>`` every :data:`HEARTBEAT_S` seconds (a few bytes
-    per rank per period to the store; no device work, no effect on the training step). Under
-    torchrun the store lives in the launcher of node 0, so it outlives any training process.
+    A daemon thread increments ``fastafd/beat/<rank>`` every period and reads every rank's count. A
+    rank whose count has not moved for ``timeout_s`` is dead, stopped or hung as a whole process
+    (SIGSTOP, a node lost): the watchdog prints one line naming it and exits this process with code 1.
+    That works whatever the main thread is blocked in: on NCCL a collective with a dead peer does not
+    raise, it blocks until the process-group timeout, after which NCCL's own watchdog aborts the
+    process without a Python exception, so without this thread the survivors would say nothing for
+    ``system.dist_timeout_s`` and then die silently. A rank that stops with an error marks itself
+    (:data:`FAILED`) so that the others exit at once; one that finishes marks itself :data:`DONE`.
+
+    The heartbeat runs in the training process itself, so a busy rank (a long checkpoint write, a
+    cold compile, a slow evaluation) keeps beating; only a process that no longer runs at all stops.
+    Under torchrun the store lives in the launcher of node 0, so it outlives any training process.
+    Cost: a few bytes per rank per period to the store; no device work, no effect on the training step.
+    With W ranks each reads W counts per period, so the period grows as W^2 / 10,000 s beyond 140
+    ranks (W = 512: 26 s) to keep the store's load bounded, and the timeout is at least three periods.
     """
 
-    def __init__(self, rank: int, world_size: int, period_s: float = HEARTBEAT_S) -> None:
+    def __init__(self, rank: int, world_size: int, *, timeout_s: float, period_s: float | None = None,
+                 on_lost: Callable[[str], None] = _say) -> None:
         from torch.distributed.distributed_c10d import _get_default_store  # the rendezvous store
 
-        self.rank, self.world_size, self.period_s = rank, world_size, period_s
+        self.rank, self.world_size = rank, world_size
+        self.period_s = max(HEARTBEAT_S if period_s is None else period_s, world_size**2 / 10_000)
+        self.timeout_s = max(float(timeout_s), 3 * self.period_s)
+        self._on_lost = on_lost
         self._store = _get_default_store()
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # close() and the watchdog's verdict exclude each other
+        self._closed = False
         self._beat()
-        self._thread = threading.Thread(target=self._run, name="fastafd-heartbeat", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="fastafd-peer-watch", daemon=True)
         self._thread.start()
 
     def _key(self, rank: int) -> str:
         return f"fastafd/beat/{rank}"
 
-    def _beat(self) -> None:
-        self._store.add(self._key(self.rank), 1)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.period_s):
-            try:
-                self._beat()
-            except Exception:  # the store is gone (node 0's launcher died): failed_ranks() reports it
-                return
+    def _beat(self, amount: int = 1) -> None:
+        self._store.add(self._key(self.rank), amount)
 
     def _counts(self) -> list[int]:
         keys = [self._key(r) for r in range(self.world_size)]
         return [int(v) for v in self._store.multi_get(keys)]
 
+    def _run(self) -> None:
+        seen: list[int] | None = None
+        moved = [time.monotonic()] * self.world_size
+        store_ok = time.monotonic()
+        while not self._stop.wait(self.period_s):
+            now = time.monotonic()
+            try:
+                self._beat()
+                counts = self._counts()
+            except Exception:  # the store is gone: node 0's launcher (or rank 0 hosting it) failed
+                if now - store_ok > self.timeout_s:
+                    self._verdict(self.describe(None, None, f"for {now - store_ok:.0f} s"))
+                    return
+                continue
+            store_ok = now
+            if seen is not None:
+                moved = [now if c != s else m for c, s, m in zip(counts, seen, moved, strict=True)]
+            seen = counts
+            failed = [r for r, c in enumerate(counts) if r != self.rank and c >= FAILED]
+            lost = [r for r, c in enumerate(counts) if r != self.rank and c < DONE and now - moved[r] > self.timeout_s]
+            if failed:
+                # all ranks often stop together (the non-finite stop, a preemption error): give this
+                # rank's own error two periods to surface before speaking for it
+                if not self._stop.wait(2 * self.period_s):
+                    self._verdict(self.describe(None, failed, "", what="stopped with an error"))
+                return
+            if lost:
+                self._verdict(self.describe(None, lost, f"for {now - min(moved[r] for r in lost):.0f} s"))
+                return
+
+    def _verdict(self, line: str) -> None:
+        with self._lock:
+            if not self._stop.is_set():
+                self._on_lost(line)
+
     def failed_ranks(self) -> list[int] | None:
-        """Ranks whose heartbeat stopped (waits three periods); None if the store itself is unreachable."""
+        """Ranks that stopped (marked failed, or no heartbeat for three periods); None if the store is unreachable."""
         try:
             before = self._counts()
+            if any(c >= FAILED for r, c in enumerate(before) if r != self.rank):
+                return [r for r, c in enumerate(before) if r != self.rank and c >= FAILED]
             time.sleep(3 * self.period_s)
             after = self._counts()
         except Exception:
             return None
-        return [r for r in range(self.world_size) if r != self.rank and after[r] == before[r]]
+        return [r for r in range(self.world_size) if r != self.rank and after[r] == before[r] and after[r] < DONE]
 
-    def describe(self, error: BaseException, failed: list[int] | None) -> str:
-        """One line for a collective that failed on this rank: which rank stopped, and what to do."""
-        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    def describe(self, error: BaseException | None, failed: list[int] | None, silent_for: str = "", *,
+                 what: str = "stopped (process died or hung, or node lost)") -> str:
+        """One line: which rank stopped, and what to do (``error``: the failed collective, if any)."""
         if failed is None:
-            who = "the rendezvous store on the head node is unreachable: rank 0 or its node failed"
+            who = "the rendezvous store on the head node is unreachable" + (f" {silent_for}" if silent_for else "") + ": rank 0 or its node failed"
         elif failed:
-            who = f"rank{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))} of {self.world_size} stopped (process died or node lost)"
+            beat = f"; no heartbeat {silent_for}" if silent_for else ""
+            who = f"rank{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))} of {self.world_size} {what}{beat}"
         else:
             who = "no other rank stopped its heartbeat (a network fault or a rank stuck beyond system.dist_timeout_s)"
-        return f"rank {self.rank}: a collective failed: {who}; see that rank's log for the cause. ({first})"
+        head = f"rank {self.rank}: a collective failed: " if error is not None else f"rank {self.rank}: "
+        tail = ""
+        if error is not None:
+            tail = f" ({str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__})"
+        return f"{head}{who}; see that rank's log for the cause; the last checkpoint is kept.{tail}"
 
     def explain(self, error: BaseException) -> str | None:
         """One line naming the ranks that stopped, if any did (else None: the error is this rank's own)."""
         failed = self.failed_ranks()
         return self.describe(error, failed) if failed is None or failed else None
 
-    def close(self) -> None:
-        self._stop.set()
+    def close(self, *, failed: bool = False) -> None:
+        """Stop beating; mark this rank done (or failed) so that the others stop watching it (or exit)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._stop.set()
+        try:
+            self._beat(FAILED if failed else DONE)
+        except Exception:  # the store is gone already
+            pass
 
 
-def peer_watch(rt: Runtime) -> PeerWatch | None:
+def peer_watch(rt: Runtime, timeout_s: float) -> PeerWatch | None:
     """A :class:`PeerWatch` when several processes train, else None."""
-    return PeerWatch(rt.rank, rt.world_size) if _distributed() else None
+    return PeerWatch(rt.rank, rt.world_size, timeout_s=timeout_s) if _distributed() else None
 
 
 def all_reduce_max_flag(flag: bool, device: torch.device) -> bool:

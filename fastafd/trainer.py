@@ -118,7 +118,7 @@ def train(cfg: TrainConfig) -> Path | None:
     )
     observe.set_nvtx(rt.device.type == "cuda")
     run = _Run(s, stages, run_dir, obs, steps_per_epoch, preempt.Preemption(), started)
-    watch, first_epoch = dist.peer_watch(rt), pos.epoch
+    watch, first_epoch = dist.peer_watch(rt, cfg.system.peer_timeout_s), pos.epoch
     try:
         for epoch in range(pos.epoch, cfg.loop.epochs + 1):
             if epoch > first_epoch and run.preempt.should_stop(rt.device):  # the last epoch's checkpoint is written
@@ -142,9 +142,12 @@ def train(cfg: TrainConfig) -> Path | None:
     except preempt.Preempted as stop:
         if rt.is_main:
             observe.write(run.preempt.requeue(stop.step))
-    except Exception as e:
-        if watch is not None and not isinstance(e, (UserError, RunStopped)) and (why := watch.explain(e)):
-            raise RunStopped(why) from e  # a peer died: say which, instead of a transport error
+    except BaseException as e:
+        if watch is not None:
+            why = watch.explain(e) if isinstance(e, Exception) and not isinstance(e, (UserError, RunStopped)) else None
+            watch.close(failed=True)  # the other ranks exit at once instead of waiting for this one
+            if why:
+                raise RunStopped(why) from e  # a peer died: say which, instead of a transport error
         raise
     finally:
         run.preempt.close()

@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -73,30 +74,88 @@ def test_two_processes_train_and_only_rank_0_writes(tmp_path):
     assert (proc.stdout + proc.stderr).count("epoch 2/2  top-1:") == 1
 
 
-def test_a_dead_rank_makes_the_other_exit_promptly_naming_it(tmp_path):
-    """Two nodes (one launcher each, as on a cluster); rank 1's process is killed after step 3."""
-    knobs = dict(NNODES=2, NPROC=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port())
+def _two_nodes(tmp_path, fault: str, *extra: str) -> tuple[list[subprocess.Popen], list]:
+    """Two nodes (one launcher each, as on a cluster); rank 1 gets ``FASTAFD_FAULT=fault``."""
+    knobs = dict(NNODES=2, NPROC=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port(), FASTAFD_HEARTBEAT_S=1)
     args = [str(RUN_SH), *TINY, "--loop.epochs", "1", "--loop.max_steps_per_epoch", "400", "--data.synthetic_samples", "8192",
-            "--system.dist_timeout_s", "600", "--out", str(tmp_path / "run")]
+            "--system.dist_timeout_s", "600", "--out", str(tmp_path / "run"), *extra]
     logs = [open(tmp_path / f"node{r}.log", "w+") for r in range(2)]
-    nodes = [subprocess.Popen(args, env={**env(tmp_path, NODE_RANK=r, **knobs), **({"FASTAFD_FAULT": "kill@step=3"} if r else {})},
+    nodes = [subprocess.Popen(args, env={**env(tmp_path, NODE_RANK=r, **knobs), **({"FASTAFD_FAULT": fault} if r else {})},
                               stdout=logs[r], stderr=subprocess.STDOUT, start_new_session=True) for r in range(2)]
+    return nodes, logs
+
+
+def _wait_for_rank0(nodes, since: Callable[[], float | None], limit_s: float = 180) -> float:
+    """Seconds from ``since()`` (the moment rank 1 failed) until rank 0's launcher exited."""
+    failed = None
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline and nodes[0].poll() is None:
+        failed = failed or since()
+        time.sleep(0.2)
+    failed = failed or since()
+    assert failed is not None, "rank 1 never reached its fault"
+    assert nodes[0].poll() is not None, "rank 0 still running: it hangs on its peer"
+    return time.monotonic() - failed
+
+
+def _stop_all(nodes) -> None:
+    for p in nodes:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def test_a_dead_rank_makes_the_other_exit_promptly_naming_it(tmp_path):
+    """Rank 1's process is killed after step 3: gloo's collective fails at once, rank 0 names rank 1."""
+    nodes, logs = _two_nodes(tmp_path, "kill@step=3")
     try:
-        died = None
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and nodes[0].poll() is None:
-            if died is None and nodes[1].poll() is not None:
-                died = time.monotonic()
-            time.sleep(0.2)
-        assert died is not None, "rank 1 should have been killed at step 3"
-        assert nodes[0].poll() is not None, "rank 0 still running: it hangs on its dead peer"
-        waited = time.monotonic() - died
+        waited = _wait_for_rank0(nodes, lambda: time.monotonic() if nodes[1].poll() is not None else None)
     finally:
-        for p in nodes:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
+        _stop_all(nodes)
     text = [log.seek(0) or log.read() for log in logs]
     assert nodes[1].returncode != 0
     assert nodes[0].returncode != 0, text[0][-2000:]
     assert waited < FAILURE_BOUND_S, f"rank 0 took {waited:.0f} s to exit after rank 1 died"
     assert "rank 1 of 2 stopped" in text[0], text[0][-3000:]
+
+
+HUNG_TIMEOUT_S = 8
+HUNG_BOUND_S = HUNG_TIMEOUT_S + 12
+"""A hung peer (SIGSTOP: alive, silent) is named within the peer timeout plus a few heartbeats (1 s here)."""
+
+
+def test_a_hung_rank_makes_the_other_exit_within_the_peer_timeout_naming_it(tmp_path):
+    """Rank 1 SIGSTOPs itself after step 3: its sockets stay open, so no collective fails (the NCCL case
+    on any backend); rank 0's watchdog must see its heartbeat stop and exit with one line."""
+    stopped_at: list[float] = []
+
+    def rank1_stopped() -> float | None:
+        if not stopped_at:
+            state = _process_states(nodes[1].pid)
+            if "T" in state:
+                stopped_at.append(time.monotonic())
+        return stopped_at[0] if stopped_at else None
+
+    nodes, logs = _two_nodes(tmp_path, "stop@step=3", "--system.peer_timeout_s", str(HUNG_TIMEOUT_S))
+    try:
+        waited = _wait_for_rank0(nodes, rank1_stopped)
+    finally:
+        _stop_all(nodes)
+    text = logs[0].seek(0) or logs[0].read()
+    assert nodes[0].returncode != 0, text[-2000:]
+    assert waited < HUNG_BOUND_S, f"rank 0 took {waited:.0f} s to exit after rank 1 hung"
+    assert "fastafd: error: rank 0: rank 1 of 2 stopped (process died or hung, or node lost); no heartbeat for" in text, text[-3000:]
+
+
+def _process_states(root_pid: int) -> str:
+    """The state letters (R, S, T, ...) of ``root_pid``'s process tree (Linux /proc)."""
+    states, todo = "", [root_pid]
+    while todo:
+        pid = todo.pop()
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            states += stat.rsplit(")", 1)[1].split()[0]
+            todo += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return states
