@@ -363,6 +363,14 @@ def write(line: str) -> None:
     sys.stdout.flush()
 
 
+def warn(line: str) -> None:
+    """A one-line warning on stderr (``fastafd: warning: ...``), not broken by a progress bar."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"fastafd: warning: {line}", file=sys.stderr)
+    sys.stderr.flush()
+
+
 def epoch_summary(row: Mapping, epochs: int, means: Mapping[str, list[float]]) -> str:
     """The one line printed after each evaluated epoch."""
     tops = "  ".join(f"{p['name']} {p['top1']:.2f}" for p in row["peers"])

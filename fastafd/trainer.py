@@ -47,6 +47,10 @@ def build_session(cfg: TrainConfig) -> Session:
     rt = dist.setup(cfg.system)
     if cfg.system.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    if rt.device.type == "cuda":  # fixed shapes (the last partial batch is dropped): let cuDNN pick its kernels once
+        torch.backends.cudnn.benchmark = not cfg.system.deterministic
+    if rt.is_main and (warning := small_batch_warning(cfg.data.batch_size, rt.world_size)):
+        observe.warn(warning)
     with rt.accelerator.local_main_process_first():
         train_loader, val_loader, info = build_data(
             cfg.data,
@@ -67,6 +71,20 @@ def build_session(cfg: TrainConfig) -> Session:
     task = build_task(cfg, info.num_classes, numerics, rt.device, rt.channels_last)
     seed_everything(cfg.system.seed + 1000 * rt.rank + 1)  # per-rank stream for dropout and friends
     return Session(cfg, rt, task, train_loader, val_loader, info)
+
+
+SMALL_BN_BATCH = 32
+"""Below this many images per process, BatchNorm statistics (per process: peers, transfer layers and
+discriminators) get noisy enough to cost accuracy."""
+
+
+def small_batch_warning(global_batch: int, world_size: int) -> str | None:
+    """A one-line warning when several processes leave each fewer than :data:`SMALL_BN_BATCH` images."""
+    per_process = global_batch // world_size
+    if world_size == 1 or per_process >= SMALL_BN_BATCH:
+        return None
+    return (f"{per_process} images per process ({global_batch} over {world_size} processes): BatchNorm statistics are "
+            f"per process and get noisy below {SMALL_BN_BATCH}; raise --data.batch_size or use fewer processes")
 
 
 def _epoch_row(epoch: int, step: int, time_s: float, images: int, means: dict, stages: dict[str, Stage], evals: dict, names: list[str]) -> dict:

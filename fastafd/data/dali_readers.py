@@ -60,6 +60,7 @@ class ShardReader:
 
     def __init__(self, split: ShardSplit) -> None:
         self.split, self.root = split, str(split.root)
+        self._powers: dict[torch.device, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.split)
@@ -77,8 +78,11 @@ class ShardReader:
         return jpeg, cls
 
     def labels(self, lab: torch.Tensor) -> torch.Tensor:
-        """The .cls component: LABEL_DIGITS ASCII digits per sample."""
-        powers = torch.tensor([10**k for k in reversed(range(LABEL_DIGITS))], dtype=torch.int64, device=lab.device)
+        """The .cls component: LABEL_DIGITS ASCII digits per sample (decoded where DALI left them: on the GPU
+        with a GPU pipeline; the place values are made there once, not copied from the host every batch)."""
+        powers = self._powers.get(lab.device)
+        if powers is None:
+            powers = self._powers[lab.device] = 10 ** torch.arange(LABEL_DIGITS - 1, -1, -1, dtype=torch.int64, device=lab.device)
         return ((lab.reshape(lab.shape[0], -1).to(torch.int64) - 48) * powers).sum(1)
 
     def candidates(self, order: None, begin: int, end: int) -> list[tuple[str, Callable[[], bytes]]]:

@@ -2,7 +2,12 @@
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+import torch
 
 from fastafd import cli
 
@@ -58,3 +63,19 @@ def test_optimizer_benchmark_times_each_implementation(tmp_path):
         (o, i) for o in ("SGD", "Adam") for i in ("fused", "foreach", "for-loop")]
     assert all(r["ms_median"] > 0 and len(r["ms"]) == 2 for r in report["rows"])
     assert "| Adam | fused |" in (tmp_path / "optimizers.md").read_text()
+
+
+def test_gpu_check_runs_end_to_end_on_cpu_with_its_gpu_parts_skipped(tmp_path):
+    root = Path(__file__).parents[2]
+    proc = subprocess.run(["bash", str(root / "benchmarks/gpu_check.sh"), str(tmp_path), "--cpu-smoke"], capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    if not torch.cuda.is_available():
+        assert report["tests"]["counts"]["passed"] == 0 and report["tests"]["counts"]["skipped"] >= 18
+        assert report["data"] == {"skipped": "no CUDA device"}
+    (run,) = report["step"]["runs"]
+    assert [r["variant"] for r in run["results"]] == ["reference", "independent", "afd-sequential"]
+    assert run["targets"]["afd-sequential/reference"]["target"] == 2.5
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "## Training step" in md and "afd-sequential/reference" in md and (tmp_path / "gpu-tests.xml").is_file()

@@ -137,3 +137,144 @@ def test_dali_gpu_pipeline_feeds_every_image_once_in_the_training_layout(tmp_pat
         seen += ids(x.cpu())
     assert len(seen) == len(set(seen)) and set(seen) <= TRAIN_IDS and len(seen) == len(TRAIN_IDS) // 4 * 4
     assert sum(x.shape[0] for x, _ in val) == 13
+
+
+# -- what a first CUDA run would meet (issue: GPU paths) -----------------------------------------------
+
+
+def test_resume_with_channels_last_bf16_compiled_peers_steps_and_tracks_the_uninterrupted_run(tmp_path):
+    """Optimizer state comes back in the parameters' memory format: the fused CUDA kernels refuse
+    mismatched strides, so the first step after a requeue would fail."""
+    from fastafd import checkpoint, state
+    from fastafd.metrics import RunningMeans
+    from tests.integration.test_first_cuda_run import _NoLoader
+
+    cfg = tiny_config(PAIR)
+    fast = dict(device="cuda", dtype=torch.bfloat16, compile=True, channels_last=True)
+    data = batches(4, device="cuda", channels_last=True)
+    straight, straight_stages = tiny_task(cfg, **fast)
+    iterate(straight, straight_stages, data)
+    task, stages = tiny_task(cfg, **fast)
+    iterate(task, stages, data[:2])
+    tensors, st = state.capture(task, stages, _NoLoader(), RunningMeans(), state.Position(1, 2, 2), {}, CUDA)
+    path = checkpoint.write(tmp_path, 2, tensors, st, keep=1)
+    resumed, resumed_stages = tiny_task(cfg, seed=7, **fast)
+    state.restore(checkpoint.load(path), resumed, resumed_stages, _NoLoader(), RunningMeans(), rank=0, world_size=1,
+                  device=CUDA, same_schedule=True)
+    iterate(resumed, resumed_stages, data[2:], start=2)
+    assert resumed_stages["logit"].guard.skipped.item() == 0
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(b.float(), a.float(), rtol=2e-2, atol=2e-2, msg=name)  # cuDNN/atomics: not bitwise
+
+
+def test_a_skip_on_the_very_first_step_leaves_sgd_momentum_clean_on_cuda():
+    from fastafd.optim import build_optimizer
+    from fastafd.steps import StepGuard
+    from tests.helpers import SGD
+
+    torch.manual_seed(0)
+    init = [torch.randn(64, 32, device=CUDA), torch.randn(32, device=CUDA)]
+    g1, g2 = [torch.randn_like(t) for t in init], [torch.randn_like(t) for t in init]
+
+    def run(grads_and_skips):
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        opt, guard = build_optimizer(params, SGD, SGD.lr, CUDA), StepGuard(CUDA)
+        assert opt._fastafd_device_skip
+        for grads, skip in grads_and_skips:
+            guard.begin()
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            guard.found_inf.fill_(float(skip))
+            guard.step(opt)
+            guard.end()
+        return params
+
+    for a, b in zip(run([(g1, True), (g2, False)]), run([(g2, False)])):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("order", ["sequential", "simultaneous"])
+def test_bf16_inf_gradient_behind_a_finite_loss_skips_every_optimizer_on_cuda(order):
+    task, stages = tiny_task(tiny_config(PAIR, order=order), device="cuda", dtype=torch.bfloat16, compile=True, channels_last=True)
+    data = batches(2, device="cuda", channels_last=True)
+    iterate(task, stages, data[:1])
+    before = {k: v.detach().clone() for k, v in task.state_dict().items()}
+    opts = {n: copy.deepcopy(s.optimizer.state_dict()["state"]) for n, s in stages.items()}
+    hook = task.peers[0].conv1.weight.register_hook(lambda g: g * float("inf"))
+    metrics = iterate(task, stages, data[1:], start=1)
+    hook.remove()
+    assert all(torch.isfinite(v).all() for v in metrics.values())
+    for key, value in task.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    for name, s in stages.items():
+        for pid, st in opts[name].items():
+            for field, value in st.items():
+                assert torch.equal(value, s.optimizer.state_dict()["state"][pid][field]), (name, field)
+    assert stages["logit"].guard.skipped.item() == 1
+
+
+def _steady_state_steps_without_host_syncs(task, stages, loader, steps: int) -> None:
+    """Warm up (compile, cuDNN autotune, allocator), then ``steps`` loader + train steps with torch's sync
+    detector set to raise: any host synchronisation in the hot path fails the test."""
+    guard = stages["logit"].guard
+    it = iter(loader)
+    for _ in range(2):
+        x, y = next(it)
+        guard.begin()
+        task.train_step(x, y, stages)
+        guard.end()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(steps):
+            x, y = next(it)
+            guard.begin()
+            task.train_step(x, y, stages)
+            guard.end()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("fmt", ["folder", "shards"])
+def test_folder_and_shard_loaders_and_the_step_run_without_host_syncs(tmp_path, fmt):
+    pytest.importorskip("nvidia.dali")
+    from fastafd.config import DataConfig
+    from fastafd.data import build_data
+    from fastafd.data.shards import pack
+    from tests.integration.test_data_pipeline import make_folder
+
+    make_folder(tmp_path / "folder", train=(24, 24), val=(2, 2))
+    root = tmp_path / "folder"
+    if fmt == "shards":
+        pack(root, tmp_path / "shards", shard_samples=8, seed=0, progress=False)
+        root = tmp_path / "shards"
+    cfg = DataConfig(root=root, num_threads=2, image_size=32, batch_size=4)
+    train, _, info = build_data(cfg, rank=0, world_size=1, local_rank=0, device=CUDA, seed=0, channels_last=True,
+                                dtype=torch.bfloat16)
+    task, stages = tiny_task(replace(tiny_config(PAIR), model=replace(tiny_config(PAIR).model, num_classes=info.num_classes)),
+                             device="cuda", dtype=torch.bfloat16, compile=True, channels_last=True)
+    _steady_state_steps_without_host_syncs(task, stages, train, steps=6)
+
+
+def test_no_recompiles_across_train_eval_and_the_epoch_boundary(tmp_path, monkeypatch):
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    monkeypatch.setenv("FASTAFD_CACHE", str(tmp_path / "cache"))
+    code = cli.main([
+        "train", "--out", str(tmp_path / "run"), "--model.peers", *PAIR, "--data.format", "synthetic",
+        "--data.synthetic_classes", "10", "--data.image_size", "32", "--data.batch_size", "16", "--data.synthetic_samples", "128",
+        "--loop.epochs", "3", "--system.device", "cuda", "--system.compile", "on", "--log.progress", "off",
+    ])  # 8 steps per epoch, evaluation after each: train -> eval -> train twice, across two epoch boundaries
+    assert code == 0
+
+
+def test_cudnn_benchmark_is_on_for_cuda_training(tmp_path, monkeypatch):
+    from fastafd.trainer import build_session
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    cfg = tiny_config(PAIR)
+    cfg.system.device = "cuda"
+    session = build_session(cfg)
+    assert torch.backends.cudnn.benchmark
+    session.rt.accelerator.end_training()
