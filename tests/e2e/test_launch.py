@@ -72,6 +72,8 @@ def test_two_processes_train_and_only_rank_0_writes(tmp_path):
     assert json.loads((out / rundir.ENV_FILE).read_text())["world_size"] == 2
     assert proc.stdout.count("run directory:") == 1
     assert (proc.stdout + proc.stderr).count("epoch 2/2  top-1:") == 1
+    # 16 images over 2 processes: BatchNorm sees 8 per process; said once, by rank 0
+    assert proc.stderr.count("fastafd: warning: 8 images per process (16 over 2 processes): BatchNorm statistics are per process") == 1
 
 
 def _two_nodes(tmp_path, fault: str, *extra: str) -> tuple[list[subprocess.Popen], list]:

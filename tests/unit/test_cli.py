@@ -128,3 +128,11 @@ def test_every_recipe_constructs_and_round_trips_through_json():
         cfg = recipes.get(name)
         assert cfg.recipe == name
         assert from_dict(json.loads(json.dumps(to_dict(cfg)))) == cfg
+
+
+def test_small_per_process_batch_warning_only_with_several_processes():
+    from fastafd.trainer import small_batch_warning
+
+    assert small_batch_warning(16, 1) is None  # one process: the batch the user asked for
+    assert small_batch_warning(256, 8) is None  # 32 per process
+    assert small_batch_warning(128, 8).startswith("16 images per process (128 over 8 processes)")
