@@ -8,7 +8,8 @@ per-rank RNG states and data-reader positions, the resolved config) and, written
 
 Writes are atomic: everything goes to a hidden temporary folder, each file is fsynced, the
 manifest is written, the folder is renamed into place and the parent folder fsynced. A process
-killed mid-write leaves only a temporary folder, which is ignored and removed by the next write.
+killed mid-write leaves only a temporary folder (``.tmp-step-N-<pid>-<random>``), which is ignored
+and removed by the next write once its writer is dead.
 Loading verifies the manifest; a corrupt or partial checkpoint is skipped with a warning naming the
 bad file, and the previous good one is used.
 """
@@ -28,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fastafd import atomic
 from fastafd.errors import UserError
 
 CKPT_DIR = "checkpoints"
@@ -108,10 +110,9 @@ def write(run_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]],
 
     root = Path(run_dir) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    _remove_stale_temporaries(root)
     final = step_dir(run_dir, step)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    tmp = root / atomic.temp_dir_name(final.name)
     tmp.mkdir()
     files = {}
     for name, tensor_dict in tensors.items():
@@ -133,13 +134,20 @@ def write(run_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]],
     return final
 
 
+def _remove_stale_temporaries(root: Path) -> None:
+    """Remove the temporary folders of writers that died mid-write (and this process's own leftovers);
+    one whose writer is alive is being written right now and is left alone."""
+    for stale in root.glob(".tmp-*"):
+        pid = atomic.writer_pid(stale.name)
+        if pid is not None and (pid == os.getpid() or not atomic.writer_alive(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def _update_best(run_dir: Path, path: Path, metric: float) -> None:
     best_file = Path(run_dir) / CKPT_DIR / BEST
     best = json.loads(best_file.read_text()) if best_file.is_file() else None
     if best is None or metric > best["metric"] or not (Path(run_dir) / CKPT_DIR / best["name"]).is_dir():
-        tmp = best_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"name": path.name, "metric": metric}))
-        os.replace(tmp, best_file)
+        atomic.write_text(best_file, json.dumps({"name": path.name, "metric": metric}))
 
 
 def best_name(run_dir: Path) -> str | None:
@@ -249,11 +257,9 @@ def optimizer_from_safe(tensors: dict[str, torch.Tensor], meta: dict, prefix: st
 
 
 def save_weights(path: Path, module_state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Save a state dict to ``path`` atomically (temporary file, fsync, rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in module_state.items()}, str(tmp), metadata=metadata or {})
-    _fsync_file(tmp)
-    os.replace(tmp, path)
+    """Save a state dict to ``path`` atomically (unique temporary file, fsync, rename; an existing file is replaced)."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in module_state.items()}
+    atomic.replace(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata or {}))
 
 
 def load_model(ckpt: Checkpoint, module: nn.Module) -> None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import datetime as dt
 import importlib.metadata
 import json
-import os
 import platform
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from fastafd import atomic
 from fastafd.config import TrainConfig, to_dict
 
 CONFIG_FILE = "config.json"
@@ -47,14 +47,8 @@ def versions() -> dict[str, str]:
 
 
 def write_json(path: Path, obj: object) -> None:
-    """Write JSON atomically (temporary file, fsync, rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write JSON atomically (unique temporary file, fsync, rename: :mod:`fastafd.atomic`)."""
+    atomic.write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def create(run_dir: Path, cfg: TrainConfig, extra: dict) -> None:
@@ -93,6 +87,4 @@ def truncate_metrics(run_dir: Path, before_epoch: int) -> None:
     if not path.is_file():
         return
     rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] < before_epoch]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(r + "\n" for r in rows))
-    os.replace(tmp, path)
+    atomic.write_text(path, "".join(r + "\n" for r in rows))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastafd import checkpoint, compile_cache, dist, faults, observe, preempt, rundir, state
+from fastafd import checkpoint, compile_cache, dist, faults, observe, preempt, rundir, runlock, state
 from fastafd.config import TrainConfig, to_dict
 from fastafd.data import DatasetInfo, build_data
 from fastafd.errors import RunStopped, UserError
@@ -83,7 +84,16 @@ def _epoch_row(epoch: int, step: int, time_s: float, images: int, means: dict, s
 
 
 def train(cfg: TrainConfig) -> Path | None:
-    """Train ``cfg`` (continuing from a checkpoint when there is one); returns the run directory (None: dry run)."""
+    """Train ``cfg`` (continuing from a checkpoint when there is one); returns the run directory (None: dry run).
+
+    The run folder is locked (rank 0, :mod:`fastafd.runlock`) from before its checkpoints are read
+    until this returns or raises: one run per folder.
+    """
+    with contextlib.ExitStack() as held:
+        return _train(cfg, held)
+
+
+def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path | None:
     started = time.perf_counter()
     s = build_session(cfg)
     rt, task = s.rt, s.task
@@ -103,6 +113,7 @@ def train(cfg: TrainConfig) -> Path | None:
     if cfg.loop.dry_run:
         return _dry_run(s, stages, steps_per_epoch)
     run_dir = cfg.out or rundir.default_run_dir(cfg.recipe)
+    held.enter_context(runlock.hold(run_dir, rank=rt.rank, world_size=rt.world_size))  # before anything is read or written
     if rt.compile:  # before the first compile: a requeued job finds its kernels in the run folder
         compile_cache.enable(cfg.system.compile_cache or run_dir / "compile_cache")
     meter = RunningMeans()

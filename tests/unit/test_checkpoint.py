@@ -1,6 +1,7 @@
 """Checkpoint files: atomic writes, manifests, pruning, optimizer round trip, no pickle."""
 
 import json
+import subprocess
 import warnings
 
 import pytest
@@ -48,7 +49,9 @@ def test_unfinished_write_is_ignored_and_cleaned(tmp_path):
     partial = tmp_path / "checkpoints" / "step-000000002"
     partial.mkdir()
     (partial / checkpoint.MODEL).write_bytes(b"partial")
-    stale = tmp_path / "checkpoints" / ".tmp-step-000000003-123"
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a writer killed mid-write: its pid names no process any more
+    stale = tmp_path / "checkpoints" / f".tmp-step-000000003-{dead.pid}-0badc0de"
     stale.mkdir()
     with pytest.warns(UserWarning, match="MANIFEST.json is missing"):
         assert checkpoint.latest_valid(tmp_path).step == 1

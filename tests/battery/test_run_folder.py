@@ -1,0 +1,162 @@
+"""The hostile-input battery, run folder and checkpoints: one run per folder, no tracebacks, no silent loss.
+
+``CASES`` is the table (see ``tests/battery/harness.py``): each row builds a world in a temporary
+folder, runs ``fastafd`` in this process, and expects one error line, an exit code and nothing
+changed. What does not fit a row (real concurrent processes, a SIGKILLed lock holder, a full disk,
+checkpoints that fall back to an older one) has its own test below the table.
+
+Runs are tiny: two CIFAR ResNet-8 peers on synthetic 32 px data, 3 steps per epoch, a checkpoint
+after every step. One checkpointed run is trained per module and copied for each case that needs one.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastafd import checkpoint, cli, rundir, runlock
+from tests.battery.harness import Case, run_case
+
+TINY = [
+    "--model.peers", "cifar_resnet8", "cifar_resnet8",
+    "--data.format", "synthetic", "--data.synthetic_classes", "10", "--data.image_size", "32",
+    "--data.synthetic_samples", "64", "--data.batch_size", "16",
+    "--loop.epochs", "2", "--loop.max_steps_per_epoch", "3", "--loop.log_interval", "1",
+    "--checkpoint.every_steps", "1", "--checkpoint.keep", "10",
+    "--log.tensorboard", "off", "--log.progress", "off", "--system.compile", "off",
+]  # fmt: skip
+"""2 epochs x 3 steps, a checkpoint after each step: step-1 ... step-6 (step-3 and step-6 at epoch ends)."""
+
+
+def env() -> dict:
+    """The environment of a ``python -m fastafd.cli`` child: this checkout first on its path."""
+    root = str(Path(__file__).resolve().parents[2])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+
+
+def cli_process(args: list[str], **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fastafd.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**env(), **kw.pop("extra_env", {})}, **kw)
+
+
+def epochs(run: Path) -> list[int]:
+    return [row["epoch"] for row in rundir.read_metrics(run)]
+
+
+# -- one run per folder -----------------------------------------------------------------------------
+
+
+def test_two_runs_started_together_one_is_refused_naming_the_holder(tmp_path):
+    run = tmp_path / "run"
+    args = ["train", "--out", str(run), *TINY, "--loop.epochs", "4"]
+    procs = [cli_process(args), cli_process(args)]
+    results = [(p, *p.communicate(timeout=600)) for p in procs]
+    codes = sorted(p.returncode for p, _, _ in results)
+    assert codes == [0, 2], [(p.returncode, err[-2000:]) for p, _, err in results]
+    (winner, _, _), (_, _, err) = sorted(results, key=lambda r: r[0].returncode)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("fastafd: error: ") and "in use by another fastafd run" in lines[0]
+    assert f"pid {winner.pid}" in lines[0] and "--out" in lines[0]
+    assert epochs(run) == [1, 2, 3, 4]  # the winner's rows, once each
+    assert [p.name for p in checkpoint.list_checkpoints(run)][0] == "step-000000012"
+    assert not list((run / checkpoint.CKPT_DIR).glob(".tmp-*")) and not (run / runlock.LOCK_FILE).exists()
+
+
+def test_the_lock_of_a_sigkilled_run_is_taken_over(tmp_path):
+    run = tmp_path / "run"
+    killed = cli_process(["train", "--out", str(run), *TINY], extra_env={"FASTAFD_FAULT": "kill@step=4"})
+    killed.communicate(timeout=600)
+    assert killed.returncode == -9
+    holder = json.loads((run / runlock.LOCK_FILE).read_text())  # left behind by the dead process
+    assert holder["pid"] == killed.pid and holder["host"] and holder["started"]
+    again = cli_process(["train", "--out", str(run), *TINY])
+    out, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err[-3000:]
+    assert "resuming from" in out + err
+    assert epochs(run) == [1, 2]
+    assert not (run / runlock.LOCK_FILE).exists()  # released at the end
+
+
+def test_a_held_lock_refuses_the_run_and_nothing_is_written(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = runlock.RunLock(run)
+    lock.acquire()
+    try:
+        case = Case("held-lock", lambda tmp: ["train", "--out", str(run), *TINY], needle=f"pid {os.getpid()}",
+                    frozen=lambda tmp: [run])
+        line = run_case(case, tmp_path, capsys)
+        assert "in use by another fastafd run" in line and "started" in line
+    finally:
+        lock.release()
+    assert cli.main(["train", "--out", str(run), *TINY, "--loop.epochs", "1"]) == 0  # free again
+    assert epochs(run) == [1]
+
+
+def test_a_failed_start_releases_the_lock_and_leaves_no_new_folder(tmp_path, capsys):
+    run = tmp_path / "new" / "run"  # the refusal comes after the lock is taken (the folder is read under it)
+    case = Case("lock-released-on-error", lambda tmp: ["train", "--out", str(run), *TINY, "--checkpoint.resume", str(tmp / "missing")],
+                needle="not found")
+    run_case(case, tmp_path, capsys)
+    assert cli.main(["train", "--out", str(run), *TINY, "--loop.epochs", "1"]) == 0
+    assert epochs(run) == [1] and not (run / runlock.LOCK_FILE).exists()
+
+
+@pytest.mark.parametrize("writer", ["write_json", "truncate_metrics", "save_weights", "best"])
+def test_temporary_names_are_unique_so_interleaved_writers_never_collide(writer, tmp_path, monkeypatch):
+    """A second writer of the same file runs between the first one's write and its rename (what
+    two processes, or two threads, can do): with a fixed temporary name the first rename fails."""
+    (tmp_path / rundir.METRICS_FILE).write_text('{"epoch": 1}\n{"epoch": 2}\n')
+    (tmp_path / checkpoint.CKPT_DIR).mkdir()
+    calls = {
+        "write_json": lambda: rundir.write_json(tmp_path / "config.json", {"a": 1}),
+        "truncate_metrics": lambda: rundir.truncate_metrics(tmp_path, before_epoch=2),
+        "save_weights": lambda: checkpoint.save_weights(tmp_path / "w.safetensors", {"w": torch.ones(2)}),
+        "best": lambda: checkpoint._update_best(tmp_path, tmp_path / "step-000000001", 1.0),
+    }
+    real, nested = os.replace, []
+
+    def replace(src, dst):
+        if not nested:
+            nested.append(src)
+            calls[writer]()  # the interleaved writer, start to end
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    calls[writer]()
+    assert nested
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
+
+
+def test_checkpoint_write_removes_only_temporary_folders_of_dead_writers(tmp_path):
+    live = subprocess.Popen(["sleep", "60"])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    root = tmp_path / checkpoint.CKPT_DIR
+    root.mkdir()
+    folders = {
+        "live": root / f".tmp-step-000000002-{live.pid}-1a2b3c4d",
+        "dead": root / f".tmp-step-000000002-{dead.pid}-5e6f7a8b",
+        "mine": root / f".tmp-step-000000001-{os.getpid()}-9c0d1e2f",
+    }
+    for path in folders.values():
+        path.mkdir()
+        (path / checkpoint.MODEL).write_bytes(b"partial")
+    try:
+        checkpoint.write(tmp_path, 3, {checkpoint.MODEL: {"w": torch.ones(2)}, checkpoint.OPTIM: {}}, _state(), keep=3)
+        assert folders["live"].is_dir()  # another process is writing it right now
+        assert not folders["dead"].exists() and not folders["mine"].exists()
+    finally:
+        live.kill()
+        live.wait()
+
+
+def _state() -> dict:
+    """The smallest state.json a checkpoint of one process holds."""
+    return {"epoch": 1, "epoch_step": 0, "stages": {}, "guard": {}, "meter": {}, "config": {},
+            "ranks": [{"rng": {"python": [3, [0], None], "numpy": ["MT19937", [0], 0, 0, 0.0], "torch": ""}, "loader": None}]}
