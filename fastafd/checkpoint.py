@@ -192,27 +192,59 @@ def load(path: Path) -> Checkpoint:
     return Checkpoint(path, state)
 
 
-def latest_valid(run_dir: Path) -> Checkpoint | None:
-    """The newest checkpoint that verifies; each corrupt newer one is reported with a warning."""
+def scan(run_dir: Path) -> tuple[Checkpoint | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that loads, and each newer one that does not with why (folder, message)."""
+    bad = []
     for path in list_checkpoints(run_dir):
         try:
-            return load(path)
+            return load(path), bad
         except CorruptCheckpoint as e:
-            warnings.warn(f"skipping corrupt checkpoint: {e}; using the previous one", stacklevel=2)
-    return None
+            bad.append((path, str(e)))
+    return None, bad
+
+
+def latest_valid(run_dir: Path, fix: str = "restore them from a copy, or train the run again") -> Checkpoint | None:
+    """The newest checkpoint that loads (None: the run has none yet).
+
+    Each newer one that does not load is reported with a warning naming the bad file and the one used
+    instead. When the run has checkpoints and none of them loads: a one-line :class:`UserError` listing
+    each and why, ending in ``fix``.
+    """
+    ckpt, bad = scan(run_dir)
+    if ckpt is None and bad:
+        why = "; ".join(f"{path.name}: {message.replace(f'{path}{os.sep}', '')}" for path, message in bad)
+        raise UserError(f"none of the {len(bad)} checkpoints in {Path(run_dir) / CKPT_DIR} loads ({why}): {fix}")
+    for _, message in bad:
+        warnings.warn(f"skipping corrupt checkpoint: {message}; using {ckpt.path.name} instead", stacklevel=2)
+    return ckpt
+
+
+FRESH_FIX = (
+    "restore them, resume from another checkpoint folder with --checkpoint.resume PATH, or start over in this folder with "
+    "--checkpoint.resume fresh (the old files are moved into previous-<date>-<time>/, nothing is deleted)"
+)
 
 
 def resolve(spec: str, run_dir: Path | None) -> Checkpoint | None:
-    """``checkpoint.resume``: ``auto`` (newest valid in the run folder, if any), ``none``, or a folder."""
+    """``checkpoint.resume``: ``auto`` (newest valid in the run folder, if any), ``none``, ``fresh`` or a folder.
+
+    ``auto`` refuses a run folder whose checkpoints all fail to load (it would overwrite them);
+    ``fresh`` starts from step 0 whatever the folder holds (the trainer first moves it aside).
+    """
+    if spec == "fresh":
+        return None
     if spec == "none":
         if run_dir is not None and list_checkpoints(run_dir):
-            raise UserError(f"{run_dir} already holds checkpoints but checkpoint.resume=none: use another --out, or resume (auto)")
+            raise UserError(
+                f"{run_dir} already holds checkpoints but checkpoint.resume=none: use another --out, resume (auto), "
+                "or start over in it with --checkpoint.resume fresh"
+            )
         return None
     if spec == "auto":
-        return latest_valid(run_dir) if run_dir is not None else None
+        return latest_valid(run_dir, FRESH_FIX) if run_dir is not None else None
     path = Path(spec)
     if (path / CKPT_DIR).is_dir():  # a run folder was given
-        ckpt = latest_valid(path)
+        ckpt = latest_valid(path, "pass one of its checkpoints/step-* folders that loads, or another run")
         if ckpt is None:
             raise UserError(f"no valid checkpoint in {path / CKPT_DIR}: pass a checkpoint folder or start fresh")
         return ckpt

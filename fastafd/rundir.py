@@ -67,6 +67,28 @@ def create(run_dir: Path, cfg: TrainConfig, extra: dict) -> None:
     write_json(run_dir / ENV_FILE, env)
 
 
+SET_ASIDE = ("checkpoints", METRICS_FILE, "tensorboard")
+"""What ``checkpoint.resume=fresh`` moves out of the way: the earlier run's checkpoints, metrics and TensorBoard events."""
+
+
+def set_aside(run_dir: Path) -> Path | None:
+    """Move an earlier run's files (:data:`SET_ASIDE`) into ``run_dir/previous-<date>-<time>/``; nothing is
+    deleted. Returns that folder (None: nothing to move)."""
+    run_dir = Path(run_dir)
+    present = [run_dir / name for name in SET_ASIDE if (run_dir / name).exists()]
+    if not present:
+        return None
+    stamp = f"previous-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    dest, n = run_dir / stamp, 1
+    while dest.exists():
+        n += 1
+        dest = run_dir / f"{stamp}-{n}"
+    dest.mkdir()
+    for path in present:
+        path.rename(dest / path.name)
+    return dest
+
+
 def append_metrics(run_dir: Path, row: dict) -> None:
     append_jsonl(Path(run_dir) / METRICS_FILE, row)
 
@@ -82,7 +104,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def truncate_metrics(run_dir: Path, before_epoch: int) -> None:
-    """Drop metrics rows of epoch >= ``before_epoch`` (written by a run killed after its last checkpoint)."""
+    """Drop metrics rows of epoch >= ``before_epoch`` (written by a run killed after its last checkpoint,
+    or, with ``before_epoch=1``, before its first)."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return

@@ -119,10 +119,11 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path | None:
     meter = RunningMeans()
     pos, ckpt = _resume(cfg, s, stages, meter, run_dir)
     if rt.is_main:
+        if cfg.checkpoint.resume == "fresh" and (aside := rundir.set_aside(run_dir)) is not None:
+            observe.write(f"starting over in {run_dir}: the earlier checkpoints, metrics and TensorBoard files are in {aside}")
         extra = {"resumed_from": str(ckpt.path) if ckpt else None}
         rundir.create(run_dir, cfg, {"world_size": rt.world_size, "device": str(rt.device), "dataset": _info_dict(s.info), **extra})
-        if ckpt is not None:
-            rundir.truncate_metrics(run_dir, before_epoch=pos.epoch)
+        rundir.truncate_metrics(run_dir, before_epoch=pos.epoch)  # from scratch: rows of a run killed before its first checkpoint
     obs = _Observers(
         scalars=observe.Scalars(run_dir, task.names, to_dict(cfg), purge_step=pos.step if ckpt else None) if rt.is_main and use_tensorboard else None,
         profiler=observe.Profiler(cfg.log.profile, run_dir / observe.PROFILE_DIR, rank=rt.rank, device=rt.device, first_step=pos.step),

@@ -11,6 +11,7 @@ after every step. One checkpointed run is trained per module and copied for each
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,29 @@ def cli_process(args: list[str], **kw) -> subprocess.Popen:
 
 def epochs(run: Path) -> list[int]:
     return [row["epoch"] for row in rundir.read_metrics(run)]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A finished run of TINY (checkpoints step-1 ... step-6), trained once per module; copy it with :func:`copy_run`."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    assert cli.main(["train", "--out", str(run), *TINY]) == 0
+    return run
+
+
+def copy_run(trained: Path, tmp: Path) -> Path:
+    shutil.copytree(trained, tmp / "run")
+    return tmp / "run"
+
+
+def resume_args(run: Path, *extra: str) -> list[str]:
+    """Continue ``run`` for a third epoch."""
+    return ["train", "--out", str(run), *TINY, "--loop.epochs", "3", *extra]
+
+
+def corrupt(path: Path) -> None:
+    """Truncate a checkpoint file (what a full disk or a bad copy leaves): its checksum no longer matches."""
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
 # -- one run per folder -----------------------------------------------------------------------------
@@ -160,3 +184,43 @@ def _state() -> dict:
     """The smallest state.json a checkpoint of one process holds."""
     return {"epoch": 1, "epoch_step": 0, "stages": {}, "guard": {}, "meter": {}, "config": {},
             "ranks": [{"rng": {"python": [3, [0], None], "numpy": ["MT19937", [0], 0, 0, 0.0], "torch": ""}, "loader": None}]}
+
+
+# -- no checkpoint loads ----------------------------------------------------------------------------
+
+
+def test_when_no_checkpoint_loads_the_run_stops_listing_each_and_fresh_starts_over(trained, tmp_path, capsys):
+    run = copy_run(trained, tmp_path)
+    steps = checkpoint.list_checkpoints(run)
+    for path in steps:
+        corrupt(path / checkpoint.MODEL)
+    case = Case("no-checkpoint-loads", lambda tmp: resume_args(run), needle="--checkpoint.resume fresh", frozen=lambda tmp: [run])
+    line = run_case(case, tmp_path, capsys)
+    assert f"none of the {len(steps)} checkpoints in {run / checkpoint.CKPT_DIR} loads" in line
+    for path in steps:
+        assert f"{path.name}: {checkpoint.MODEL} does not match its checksum" in line
+    # starting over in the same folder only when asked; the old files are moved aside, not deleted
+    before = {p.name: (p / checkpoint.MODEL).read_bytes() for p in steps}
+    assert cli.main(resume_args(run, "--checkpoint.resume", "fresh")) == 0
+    assert epochs(run) == [1, 2, 3]
+    assert "resuming from" not in capsys.readouterr().out
+    aside = [p for p in run.iterdir() if p.name.startswith("previous-")]
+    assert len(aside) == 1
+    assert {p.name: (p / checkpoint.MODEL).read_bytes() for p in checkpoint.list_checkpoints(aside[0])} == before
+    assert [row["epoch"] for row in rundir.read_metrics(aside[0])] == [1, 2]
+    assert checkpoint.latest_valid(run).step == 9
+
+
+def test_resume_fresh_on_a_folder_without_checkpoints_is_a_plain_start(tmp_path):
+    run = tmp_path / "run"
+    assert cli.main(["train", "--out", str(run), *TINY, "--loop.epochs", "1", "--checkpoint.resume", "fresh"]) == 0
+    assert epochs(run) == [1] and not [p for p in run.iterdir() if p.name.startswith("previous-")]
+
+
+def test_rows_of_a_run_killed_before_its_first_checkpoint_are_not_kept_twice(tmp_path):
+    run = tmp_path / "run"
+    killed = cli_process(["train", "--out", str(run), *TINY, "--checkpoint.every_steps", "0"], extra_env={"FASTAFD_FAULT": "kill@checkpoint=1"})
+    killed.communicate(timeout=600)
+    assert killed.returncode == -9 and epochs(run) == [1] and not checkpoint.list_checkpoints(run)
+    assert cli.main(["train", "--out", str(run), *TINY, "--checkpoint.every_steps", "0"]) == 0
+    assert epochs(run) == [1, 2]
