@@ -151,6 +151,7 @@ def restore(
     for name, stage in stages.items():
         meta = st["stages"][name]
         sd = checkpoint.optimizer_from_safe(optim, meta["optimizer"], name)
+        checkpoint.check_optimizer_state(ckpt, name, sd, stage.optimizer)
         sd["param_groups"] = stage.optimizer.state_dict()["param_groups"]  # hyper-parameters: this run's config
         stage.optimizer.load_state_dict(sd)
         if same_schedule:

@@ -185,9 +185,15 @@ def _resume(cfg: TrainConfig, s: Session, stages: dict[str, Stage], meter: Runni
         )
     same_schedule = not any(c.startswith(("optim.", "adv_optim.", "loop.epochs", "loop.max_steps_per_epoch", "data.batch_size")) for c in allowed)
     rt = s.rt
-    pos = state.restore(
-        ckpt, s.task, stages, s.train_loader, meter, rank=rt.rank, world_size=rt.world_size, device=rt.device, same_schedule=same_schedule
-    )
+    try:
+        pos = state.restore(
+            ckpt, s.task, stages, s.train_loader, meter, rank=rt.rank, world_size=rt.world_size, device=rt.device, same_schedule=same_schedule
+        )
+    except (KeyError, TypeError, ValueError, IndexError) as e:  # state.json's values (not its shape, checked on load) do not fit
+        raise UserError(
+            f"cannot restore {ckpt.path} ({type(e).__name__}: {e}): its state.json does not fit this run (edited by hand?); "
+            "resume from an older checkpoint (pass its folder to --checkpoint.resume) or start over with --checkpoint.resume fresh"
+        ) from None
     if rt.is_main:
         changes = f"; config changes: {'; '.join(allowed)}" if allowed else ""
         observe.write(f"resuming from {ckpt.path} at epoch {pos.epoch}, step {pos.step}{changes}")

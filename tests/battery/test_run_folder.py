@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from fastafd import checkpoint, cli, rundir, runlock
 from tests.battery.harness import Case, run_case
@@ -66,9 +67,79 @@ def resume_args(run: Path, *extra: str) -> list[str]:
     return ["train", "--out", str(run), *TINY, "--loop.epochs", "3", *extra]
 
 
+def newest(run: Path) -> Path:
+    return checkpoint.list_checkpoints(run)[0]
+
+
+def hand_edit(folder: Path, name: str, content: bytes) -> None:
+    """Replace one file of a checkpoint and re-write MANIFEST.json to match it (what a determined user can do)."""
+    (folder / name).write_bytes(content)
+    manifest = json.loads((folder / checkpoint.MANIFEST).read_text())
+    manifest["files"][name] = {"size": len(content), "sha256": checkpoint._sha256(folder / name)}
+    (folder / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+
+
+def edit_state(run: Path, change) -> None:
+    folder = newest(run)
+    state = json.loads((folder / checkpoint.STATE).read_text())
+    hand_edit(folder, checkpoint.STATE, json.dumps(change(state)).encode())
+
+
+def edit_tensor(run: Path, name: str, key: str, value: torch.Tensor) -> None:
+    folder = newest(run)
+    tensors = load_file(str(folder / name))
+    tensors[key] = value
+    save_file(tensors, str(folder / "edited"))
+    hand_edit(folder, name, (folder / "edited").read_bytes())
+    (folder / "edited").unlink()
+
+
 def corrupt(path: Path) -> None:
     """Truncate a checkpoint file (what a full disk or a bad copy leaves): its checksum no longer matches."""
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def with_run(change=None, *extra: str):
+    """A case's build: a copy of the module's trained run (changed by ``change``), resumed for a third epoch."""
+
+    def build(tmp: Path) -> list[str]:
+        run = copy_run(_trained[0], tmp)
+        if change is not None:
+            change(run)
+        return resume_args(run, *extra)
+
+    return build
+
+
+def write_best(text: str):
+    return lambda run: (run / checkpoint.CKPT_DIR / checkpoint.BEST).write_text(text)
+
+
+_trained: list[Path] = []
+"""The module's trained run, for the builds of :data:`CASES` (set by :func:`test_case`)."""
+
+CASES = [
+    # hand-edited checkpoints whose manifest was re-written to match
+    Case("model-tensor-of-another-shape", with_run(lambda run: edit_tensor(run, checkpoint.MODEL, "peers.0.fc.weight", torch.zeros(5, 64))),
+         needle="peers.0.fc.weight has shape (5, 64) in"),
+    Case("optimizer-tensor-of-another-shape",
+         with_run(lambda run: edit_tensor(run, checkpoint.OPTIM, "logit/0/momentum_buffer", torch.zeros(3))),
+         needle="logit/0/momentum_buffer has shape (3,) in"),
+    Case("state-values-that-do-not-fit",  # the right JSON types, values restore cannot use
+         with_run(lambda run: edit_state(run, lambda st: {**st, "ranks": [{**st["ranks"][0], "rng": {**st["ranks"][0]["rng"], "python": []}}]})),
+         needle="cannot restore"),
+    Case("best-json-not-json", with_run(write_best("{garbage")), needle="best.json"),
+    Case("best-json-a-list", with_run(write_best("[]")), needle="best.json"),
+    Case("best-json-metric-a-string", with_run(write_best('{"name": "step-000000003", "metric": "high"}')), needle="best.json"),
+    Case("best-json-name-a-path", with_run(write_best('{"name": "../../x", "metric": 1.0}')), needle="best.json"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_case(case, trained, tmp_path, capsys, monkeypatch):
+    _trained[:] = [trained]
+    monkeypatch.chdir(tmp_path)  # a run that lands in the current folder changes tmp_path too
+    run_case(case, tmp_path, capsys)
 
 
 # -- one run per folder -----------------------------------------------------------------------------
@@ -224,3 +295,41 @@ def test_rows_of_a_run_killed_before_its_first_checkpoint_are_not_kept_twice(tmp
     assert killed.returncode == -9 and epochs(run) == [1] and not checkpoint.list_checkpoints(run)
     assert cli.main(["train", "--out", str(run), *TINY, "--checkpoint.every_steps", "0"]) == 0
     assert epochs(run) == [1, 2]
+
+
+# -- hand-edited checkpoints that pass their manifest -------------------------------------------------
+
+
+def _drop(key):
+    return lambda st: {k: v for k, v in st.items() if k != key}
+
+
+HAND_EDITS = {
+    # name: (edit of the copied run, file named by the warning)
+    "state-not-json": (lambda run: hand_edit(newest(run), checkpoint.STATE, b"{not json"), checkpoint.STATE),
+    "state-a-list": (lambda run: edit_state(run, lambda st: [st]), checkpoint.STATE),
+    "state-without-ranks": (lambda run: edit_state(run, _drop("ranks")), checkpoint.STATE),
+    "state-epoch-a-string": (lambda run: edit_state(run, lambda st: {**st, "epoch": "two"}), checkpoint.STATE),
+    "state-rng-a-number": (lambda run: edit_state(run, lambda st: {**st, "ranks": [{**st["ranks"][0], "rng": 5}]}), checkpoint.STATE),
+    "state-stages-a-list": (lambda run: edit_state(run, lambda st: {**st, "stages": list(st["stages"])}), checkpoint.STATE),
+    "manifest-a-list": (lambda run: (newest(run) / checkpoint.MANIFEST).write_text("[]"), checkpoint.MANIFEST),
+    "manifest-no-files": (lambda run: (newest(run) / checkpoint.MANIFEST).write_text('{"files": {}}'), checkpoint.MANIFEST),
+    "manifest-without-model": (
+        lambda run: (newest(run) / checkpoint.MANIFEST).write_text(json.dumps(
+            {"files": {k: v for k, v in json.loads((newest(run) / checkpoint.MANIFEST).read_text())["files"].items() if k != checkpoint.MODEL}})),
+        checkpoint.MANIFEST,
+    ),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(HAND_EDITS))
+def test_a_hand_edited_newest_checkpoint_is_skipped_for_the_previous_one(edit, trained, tmp_path, capsys):
+    run = copy_run(trained, tmp_path)
+    change, bad_file = HAND_EDITS[edit]
+    bad, previous = checkpoint.list_checkpoints(run)[:2]
+    change(run)
+    with pytest.warns(UserWarning, match="skipping corrupt checkpoint") as caught:
+        assert cli.main(resume_args(run)) == 0
+    assert any(str(bad / bad_file) in str(w.message) and f"using {previous.name} instead" in str(w.message) for w in caught)
+    assert f"resuming from {previous}" in capsys.readouterr().out
+    assert epochs(run) == [1, 2, 3]

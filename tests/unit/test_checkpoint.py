@@ -10,10 +10,14 @@ import torch
 from fastafd import checkpoint
 from fastafd.errors import UserError
 
+STATE = {"epoch": 1, "epoch_step": 0, "stages": {}, "guard": {}, "meter": {}, "config": {},
+         "ranks": [{"rng": {"python": [3, [0], None], "numpy": ["MT19937", [0], 0, 0, 0.0], "torch": ""}, "loader": None}]}
+"""The smallest state.json that loads (one process, no optimizer stages)."""
+
 
 def _write(run, step, keep=3, metric=None, value=1.0):
     tensors = {checkpoint.MODEL: {"w": torch.full((4,), value)}, checkpoint.OPTIM: {"s/0/m": torch.zeros(2)}}
-    return checkpoint.write(run, step, tensors, {"epoch": 1, "epoch_step": 0, "config": {}}, keep=keep, metric=metric)
+    return checkpoint.write(run, step, tensors, STATE, keep=keep, metric=metric)
 
 
 def test_write_is_complete_and_verifies(tmp_path):
