@@ -177,11 +177,22 @@ def _resume(cfg: TrainConfig, s: Session, stages: dict[str, Stage], meter: Runni
     ckpt = checkpoint.resolve(cfg.checkpoint.resume, run_dir if cfg.out is not None else None)
     if ckpt is None:
         return start, None
-    refused, allowed = state.config_changes(ckpt.state["config"], to_dict(cfg))
+    mid_epoch = int(ckpt.state["epoch_step"]) > 0
+    refused, allowed = state.config_changes(ckpt.state["config"], to_dict(cfg), mid_epoch=mid_epoch)
+    data_refused, data_allowed = state.data_changes(ckpt.state.get("data"), _info_dict(s.info), mid_epoch=mid_epoch)
+    refused, allowed = refused + data_refused, allowed + data_allowed
     if refused:
+        _, at_epoch_end = state.config_changes(ckpt.state["config"], to_dict(cfg))  # allowed if it were not mid-epoch
+        hint = ""
+        if mid_epoch and any(c in at_epoch_end or c.startswith(("dataset train_size", "dataset root", "dataset source")) for c in refused):
+            hint = (
+                f" {ckpt.path.name} is mid-epoch (epoch {ckpt.state['epoch']}, step {ckpt.state['epoch_step']} of it) and its saved "
+                "reader position belongs to the old data: change the data at an epoch end (resume with the old settings until then, "
+                "or pass an epoch-end checkpoint folder to --checkpoint.resume)."
+            )
         raise UserError(
-            f"cannot resume from {ckpt.path}: the config differs in {'; '.join(refused)}. "
-            "Use the checkpoint's settings, or another --out (or --checkpoint.resume none) to start a new run"
+            f"cannot resume from {ckpt.path}: this run differs from it in {'; '.join(refused)}.{hint} "
+            "Use the checkpoint's settings, or another --out to start a new run (or --checkpoint.resume fresh to start over in this folder)"
         )
     same_schedule = not any(c.startswith(("optim.", "adv_optim.", "loop.epochs", "loop.max_steps_per_epoch", "data.batch_size")) for c in allowed)
     rt = s.rt
@@ -195,7 +206,7 @@ def _resume(cfg: TrainConfig, s: Session, stages: dict[str, Stage], meter: Runni
             "resume from an older checkpoint (pass its folder to --checkpoint.resume) or start over with --checkpoint.resume fresh"
         ) from None
     if rt.is_main:
-        changes = f"; config changes: {'; '.join(allowed)}" if allowed else ""
+        changes = f"; changes: {'; '.join(allowed)}" if allowed else ""
         observe.write(f"resuming from {ckpt.path} at epoch {pos.epoch}, step {pos.step}{changes}")
     return pos, ckpt
 
@@ -243,6 +254,7 @@ class _Run:
         with observe.trace_range("checkpoint"):
             dist.average_buffers(s.task)
             tensors, st = state.capture(s.task, self.stages, s.train_loader, meter, pos, to_dict(s.cfg), s.rt.device)
+            st["data"] = _info_dict(s.info)  # a resume compares it with its own data (class count, training set)
             if s.rt.is_main:
                 checkpoint.write(self.run_dir, pos.step, tensors, st, keep=s.cfg.checkpoint.keep, metric=metric)
             s.rt.accelerator.wait_for_everyone()

@@ -111,6 +111,11 @@ def with_run(change=None, *extra: str):
     return build
 
 
+def drop_newest(run: Path) -> None:
+    """Remove the epoch-end checkpoint step-6: the newest left, step-5, is in the middle of epoch 2."""
+    shutil.rmtree(newest(run))
+
+
 def write_best(text: str):
     return lambda run: (run / checkpoint.CKPT_DIR / checkpoint.BEST).write_text(text)
 
@@ -128,6 +133,14 @@ CASES = [
     Case("state-values-that-do-not-fit",  # the right JSON types, values restore cannot use
          with_run(lambda run: edit_state(run, lambda st: {**st, "ranks": [{**st["ranks"][0], "rng": {**st["ranks"][0]["rng"], "python": []}}]})),
          needle="cannot restore"),
+    # resumes that do not fit the checkpoint: the differences, in one line
+    Case("other-class-count-from-the-data", with_run(None, "--data.synthetic_classes", "5"), needle="dataset num_classes: 10 -> 5"),
+    Case("optimizer-kind", with_run(None, "--optim.name", "adam"), needle="optim.name: 'sgd' -> 'adam'"),
+    Case("adversarial-optimizer-kind", with_run(None, "--adv_optim.name", "sgd"), needle="adv_optim.name: 'adam' -> 'sgd'"),
+    Case("other-data-mid-epoch", with_run(drop_newest, "--data.synthetic_samples", "128"), needle="dataset train_size: 64 -> 128"),
+    Case("other-batch-size-mid-epoch", with_run(drop_newest, "--data.batch_size", "8"), needle="mid-epoch"),
+    Case("other-image-size-mid-epoch", with_run(drop_newest, "--data.image_size", "40"), needle="data.image_size: 32 -> 40"),
+    Case("other-seed-mid-epoch", with_run(drop_newest, "--system.seed", "1"), needle="system.seed: 0 -> 1"),
     Case("best-json-not-json", with_run(write_best("{garbage")), needle="best.json"),
     Case("best-json-a-list", with_run(write_best("[]")), needle="best.json"),
     Case("best-json-metric-a-string", with_run(write_best('{"name": "step-000000003", "metric": "high"}')), needle="best.json"),
@@ -333,3 +346,22 @@ def test_a_hand_edited_newest_checkpoint_is_skipped_for_the_previous_one(edit, t
     assert any(str(bad / bad_file) in str(w.message) and f"using {previous.name} instead" in str(w.message) for w in caught)
     assert f"resuming from {previous}" in capsys.readouterr().out
     assert epochs(run) == [1, 2, 3]
+
+
+# -- resumes with changes that are allowed -------------------------------------------------------------
+
+
+def test_other_data_at_an_epoch_end_is_allowed_and_reported(trained, tmp_path, capsys):
+    run = copy_run(trained, tmp_path)
+    assert cli.main(resume_args(run, "--data.synthetic_samples", "128", "--data.image_size", "40")) == 0
+    out = capsys.readouterr().out
+    assert f"resuming from {newest(trained).name}" in out.replace(str(run / checkpoint.CKPT_DIR) + os.sep, "")
+    assert "data.image_size: 32 -> 40" in out and "dataset train_size: 64 -> 128" in out
+    assert epochs(run) == [1, 2, 3]
+
+
+def test_a_mid_epoch_refusal_says_why_and_what_to_do(trained, tmp_path, capsys):
+    case = Case("mid-epoch-hint", with_run(drop_newest, "--data.synthetic_samples", "128"), needle="mid-epoch")
+    _trained[:] = [trained]
+    line = run_case(case, tmp_path, capsys)
+    assert "reader position" in line and "--checkpoint.resume" in line
