@@ -10,6 +10,7 @@ the next writer; one of a live process is left alone.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import secrets
@@ -72,3 +73,28 @@ def replace(path: Path, write: Callable[[Path], None]) -> None:
 def write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically (see :func:`replace`)."""
     replace(path, lambda tmp: tmp.write_text(text))
+
+
+_OS_ERROR = re.compile(r"os error (\d+)")
+
+
+def io_errno(e: BaseException) -> int | None:
+    """The errno behind an I/O failure: an OSError's, or the one in safetensors' message (it writes from Rust)."""
+    if isinstance(e, OSError):
+        return e.errno
+    m = _OS_ERROR.search(str(e))
+    return int(m.group(1)) if m else None
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def describe(code: int | None, fallback: str = "I/O error") -> str:
+    """Few words for an errno, as the one-line errors use them."""
+    if code in DISK_FULL:
+        return "disk full" if code == errno.ENOSPC else "disk quota exceeded"
+    if code == errno.EROFS:
+        return "read-only file system"
+    if code in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    return os.strerror(code) if code else fallback

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fastafd import atomic
-from fastafd.errors import UserError
+from fastafd.errors import RunStopped, UserError
 
 CKPT_DIR = "checkpoints"
 MODEL = "model.safetensors"
@@ -114,25 +114,36 @@ def write(run_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]],
     from fastafd import faults
 
     root = Path(run_dir) / CKPT_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(root)
     final = step_dir(run_dir, step)
     tmp = root / atomic.temp_dir_name(final.name)
-    tmp.mkdir()
-    files = {}
-    for name, tensor_dict in tensors.items():
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensor_dict.items()}, str(tmp / name))
-        faults.point("checkpoint")  # tests: a SIGKILL in the middle of a write
-    (tmp / STATE).write_text(json.dumps({**state, "format": FORMAT, "step": step}, indent=1))
-    for name in [*tensors, STATE]:
-        _fsync_file(tmp / name)
-        files[name] = {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-    (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
-    _fsync_file(tmp / MANIFEST)
-    if final.exists():  # a re-run of the same step (e.g. after a resume): replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(root)
+        tmp.mkdir()
+        files = {}
+        for name, tensor_dict in tensors.items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensor_dict.items()}, str(tmp / name))
+            faults.point("checkpoint")  # tests: a SIGKILL in the middle of a write
+        (tmp / STATE).write_text(json.dumps({**state, "format": FORMAT, "step": step}, indent=1))
+        for name in [*tensors, STATE]:
+            _fsync_file(tmp / name)
+            files[name] = {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+        (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+        _fsync_file(tmp / MANIFEST)
+        if final.exists():  # a re-run of the same step (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        code = atomic.io_errno(e)
+        if code is None:
+            raise
+        kept = next((p.name for p in list_checkpoints(run_dir) if p != final), "none yet")
+        raise RunStopped(
+            f"{atomic.describe(code)} while writing checkpoint {final.name} into {root}: nothing half-written is left and the newest "
+            f"checkpoint, {kept}, is kept; free space (or fix the file system), then run the same command again to resume"
+        ) from None
     if metric is not None:
         _update_best(run_dir, final, metric)
     _prune(run_dir, keep)

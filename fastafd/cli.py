@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import errno
 import io
 import json
 import os
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from tyro.conf import Positional
 
+from fastafd import atomic
 from fastafd.errors import RunStopped, UserError
 
 PROG = "fastafd"
@@ -249,6 +251,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserError, RunStopped) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"{PROG}: error: {atomic.describe(e.errno)}{where}: free space (or fix the file system), then run the same command "
+              "again (a run resumes from its last checkpoint)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import errno
 import fcntl
 import json
 import os
@@ -28,6 +27,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+from fastafd import atomic
 from fastafd.errors import UserError
 
 LOCK_FILE = "run.lock"
@@ -97,9 +97,9 @@ class RunLock:
             for path in reversed(missing):
                 path.mkdir()
                 self._created.append(path)
-        except FileExistsError:
-            if not path.is_dir():
-                raise UserError(f"cannot create the run folder {self.run_dir}: {path} is a file; pass another --out") from None
+        except (FileExistsError, NotADirectoryError):
+            blocker = next((p for p in (self.run_dir, *self.run_dir.parents) if p.exists() and not p.is_dir()), path)
+            raise UserError(f"cannot create the run folder {self.run_dir}: {blocker} is a file; pass another --out") from None
         except OSError as e:
             raise UserError(f"cannot create the run folder {self.run_dir} ({_why(e)}): pass a writable --out") from None
 
@@ -137,13 +137,7 @@ class RunLock:
 
 
 def _why(e: OSError) -> str:
-    if e.errno == errno.EROFS:
-        return "read-only file system"
-    if e.errno in (errno.EACCES, errno.EPERM):
-        return "permission denied"
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return "disk full"
-    return e.strerror or str(e)
+    return atomic.describe(e.errno, e.strerror or str(e))
 
 
 @contextlib.contextmanager

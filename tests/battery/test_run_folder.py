@@ -9,6 +9,8 @@ Runs are tiny: two CIFAR ResNet-8 peers on synthetic 32 px data, 3 steps per epo
 after every step. One checkpointed run is trained per module and copied for each case that needs one.
 """
 
+import builtins
+import errno
 import json
 import os
 import shutil
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fastafd import checkpoint, cli, rundir, runlock
@@ -141,6 +144,13 @@ CASES = [
     Case("other-batch-size-mid-epoch", with_run(drop_newest, "--data.batch_size", "8"), needle="mid-epoch"),
     Case("other-image-size-mid-epoch", with_run(drop_newest, "--data.image_size", "40"), needle="data.image_size: 32 -> 40"),
     Case("other-seed-mid-epoch", with_run(drop_newest, "--system.seed", "1"), needle="system.seed: 0 -> 1"),
+    # where the run or the export goes
+    Case("out-is-a-file", lambda tmp: (tmp / "notes.txt").write_text("mine") and ["train", "--out", str(tmp / "notes.txt"), *TINY],
+         needle="is a file"),
+    Case("out-under-a-file", lambda tmp: (tmp / "notes.txt").write_text("mine") and ["train", "--out", str(tmp / "notes.txt" / "run"), *TINY],
+         needle="is a file"),
+    Case("export-onto-a-folder", lambda tmp: (tmp / "peer.safetensors").mkdir() or ["export", str(_trained[0]), "--out", str(tmp / "peer.safetensors")],
+         needle="is a folder", frozen=lambda tmp: [tmp, _trained[0]]),
     Case("best-json-not-json", with_run(write_best("{garbage")), needle="best.json"),
     Case("best-json-a-list", with_run(write_best("[]")), needle="best.json"),
     Case("best-json-metric-a-string", with_run(write_best('{"name": "step-000000003", "metric": "high"}')), needle="best.json"),
@@ -365,3 +375,135 @@ def test_a_mid_epoch_refusal_says_why_and_what_to_do(trained, tmp_path, capsys):
     _trained[:] = [trained]
     line = run_case(case, tmp_path, capsys)
     assert "reader position" in line and "--checkpoint.resume" in line
+
+
+# -- unwritable places and full disks ------------------------------------------------------------------
+
+
+def read_only(monkeypatch, root: Path) -> None:
+    """Make ``root`` (and everything under it) behave like a read-only mount: every write fails with EROFS.
+    (The tests may run as root, which ignores permission bits, so chmod would not do.)"""
+
+    def refuse(path) -> None:
+        if str(Path(path).absolute()).startswith(str(root)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    real_mkdir, real_open, real_builtin_open = os.mkdir, os.open, builtins.open
+
+    def mkdir(path, *a, **kw):
+        refuse(path)
+        return real_mkdir(path, *a, **kw)
+
+    def os_open(path, flags, *a, **kw):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            refuse(path)
+        return real_open(path, flags, *a, **kw)
+
+    def builtin_open(file, mode="r", *a, **kw):
+        if isinstance(file, str | Path) and any(c in mode for c in "wax+"):
+            refuse(file)
+        return real_builtin_open(file, mode, *a, **kw)
+
+    real_save = checkpoint.save_file
+
+    def save(tensors, filename, *a, **kw):  # safetensors writes from Rust: what it raises on a read-only mount
+        if str(Path(filename).absolute()).startswith(str(root)):
+            raise SafetensorError("Error while serializing: I/O error: Read-only file system (os error 30)")
+        return real_save(tensors, filename, *a, **kw)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(builtins, "open", builtin_open)
+    monkeypatch.setattr(checkpoint, "save_file", save)
+
+
+@pytest.mark.parametrize("exists", [False, True], ids=["new-folder", "existing-folder"])
+def test_out_on_a_read_only_file_system_is_one_line(exists, tmp_path, capsys, monkeypatch):
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if exists:
+        (mount / "run").mkdir()
+    read_only(monkeypatch, mount)
+    case = Case("read-only-out", lambda tmp: ["train", "--out", str(mount / "run"), *TINY], needle="read-only file system")
+    line = run_case(case, tmp_path, capsys)
+    assert "pass a writable --out" in line
+
+
+@pytest.mark.parametrize("exists", [False, True], ids=["new-folder", "existing-folder"])
+def test_export_into_a_read_only_place_is_one_line_and_leaves_nothing(exists, trained, tmp_path, capsys, monkeypatch):
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    target = mount / ("peers" if exists else "new") / "peer0.safetensors"
+    if exists:
+        target.parent.mkdir()
+    read_only(monkeypatch, mount)
+    case = Case("read-only-export", lambda tmp: ["export", str(trained), "--out", str(target)], needle="read-only file system",
+                frozen=lambda tmp: [tmp, trained])
+    run_case(case, tmp_path, capsys)
+
+
+def test_export_onto_an_existing_file_replaces_it_atomically(trained, tmp_path, capsys):
+    target = tmp_path / "peer0.safetensors"
+    target.write_bytes(b"an older export")
+    assert cli.main(["export", str(trained), "--out", str(target)]) == 0
+    assert load_file(str(target)).keys() == {k[len("peers.0."):] for k in load_file(str(newest(trained) / checkpoint.MODEL)) if k.startswith("peers.0.")}
+    assert [p.name for p in tmp_path.iterdir()] == ["peer0.safetensors"]
+
+
+def _full_safetensors(real):
+    def save(tensors, filename, *a, **kw):
+        if checkpoint.CKPT_DIR in str(filename) and _full_safetensors.armed:
+            Path(filename).write_bytes(b"\0" * 100)  # what was written before the disk filled
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, filename, *a, **kw)
+
+    return save
+
+
+def _full_fsync(real):
+    def fsync(fd):
+        if _full_safetensors.armed and f"{os.sep}.tmp-step-" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # delayed allocation: the error surfaces at fsync
+        return real(fd)
+
+    return fsync
+
+
+@pytest.mark.parametrize("where", ["safetensors", "fsync"])
+def test_disk_full_during_a_checkpoint_write_is_one_line_and_keeps_the_previous(where, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    _full_safetensors.armed = False
+    if where == "safetensors":
+        monkeypatch.setattr(checkpoint, "save_file", _full_safetensors(checkpoint.save_file))
+    else:
+        monkeypatch.setattr(os, "fsync", _full_fsync(os.fsync))
+    real_write = checkpoint.write
+
+    def write(run_dir, step, *a, **kw):
+        _full_safetensors.armed = step == 4  # the disk fills up after step-3, the first epoch's end
+        return real_write(run_dir, step, *a, **kw)
+
+    monkeypatch.setattr(checkpoint, "write", write)
+    capsys.readouterr()
+    code = cli.main(["train", "--out", str(run), *TINY])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("fastafd: error: ") and "disk full" in err and "step-000000003" in err
+    assert not list((run / checkpoint.CKPT_DIR).glob(".tmp-*"))  # nothing half-written left behind
+    assert [p.name for p in checkpoint.list_checkpoints(run)] == ["step-000000003", "step-000000002", "step-000000001"]
+    assert checkpoint.latest_valid(run).step == 3
+    monkeypatch.setattr(checkpoint, "write", real_write)  # space freed: the same command resumes
+    _full_safetensors.armed = False
+    assert cli.main(["train", "--out", str(run), *TINY]) == 0
+    assert epochs(run) == [1, 2] and checkpoint.latest_valid(run).step == 6
+
+
+def test_disk_full_elsewhere_in_the_run_folder_is_one_line(tmp_path, capsys, monkeypatch):
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "run" / rundir.METRICS_FILE))
+
+    monkeypatch.setattr(rundir, "append_jsonl", full)
+    case = Case("disk-full-metrics", lambda tmp: ["train", "--out", str(tmp / "run"), *TINY], needle="disk full", code=1,
+                frozen=lambda tmp: [])
+    line = run_case(case, tmp_path, capsys)
+    assert rundir.METRICS_FILE in line
