@@ -65,6 +65,20 @@ def check_options(args: Sequence[str], valid: set[str], command: str) -> None:
         raise UserError(f"unknown option --{key}. {hint} See `{PROG} {command} --help`.")
 
 
+def option_values(args: Sequence[str], name: str) -> list[str]:
+    """The values given to option ``--name`` in ``args`` (as ``--name V`` or ``--name=V``; dashes or underscores)."""
+    values = []
+    for i, arg in enumerate(args):
+        key, eq, value = arg.partition("=")
+        if not key.startswith("--") or key[2:].replace("-", "_") != name:
+            continue
+        if eq:
+            values.append(value)
+        elif i + 1 < len(args):
+            values.append(args[i + 1])
+    return values
+
+
 def _one_line(text: str) -> str:
     """First section of a tyro error box, as one line."""
     lines = []
@@ -118,9 +132,16 @@ def cmd_train(argv: Sequence[str]) -> int:
         raise UserError(f"{e} (see `{PROG} train --help`)") from None
     base = recipes.get(known.recipe)
     if known.data is not None:
+        if given := option_values(rest, "data.root"):
+            raise UserError(f"--data {known.data} and --data.root {given[0]} both name the dataset folder: pass one of them")
         rest = ["--data.root", known.data, *rest]
     if known.profile is not None:
+        if option_values(rest, "log.profile"):
+            raise UserError("--profile and --log.profile both give the profiled steps: pass one of them")
         rest = ["--log.profile", *known.profile, *rest]
+    if any(not v.strip() for v in option_values(rest, "out")):
+        raise UserError("--out is empty (it would write the run into the current folder): give the run folder, e.g. --out runs/my-run, "
+                        "or leave --out out for runs/<recipe>-<date>-<time>")
     check_options(rest, option_names(TrainConfig), "train")
     cfg = tyro_parse(TrainConfig, rest, default=base, prog=f"{PROG} train", description=TRAIN_HELP)
     cfg.recipe = known.recipe

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from fastafd import atomic
 from fastafd.config import TrainConfig, to_dict
+from fastafd.errors import UserError
 
 CONFIG_FILE = "config.json"
 ENV_FILE = "env.json"
@@ -23,6 +24,22 @@ _PACKAGES = ("fastafd", "torch", "torchvision", "timm", "accelerate", "nvidia-da
 
 def default_run_dir(recipe: str) -> Path:
     return Path("runs") / f"{recipe}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+
+
+def check_out(out: Path | None, data_root: Path | None) -> None:
+    """Refuse an ``--out`` that cannot be a run folder, before anything is built or written: a file, or
+    the dataset folder or a folder inside it (the run's files would become part of the data: a new
+    class folder, say)."""
+    if out is None:
+        return
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder: pass a folder for the run (new or one to resume)")
+    if data_root is not None:
+        o, d = out.resolve(), Path(data_root).resolve()
+        if o == d or d in o.parents:
+            raise UserError(f"--out {out} is inside the dataset folder {data_root}: its files would become part of the data; "
+                            "pass a folder outside it, e.g. --out runs/my-run")
 
 
 def git_sha() -> str:

@@ -95,6 +95,7 @@ def train(cfg: TrainConfig) -> Path | None:
 
 def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path | None:
     started = time.perf_counter()
+    rundir.check_out(cfg.out, cfg.data.root)  # before the data is built
     s = build_session(cfg)
     rt, task = s.rt, s.task
     steps_per_epoch = len(s.train_loader)

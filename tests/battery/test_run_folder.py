@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from fastafd import checkpoint, cli, rundir, runlock
 from tests.battery.harness import Case, run_case
+from tests.helpers import grey_folder
 
 TINY = [
     "--model.peers", "cifar_resnet8", "cifar_resnet8",
@@ -102,6 +103,21 @@ def corrupt(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def data_folder(tmp: Path) -> Path:
+    """A tiny ImageNet-layout folder (2 classes of 4 grey images, 2 validation images each)."""
+    grey_folder(tmp / "data", train=(4, 4), val=(2, 2))
+    return tmp / "data"
+
+
+FOLDER = ["--model.peers", "cifar_resnet8", "cifar_resnet8", "--data.batch_size", "2", "--data.image_size", "32",
+          "--loop.epochs", "1", "--loop.max_steps_per_epoch", "1", "--log.tensorboard", "off", "--log.progress", "off"]
+
+
+def train_args(*extra: str):
+    """A case's build: a new tiny run in tmp/run with ``extra`` options."""
+    return lambda tmp: ["train", "--out", str(tmp / "run"), *TINY, *extra]
+
+
 def with_run(change=None, *extra: str):
     """A case's build: a copy of the module's trained run (changed by ``change``), resumed for a third epoch."""
 
@@ -144,6 +160,29 @@ CASES = [
     Case("other-batch-size-mid-epoch", with_run(drop_newest, "--data.batch_size", "8"), needle="mid-epoch"),
     Case("other-image-size-mid-epoch", with_run(drop_newest, "--data.image_size", "40"), needle="data.image_size: 32 -> 40"),
     Case("other-seed-mid-epoch", with_run(drop_newest, "--system.seed", "1"), needle="system.seed: 0 -> 1"),
+    # accepted before, meaningless
+    *[Case(f"{option}-{value}", train_args(f"--{option}", value), needle=f"{option}={value}")
+      for option in ("method.temperature", "optim.lr", "adv_optim.lr") for value in ("nan", "inf")],
+    Case("kl-weight-nan", train_args("--method.kl_weight", "nan"), needle="method.kl_weight=nan"),
+    Case("momentum-nan", train_args("--optim.momentum", "nan"), needle="optim.momentum=nan"),
+    Case("weight-decay-inf", train_args("--optim.weight_decay", "inf"), needle="optim.weight_decay=inf"),
+    Case("std-zero", train_args("--data.std", "0.2", "0", "0.2"), needle="data.std"),
+    Case("std-negative", train_args("--data.std", "0.2", "-0.2", "0.2"), needle="data.std"),
+    Case("mean-nan", train_args("--data.mean", "0.5", "nan", "0.5"), needle="data.mean"),
+    Case("hflip-two", train_args("--data.hflip", "2"), needle="data.hflip=2.0 must be a probability in [0, 1]"),
+    Case("hflip-negative", train_args("--data.hflip", "-0.5"), needle="data.hflip=-0.5"),
+    Case("drop-rate-one", train_args("--model.drop_rate", "1"), needle="model.drop_rate=1.0"),
+    Case("out-empty", lambda tmp: ["train", "--out", "", *TINY], needle="--out is empty"),
+    Case("out-empty-equals", lambda tmp: ["train", "--out=", *TINY], needle="--out is empty"),
+    Case("out-is-the-data-folder", lambda tmp: ["train", "--data", str(data_folder(tmp)), "--out", str(tmp / "data"), *FOLDER],
+         needle="inside the dataset folder"),
+    Case("out-inside-the-data-folder", lambda tmp: ["train", "--data", str(data_folder(tmp)), "--out", str(tmp / "data" / "train" / "run"),
+                                                    *FOLDER], needle="inside the dataset folder"),
+    Case("data-and-data-root", lambda tmp: ["train", "--data", str(data_folder(tmp)), "--data.root", str(tmp / "other"),
+                                            "--out", str(tmp / "run"), *FOLDER], needle="both name the dataset folder"),
+    Case("data-and-data-root-equals", lambda tmp: ["train", f"--data.root={data_folder(tmp)}", "--data", str(tmp / "other"),
+                                                   "--out", str(tmp / "run"), *FOLDER], needle="both name the dataset folder"),
+    Case("profile-and-log-profile", train_args("--profile", "1", "2", "--log.profile", "3", "4"), needle="both give the profiled steps"),
     # where the run or the export goes
     Case("out-is-a-file", lambda tmp: (tmp / "notes.txt").write_text("mine") and ["train", "--out", str(tmp / "notes.txt"), *TINY],
          needle="is a file"),
