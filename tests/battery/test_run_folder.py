@@ -264,6 +264,28 @@ def test_a_failed_start_releases_the_lock_and_leaves_no_new_folder(tmp_path, cap
     assert epochs(run) == [1] and not (run / runlock.LOCK_FILE).exists()
 
 
+@pytest.mark.distributed
+def test_a_held_lock_stops_every_rank_of_a_two_process_run_promptly(tmp_path):
+    """Rank 0 takes the lock and tells the others: without that, rank 1 would train on and wait for it."""
+    from tests.e2e.test_launch import RUN_SH
+    from tests.e2e.test_launch import env as launch_env
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = runlock.RunLock(run)
+    lock.acquire()
+    try:
+        proc = subprocess.run([str(RUN_SH), *TINY, "--out", str(run)], env={**launch_env(tmp_path, NPROC=2), "PYTHONPATH": env()["PYTHONPATH"],
+                                                                     "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])},
+                              capture_output=True, text=True, timeout=240)
+    finally:
+        lock.release()
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("fastafd: error: ")]
+    assert len(lines) == 2 and all(f"pid {os.getpid()}" in line for line in lines), proc.stderr[-3000:]
+    assert sorted(p.name for p in run.iterdir()) == []
+
+
 @pytest.mark.parametrize("writer", ["write_json", "truncate_metrics", "save_weights", "best"])
 def test_temporary_names_are_unique_so_interleaved_writers_never_collide(writer, tmp_path, monkeypatch):
     """A second writer of the same file runs between the first one's write and its rename (what
