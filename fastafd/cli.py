@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import errno
 import io
 import json
 import os
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from tyro.conf import Positional
 
+from fastafd import atomic
 from fastafd.errors import RunStopped, UserError
 
 PROG = "fastafd"
@@ -61,6 +63,20 @@ def check_options(args: Sequence[str], valid: set[str], command: str) -> None:
         if siblings:
             hint += f" valid options of --{group[:-1]}: {', '.join(siblings)}."
         raise UserError(f"unknown option --{key}. {hint} See `{PROG} {command} --help`.")
+
+
+def option_values(args: Sequence[str], name: str) -> list[str]:
+    """The values given to option ``--name`` in ``args`` (as ``--name V`` or ``--name=V``; dashes or underscores)."""
+    values = []
+    for i, arg in enumerate(args):
+        key, eq, value = arg.partition("=")
+        if not key.startswith("--") or key[2:].replace("-", "_") != name:
+            continue
+        if eq:
+            values.append(value)
+        elif i + 1 < len(args):
+            values.append(args[i + 1])
+    return values
 
 
 def _one_line(text: str) -> str:
@@ -116,9 +132,16 @@ def cmd_train(argv: Sequence[str]) -> int:
         raise UserError(f"{e} (see `{PROG} train --help`)") from None
     base = recipes.get(known.recipe)
     if known.data is not None:
+        if given := option_values(rest, "data.root"):
+            raise UserError(f"--data {known.data} and --data.root {given[0]} both name the dataset folder: pass one of them")
         rest = ["--data.root", known.data, *rest]
     if known.profile is not None:
+        if option_values(rest, "log.profile"):
+            raise UserError("--profile and --log.profile both give the profiled steps: pass one of them")
         rest = ["--log.profile", *known.profile, *rest]
+    if any(not v.strip() for v in option_values(rest, "out")):
+        raise UserError("--out is empty (it would write the run into the current folder): give the run folder, e.g. --out runs/my-run, "
+                        "or leave --out out for runs/<recipe>-<date>-<time>")
     check_options(rest, option_names(TrainConfig), "train")
     cfg = tyro_parse(TrainConfig, rest, default=base, prog=f"{PROG} train", description=TRAIN_HELP)
     cfg.recipe = known.recipe
@@ -249,6 +272,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserError, RunStopped) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"{PROG}: error: {atomic.describe(e.errno)}{where}: free space (or fix the file system), then run the same command "
+              "again (a run resumes from its last checkpoint)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -8,6 +8,7 @@ values marked "(ours)" are fastafd's decisions where the paper is silent (see ``
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -15,6 +16,12 @@ from typing import Literal
 from fastafd.errors import UserError
 
 METHODS = ("independent", "dml", "l1", "l2", "afd")
+
+
+def _check(name: str, value: float, ok: bool, want: str) -> None:
+    """Refuse ``value`` unless it is finite and ``ok`` (NaN and inf compare False or True in surprising ways)."""
+    if not (math.isfinite(value) and ok):
+        raise UserError(f"{name}={value} must be {want}")
 
 
 @dataclass
@@ -41,6 +48,7 @@ class ModelConfig:
             raise UserError("model.peers is empty: give at least one timm model name, e.g. --model.peers resnet18 resnet18")
         if self.num_classes < 0:
             raise UserError(f"model.num_classes={self.num_classes} is negative: use 0 (from the data) or the class count")
+        _check("model.drop_rate", self.drop_rate, 0 <= self.drop_rate < 1, "a dropout probability in [0, 1), e.g. 0.2")
 
     @property
     def k(self) -> int:
@@ -68,8 +76,10 @@ class MethodConfig:
     """afd: sequential re-runs the feature extractors after the logit step (AFD.md default); simultaneous reuses one forward pass for both stages (faster, a deviation; see README)."""
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise UserError(f"method.temperature={self.temperature} must be > 0, e.g. --method.temperature 3")
+        _check("method.temperature", self.temperature, self.temperature > 0, "a finite number > 0, e.g. --method.temperature 3")
+        for name in ("kl_weight", "feature_weight"):
+            value = getattr(self, name)
+            _check(f"method.{name}", value, value >= 0, "a finite number >= 0, e.g. 1")
 
 
 @dataclass
@@ -111,12 +121,22 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         self.milestones = tuple(self.milestones)
-        if self.lr <= 0:
-            raise UserError(f"learning rate {self.lr} must be > 0")
+        self.betas = tuple(self.betas)
         if any(not 0 < m <= 1 for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
             raise UserError(f"milestones {self.milestones} must be increasing fractions of training in (0, 1], e.g. 0.5 0.75")
         if self.warmup_epochs < 0:
             raise UserError(f"warmup_epochs={self.warmup_epochs} must be >= 0")
+
+    def check(self, section: str) -> None:
+        """Refuse NaN, inf and out-of-range values; ``section`` (optim, adv_optim) names the options.
+        Called by :class:`TrainConfig`, which knows which stage this is."""
+        _check(f"{section}.lr", self.lr, self.lr > 0, "a finite learning rate > 0, e.g. 0.1")
+        _check(f"{section}.momentum", self.momentum, 0 <= self.momentum < 1, "in [0, 1), e.g. 0.9")
+        _check(f"{section}.weight_decay", self.weight_decay, self.weight_decay >= 0, "a finite number >= 0, e.g. 1e-4")
+        _check(f"{section}.gamma", self.gamma, self.gamma > 0, "a finite factor > 0, e.g. 0.1")
+        _check(f"{section}.warmup_epochs", self.warmup_epochs, self.warmup_epochs >= 0, "a finite number of epochs >= 0")
+        for beta in self.betas:
+            _check(f"{section}.betas", beta, 0 <= beta < 1, "two numbers in [0, 1), e.g. 0.9 0.999")
 
 
 def sgd_logit_stage() -> OptimConfig:
@@ -200,6 +220,12 @@ class DataConfig:
             self.exclude = Path(self.exclude)
         if self.crop_padding < 0:
             raise UserError(f"data.crop_padding={self.crop_padding} must be >= 0")
+        for m in self.mean:
+            _check("data.mean", m, True, f"three finite numbers (got {self.mean}), e.g. 0.485 0.456 0.406")
+        for sd in self.std:
+            _check("data.std", sd, sd > 0, f"three finite numbers > 0 (got {self.std}): normalisation divides by them")
+        if not 0 <= self.hflip <= 1:
+            raise UserError(f"data.hflip={self.hflip} must be a probability in [0, 1], e.g. 0.5 (0: no flips)")
         if self.format == "cifar100" and self.image_size > 32 + 2 * self.crop_padding:
             raise UserError(f"data.image_size={self.image_size} is larger than a padded CIFAR image "
                             f"(32 + 2 x {self.crop_padding}): use --data.image_size 32")
@@ -263,7 +289,7 @@ class CheckpointConfig:
     """Keep the newest this many checkpoints (the best by ensemble top-1 is kept in addition)."""
 
     resume: str = "auto"
-    """auto: continue from the newest valid checkpoint in --out if there is one; none: start fresh (refused if --out has checkpoints); or a checkpoint folder to continue from."""
+    """auto: continue from the newest valid checkpoint in --out if there is one (refused if --out has checkpoints and none of them loads); none: start a new run (refused if --out has checkpoints); fresh: start over from step 0 in --out even if it has checkpoints (say, all corrupt): its checkpoints, metrics.jsonl and tensorboard/ are first moved into <out>/previous-<date>-<time>/, nothing is deleted; or a checkpoint folder (or run folder) to continue from."""
 
     def __post_init__(self) -> None:
         if self.every_steps < 0 or self.keep < 1:
@@ -361,6 +387,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.out is not None:
             self.out = Path(self.out)
+        self.optim.check("optim")
+        self.adv_optim.check("adv_optim")
         needs_pair = self.method.name != "independent"
         if needs_pair and self.model.k < 2:
             raise UserError(

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
-from fastafd import checkpoint, rundir
+from safetensors import SafetensorError
+
+from fastafd import atomic, checkpoint, rundir
 from fastafd.errors import UserError
 
 
@@ -16,8 +19,15 @@ def export_peer(run: Path, peer: int, out: Path) -> dict:
     pretrained_cfg_overlay=dict(file=out))``; for a timm model whose default class count differs
     from N (e.g. resnet18 and its 1000 classes) add ``num_classes=N`` to the overlay too, or timm drops
     the classifier.
+
+    An existing ``out`` is replaced atomically (a unique temporary file, fsync, rename): a reader sees
+    the old file or the new one. An unwritable place is one line, and no temporary file is left.
     """
-    run = Path(run)
+    run, out = Path(run), Path(out)
+    if out.suffix != ".safetensors":
+        raise UserError(f"--out {out} must end in .safetensors (timm picks the loader by extension)")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder: pass a file name ending in .safetensors (an existing file is replaced)")
     cfg_path = run / rundir.CONFIG_FILE
     if not cfg_path.is_file():
         raise UserError(f"{run} is not a fastafd run directory (no {rundir.CONFIG_FILE}): pass the folder `fastafd train` wrote")
@@ -31,15 +41,26 @@ def export_peer(run: Path, peer: int, out: Path) -> dict:
     prefix = f"peers.{peer}."
     state = {k[len(prefix) :]: v for k, v in ckpt.tensors(checkpoint.MODEL).items() if k.startswith(prefix)}
     num_classes = int(json.loads((run / rundir.ENV_FILE).read_text())["dataset"]["num_classes"]) if not cfg["model"]["num_classes"] else int(cfg["model"]["num_classes"])
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise UserError(f"--out {out} must end in .safetensors (timm picks the loader by extension)")
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": names[peer], "num_classes": str(num_classes), "checkpoint": str(ckpt.path), "step": str(ckpt.step)}
-    checkpoint.save_weights(out, state, meta)
+    _write(out, state, meta)
     return {
         "file": str(out),
         **meta,
         "load": f"timm.create_model({names[peer]!r}, num_classes={num_classes}, pretrained=True, "
         f"pretrained_cfg_overlay=dict(file={str(out)!r}, num_classes={num_classes}))",
     }
+
+
+def _write(out: Path, state: dict, meta: dict[str, str]) -> None:
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.save_weights(out, state, meta)
+    except (OSError, SafetensorError) as e:
+        for path in created:  # deepest first: only what this call made, and only if still empty
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        code = atomic.io_errno(e)
+        if code is None:
+            raise
+        raise UserError(f"cannot write {out} ({atomic.describe(code)}): pass a writable --out") from None

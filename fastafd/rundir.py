@@ -5,14 +5,15 @@ from __future__ import annotations
 import datetime as dt
 import importlib.metadata
 import json
-import os
 import platform
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from fastafd import atomic
 from fastafd.config import TrainConfig, to_dict
+from fastafd.errors import UserError
 
 CONFIG_FILE = "config.json"
 ENV_FILE = "env.json"
@@ -23,6 +24,22 @@ _PACKAGES = ("fastafd", "torch", "torchvision", "timm", "accelerate", "nvidia-da
 
 def default_run_dir(recipe: str) -> Path:
     return Path("runs") / f"{recipe}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+
+
+def check_out(out: Path | None, data_root: Path | None) -> None:
+    """Refuse an ``--out`` that cannot be a run folder, before anything is built or written: a file, or
+    the dataset folder or a folder inside it (the run's files would become part of the data: a new
+    class folder, say)."""
+    if out is None:
+        return
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder: pass a folder for the run (new or one to resume)")
+    if data_root is not None:
+        o, d = out.resolve(), Path(data_root).resolve()
+        if o == d or d in o.parents:
+            raise UserError(f"--out {out} is inside the dataset folder {data_root}: its files would become part of the data; "
+                            "pass a folder outside it, e.g. --out runs/my-run")
 
 
 def git_sha() -> str:
@@ -47,14 +64,8 @@ def versions() -> dict[str, str]:
 
 
 def write_json(path: Path, obj: object) -> None:
-    """Write JSON atomically (temporary file, fsync, rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write JSON atomically (unique temporary file, fsync, rename: :mod:`fastafd.atomic`)."""
+    atomic.write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def create(run_dir: Path, cfg: TrainConfig, extra: dict) -> None:
@@ -73,6 +84,28 @@ def create(run_dir: Path, cfg: TrainConfig, extra: dict) -> None:
     write_json(run_dir / ENV_FILE, env)
 
 
+SET_ASIDE = ("checkpoints", METRICS_FILE, "tensorboard")
+"""What ``checkpoint.resume=fresh`` moves out of the way: the earlier run's checkpoints, metrics and TensorBoard events."""
+
+
+def set_aside(run_dir: Path) -> Path | None:
+    """Move an earlier run's files (:data:`SET_ASIDE`) into ``run_dir/previous-<date>-<time>/``; nothing is
+    deleted. Returns that folder (None: nothing to move)."""
+    run_dir = Path(run_dir)
+    present = [run_dir / name for name in SET_ASIDE if (run_dir / name).exists()]
+    if not present:
+        return None
+    stamp = f"previous-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    dest, n = run_dir / stamp, 1
+    while dest.exists():
+        n += 1
+        dest = run_dir / f"{stamp}-{n}"
+    dest.mkdir()
+    for path in present:
+        path.rename(dest / path.name)
+    return dest
+
+
 def append_metrics(run_dir: Path, row: dict) -> None:
     append_jsonl(Path(run_dir) / METRICS_FILE, row)
 
@@ -88,11 +121,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def truncate_metrics(run_dir: Path, before_epoch: int) -> None:
-    """Drop metrics rows of epoch >= ``before_epoch`` (written by a run killed after its last checkpoint)."""
+    """Drop metrics rows of epoch >= ``before_epoch`` (written by a run killed after its last checkpoint,
+    or, with ``before_epoch=1``, before its first)."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return
     rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] < before_epoch]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(r + "\n" for r in rows))
-    os.replace(tmp, path)
+    atomic.write_text(path, "".join(r + "\n" for r in rows))

@@ -22,8 +22,19 @@ from fastafd.errors import UserError
 from fastafd.metrics import RunningMeans
 from fastafd.steps import Stage
 
-STRUCTURAL = ("model.peers", "model.num_classes", "model.pretrained", "method.name")
-"""Config fields that change what the checkpoint's tensors mean: resuming with other values is refused."""
+STRUCTURAL = ("model.peers", "model.num_classes", "model.pretrained", "method.name", "optim.name")
+"""Config fields that change what the checkpoint's tensors mean: resuming with other values is refused
+(``optim.name``: SGD's momentum buffers are not Adam's moments)."""
+
+AFD_STRUCTURAL = ("adv_optim.name",)
+"""Refused too when the checkpoint's method is afd, the one with a feature-map optimizer stage."""
+
+READER = ("data.", "system.seed")
+"""Config fields the training reader's position depends on (file list, order, batch, augmentation):
+refused when the checkpoint is in the middle of an epoch, allowed at an epoch end..."""
+
+NOT_READER = ("data.val_batch_size", "data.val_crop_ratio", "data.num_threads", "data.decode_device")
+"""...except these, which only touch evaluation or speed."""
 
 
 @dataclass
@@ -151,6 +162,7 @@ def restore(
     for name, stage in stages.items():
         meta = st["stages"][name]
         sd = checkpoint.optimizer_from_safe(optim, meta["optimizer"], name)
+        checkpoint.check_optimizer_state(ckpt, name, sd, stage.optimizer)
         sd["param_groups"] = stage.optimizer.state_dict()["param_groups"]  # hyper-parameters: this run's config
         stage.optimizer.load_state_dict(sd)
         match_parameter_layout(stage.optimizer)
@@ -182,13 +194,37 @@ def match_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
                     st[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
-def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
-    """(refused, allowed) differences between a checkpoint's config and this run's, as 'key: old -> new'."""
+def config_changes(old: dict, new: dict, *, mid_epoch: bool = False) -> tuple[list[str], list[str]]:
+    """(refused, allowed) differences between a checkpoint's config and this run's, as 'key: old -> new'.
+
+    ``mid_epoch``: the checkpoint is inside an epoch, so changes of :data:`READER` fields are refused
+    (the saved reader position and augmentation state mean nothing for other data).
+    """
+    structural = STRUCTURAL + (AFD_STRUCTURAL if old.get("method", {}).get("name") == "afd" else ())
     refused, allowed = [], []
     for key, (a, b) in _flat_diff(old, new).items():
         if key in ("out", "recipe", "checkpoint.resume"):
             continue
-        (refused if key in STRUCTURAL else allowed).append(f"{key}: {a!r} -> {b!r}")
+        moves_reader = mid_epoch and key.startswith(READER) and key not in NOT_READER
+        (refused if key in structural or moves_reader else allowed).append(f"{key}: {a!r} -> {b!r}")
+    return refused, allowed
+
+
+DATASET_KEYS = ("num_classes", "source", "root", "train_size", "val_size")
+"""The dataset summary a checkpoint records (``state.json``'s ``data``) and resume compares."""
+
+
+def data_changes(old: dict | None, new: dict, *, mid_epoch: bool = False) -> tuple[list[str], list[str]]:
+    """(refused, allowed) differences between the dataset a checkpoint was trained on and this run's,
+    as 'dataset key: old -> new'. Another class count is always refused (the classifiers' size);
+    another training set mid-epoch too. ``old`` None: a checkpoint from before fastafd recorded it."""
+    if old is None:
+        return [], []
+    refused, allowed = [], []
+    for key in DATASET_KEYS:
+        a, b = old.get(key), new.get(key)
+        if a != b:
+            (refused if key == "num_classes" or (mid_epoch and key != "val_size") else allowed).append(f"dataset {key}: {a!r} -> {b!r}")
     return refused, allowed
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastafd import checkpoint, compile_cache, dist, faults, observe, preempt, rundir, state
+from fastafd import checkpoint, compile_cache, dist, faults, observe, preempt, rundir, runlock, state
 from fastafd.config import TrainConfig, to_dict
 from fastafd.data import DatasetInfo, build_data
 from fastafd.errors import RunStopped, UserError
@@ -101,8 +102,18 @@ def _epoch_row(epoch: int, step: int, time_s: float, images: int, means: dict, s
 
 
 def train(cfg: TrainConfig) -> Path | None:
-    """Train ``cfg`` (continuing from a checkpoint when there is one); returns the run directory (None: dry run)."""
+    """Train ``cfg`` (continuing from a checkpoint when there is one); returns the run directory (None: dry run).
+
+    The run folder is locked (rank 0, :mod:`fastafd.runlock`) from before its checkpoints are read
+    until this returns or raises: one run per folder.
+    """
+    with contextlib.ExitStack() as held:
+        return _train(cfg, held)
+
+
+def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path | None:
     started = time.perf_counter()
+    rundir.check_out(cfg.out, cfg.data.root)  # before the data is built
     s = build_session(cfg)
     rt, task = s.rt, s.task
     steps_per_epoch = len(s.train_loader)
@@ -121,15 +132,17 @@ def train(cfg: TrainConfig) -> Path | None:
     if cfg.loop.dry_run:
         return _dry_run(s, stages, steps_per_epoch)
     run_dir = cfg.out or rundir.default_run_dir(cfg.recipe)
+    held.enter_context(runlock.hold(run_dir, rank=rt.rank, world_size=rt.world_size))  # before anything is read or written
     if rt.compile:  # before the first compile: a requeued job finds its kernels in the run folder
         compile_cache.enable(cfg.system.compile_cache or run_dir / "compile_cache")
     meter = RunningMeans()
     pos, ckpt = _resume(cfg, s, stages, meter, run_dir)
     if rt.is_main:
+        if cfg.checkpoint.resume == "fresh" and (aside := rundir.set_aside(run_dir)) is not None:
+            observe.write(f"starting over in {run_dir}: the earlier checkpoints, metrics and TensorBoard files are in {aside}")
         extra = {"resumed_from": str(ckpt.path) if ckpt else None}
         rundir.create(run_dir, cfg, {"world_size": rt.world_size, "device": str(rt.device), "dataset": _info_dict(s.info), **extra})
-        if ckpt is not None:
-            rundir.truncate_metrics(run_dir, before_epoch=pos.epoch)
+        rundir.truncate_metrics(run_dir, before_epoch=pos.epoch)  # from scratch: rows of a run killed before its first checkpoint
     obs = _Observers(
         scalars=observe.Scalars(run_dir, task.names, to_dict(cfg), purge_step=pos.step if ckpt else None) if rt.is_main and use_tensorboard else None,
         profiler=observe.Profiler(cfg.log.profile, run_dir / observe.PROFILE_DIR, rank=rt.rank, device=rt.device, first_step=pos.step),
@@ -186,19 +199,36 @@ def _resume(cfg: TrainConfig, s: Session, stages: dict[str, Stage], meter: Runni
     ckpt = checkpoint.resolve(cfg.checkpoint.resume, run_dir if cfg.out is not None else None)
     if ckpt is None:
         return start, None
-    refused, allowed = state.config_changes(ckpt.state["config"], to_dict(cfg))
+    mid_epoch = int(ckpt.state["epoch_step"]) > 0
+    refused, allowed = state.config_changes(ckpt.state["config"], to_dict(cfg), mid_epoch=mid_epoch)
+    data_refused, data_allowed = state.data_changes(ckpt.state.get("data"), _info_dict(s.info), mid_epoch=mid_epoch)
+    refused, allowed = refused + data_refused, allowed + data_allowed
     if refused:
+        _, at_epoch_end = state.config_changes(ckpt.state["config"], to_dict(cfg))  # allowed if it were not mid-epoch
+        hint = ""
+        if mid_epoch and any(c in at_epoch_end or c.startswith(("dataset train_size", "dataset root", "dataset source")) for c in refused):
+            hint = (
+                f" {ckpt.path.name} is mid-epoch (epoch {ckpt.state['epoch']}, step {ckpt.state['epoch_step']} of it) and its saved "
+                "reader position belongs to the old data: change the data at an epoch end (resume with the old settings until then, "
+                "or pass an epoch-end checkpoint folder to --checkpoint.resume)."
+            )
         raise UserError(
-            f"cannot resume from {ckpt.path}: the config differs in {'; '.join(refused)}. "
-            "Use the checkpoint's settings, or another --out (or --checkpoint.resume none) to start a new run"
+            f"cannot resume from {ckpt.path}: this run differs from it in {'; '.join(refused)}.{hint} "
+            "Use the checkpoint's settings, or another --out to start a new run (or --checkpoint.resume fresh to start over in this folder)"
         )
     same_schedule = not any(c.startswith(("optim.", "adv_optim.", "loop.epochs", "loop.max_steps_per_epoch", "data.batch_size")) for c in allowed)
     rt = s.rt
-    pos = state.restore(
-        ckpt, s.task, stages, s.train_loader, meter, rank=rt.rank, world_size=rt.world_size, device=rt.device, same_schedule=same_schedule
-    )
+    try:
+        pos = state.restore(
+            ckpt, s.task, stages, s.train_loader, meter, rank=rt.rank, world_size=rt.world_size, device=rt.device, same_schedule=same_schedule
+        )
+    except (KeyError, TypeError, ValueError, IndexError) as e:  # state.json's values (not its shape, checked on load) do not fit
+        raise UserError(
+            f"cannot restore {ckpt.path} ({type(e).__name__}: {e}): its state.json does not fit this run (edited by hand?); "
+            "resume from an older checkpoint (pass its folder to --checkpoint.resume) or start over with --checkpoint.resume fresh"
+        ) from None
     if rt.is_main:
-        changes = f"; config changes: {'; '.join(allowed)}" if allowed else ""
+        changes = f"; changes: {'; '.join(allowed)}" if allowed else ""
         observe.write(f"resuming from {ckpt.path} at epoch {pos.epoch}, step {pos.step}{changes}")
     return pos, ckpt
 
@@ -246,6 +276,7 @@ class _Run:
         with observe.trace_range("checkpoint"):
             dist.average_buffers(s.task)
             tensors, st = state.capture(s.task, self.stages, s.train_loader, meter, pos, to_dict(s.cfg), s.rt.device)
+            st["data"] = _info_dict(s.info)  # a resume compares it with its own data (class count, training set)
             if s.rt.is_main:
                 checkpoint.write(self.run_dir, pos.step, tensors, st, keep=s.cfg.checkpoint.keep, metric=metric)
             s.rt.accelerator.wait_for_everyone()

@@ -1,6 +1,7 @@
 """Checkpoint files: atomic writes, manifests, pruning, optimizer round trip, no pickle."""
 
 import json
+import subprocess
 import warnings
 
 import pytest
@@ -9,10 +10,14 @@ import torch
 from fastafd import checkpoint
 from fastafd.errors import UserError
 
+STATE = {"epoch": 1, "epoch_step": 0, "stages": {}, "guard": {}, "meter": {}, "config": {},
+         "ranks": [{"rng": {"python": [3, [0], None], "numpy": ["MT19937", [0], 0, 0, 0.0], "torch": ""}, "loader": None}]}
+"""The smallest state.json that loads (one process, no optimizer stages)."""
+
 
 def _write(run, step, keep=3, metric=None, value=1.0):
     tensors = {checkpoint.MODEL: {"w": torch.full((4,), value)}, checkpoint.OPTIM: {"s/0/m": torch.zeros(2)}}
-    return checkpoint.write(run, step, tensors, {"epoch": 1, "epoch_step": 0, "config": {}}, keep=keep, metric=metric)
+    return checkpoint.write(run, step, tensors, STATE, keep=keep, metric=metric)
 
 
 def test_write_is_complete_and_verifies(tmp_path):
@@ -43,12 +48,40 @@ def test_truncated_latest_falls_back_with_a_warning_naming_the_file(tmp_path):
     assert ckpt.step == 1 and torch.equal(ckpt.tensors(checkpoint.MODEL)["w"], torch.ones(4))
 
 
+def test_the_warning_names_the_checkpoint_used_instead(tmp_path):
+    _write(tmp_path, 1, value=1.0)
+    bad = [_write(tmp_path, step) / checkpoint.MODEL for step in (2, 3)]
+    for path in bad:
+        path.write_bytes(path.read_bytes()[:20])
+    with pytest.warns(UserWarning) as caught:
+        assert checkpoint.latest_valid(tmp_path).step == 1
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2
+    for path, message in zip(reversed(bad), messages):
+        assert str(path) in message and "using step-000000001 instead" in message
+        assert "previous one" not in message
+
+
+def test_no_valid_checkpoint_is_one_line_listing_each(tmp_path):
+    for step in (1, 2):
+        bad = _write(tmp_path, step) / checkpoint.STATE
+        bad.write_text("{")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "using the previous one" when there is none
+        with pytest.raises(UserError) as e:
+            checkpoint.latest_valid(tmp_path)
+    message = str(e.value)
+    assert "none of the 2 checkpoints" in message and "step-000000002: " in message and "step-000000001: " in message
+
+
 def test_unfinished_write_is_ignored_and_cleaned(tmp_path):
     _write(tmp_path, 1)
     partial = tmp_path / "checkpoints" / "step-000000002"
     partial.mkdir()
     (partial / checkpoint.MODEL).write_bytes(b"partial")
-    stale = tmp_path / "checkpoints" / ".tmp-step-000000003-123"
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a writer killed mid-write: its pid names no process any more
+    stale = tmp_path / "checkpoints" / f".tmp-step-000000003-{dead.pid}-0badc0de"
     stale.mkdir()
     with pytest.warns(UserWarning, match="MANIFEST.json is missing"):
         assert checkpoint.latest_valid(tmp_path).step == 1
