@@ -24,7 +24,7 @@ from pathlib import Path
 from tyro.conf import Positional
 
 from fastafd import atomic
-from fastafd.errors import RunStopped, UserError
+from fastafd.errors import RunStopped, Stopped, UserError
 
 PROG = "fastafd"
 
@@ -258,6 +258,17 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def _fail(line: str, code: int) -> int:
+    """Print the one line (rank 0 only, when several processes run under ``fastafd.launch``, which reports the
+    others' lines itself: one line per run instead of one per rank) and return the exit code."""
+    from fastafd.launch import record_error
+
+    rank0 = os.environ.get("RANK", "0") == "0"
+    if not record_error(line, code, printed=rank0) or rank0:
+        print(line, file=sys.stderr)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -270,15 +281,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError(f"unknown command '{name}'{f': did you mean {close[0]}?' if close else ''} Commands: {', '.join(COMMANDS)}")
         return COMMANDS[name][0](rest)
     except (UserError, RunStopped) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return e.exit_code
+        return _fail(f"{PROG}: error: {e}", e.exit_code)
+    except Stopped as e:
+        return _fail(f"{PROG}: {e}", e.exit_code)
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
             raise
         where = f" writing {e.filename}" if e.filename else ""
-        print(f"{PROG}: error: {atomic.describe(e.errno)}{where}: free space (or fix the file system), then run the same command "
-              "again (a run resumes from its last checkpoint)", file=sys.stderr)
-        return 1
+        return _fail(f"{PROG}: error: {atomic.describe(e.errno)}{where}: free space (or fix the file system), then run the same command "
+                     "again (a run resumes from its last checkpoint)", 1)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as tdist
@@ -34,6 +35,8 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from fastafd.config import SystemConfig
 from fastafd.errors import UserError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -290,10 +293,46 @@ def peer_watch(rt: Runtime, timeout_s: float) -> PeerWatch | None:
     return PeerWatch(rt.rank, rt.world_size, timeout_s=timeout_s) if _distributed() else None
 
 
-def all_reduce_max_flag(flag: bool, device: torch.device) -> bool:
-    """True on every rank if ``flag`` is True on any rank (one tiny all-reduce: a host sync)."""
+def local_main_first(rt: Runtime, fn: Callable[[], T]) -> T:
+    """``fn()`` on each node's local main process first (it may download or generate data), then on the others.
+
+    Unlike accelerate's ``local_main_process_first`` (a barrier), a failure on a local main is not left
+    to the waiting ranks as a transport error and a traceback each: every rank learns it through one
+    ``all_gather_object`` and raises it as its own one-line :class:`UserError` (the launcher prints only
+    rank 0's), so a bad ``--data`` gives one line however many processes run.
+    """
     if not _distributed():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return fn()
+    error: str | None = None
+    result = None
+    if rt.local_rank == 0:
+        try:
+            result = fn()
+        except UserError as e:
+            error = str(e)
+            raise
+        except Exception as e:
+            error = f"rank {rt.rank} failed to open the data ({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}): see its log"
+            raise
+        finally:
+            _share_error(error)
+        return result  # type: ignore[return-value]
+    errors = _share_error(None)
+    if (first := next((e for e in errors if e), None)) is not None:
+        raise UserError(first)
+    return fn()
+
+
+def _share_error(error: str | None) -> list[str | None]:
+    out: list = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, error)
+    return out
+
+
+def all_reduce_max(value: float, device: torch.device) -> float:
+    """The largest ``value`` over all ranks, on every rank (one tiny all-reduce: a host sync)."""
+    if not _distributed():
+        return value
+    t = torch.tensor([value], device=device, dtype=torch.float32)
     tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-    return bool(t.item())
+    return float(t.item())

@@ -23,3 +23,11 @@ class RunStopped(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(message.split()))
+
+
+class Stopped(Exception):
+    """A run stopped on request (SIGTERM) after writing its checkpoint: one line (not an error), exit 128 + signal."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(" ".join(message.split()))
+        self.exit_code = exit_code

@@ -15,7 +15,7 @@ import torch
 from fastafd import checkpoint, compile_cache, dist, faults, observe, preempt, rundir, runlock, state
 from fastafd.config import TrainConfig, to_dict
 from fastafd.data import DatasetInfo, build_data
-from fastafd.errors import RunStopped, UserError
+from fastafd.errors import RunStopped, Stopped, UserError
 from fastafd.evaluate import evaluate
 from fastafd.methods import Numerics, Task, build_task
 from fastafd.metrics import RunningMeans
@@ -50,18 +50,12 @@ def build_session(cfg: TrainConfig) -> Session:
         torch.use_deterministic_algorithms(True, warn_only=True)
     if rt.device.type == "cuda":  # fixed shapes (the last partial batch is dropped): let cuDNN pick its kernels once
         torch.backends.cudnn.benchmark = not cfg.system.deterministic
+    train_loader, val_loader, info = dist.local_main_first(rt, lambda: build_data(
+        cfg.data, rank=rt.rank, world_size=rt.world_size, local_rank=rt.local_rank, device=rt.device, seed=cfg.system.seed,
+        channels_last=rt.channels_last,
+    ))
     if rt.is_main and (warning := small_batch_warning(cfg.data.batch_size, rt.world_size)):
         observe.warn(warning)
-    with rt.accelerator.local_main_process_first():
-        train_loader, val_loader, info = build_data(
-            cfg.data,
-            rank=rt.rank,
-            world_size=rt.world_size,
-            local_rank=rt.local_rank,
-            device=rt.device,
-            seed=cfg.system.seed,
-            channels_last=rt.channels_last,
-        )
     if cfg.model.num_classes and cfg.model.num_classes != info.num_classes:
         raise UserError(
             f"model.num_classes={cfg.model.num_classes} but the data has {info.num_classes} classes: "
@@ -148,12 +142,12 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path | None:
         profiler=observe.Profiler(cfg.log.profile, run_dir / observe.PROFILE_DIR, rank=rt.rank, device=rt.device, first_step=pos.step),
     )
     observe.set_nvtx(rt.device.type == "cuda")
-    run = _Run(s, stages, run_dir, obs, steps_per_epoch, preempt.Preemption(), started)
+    run = _Run(s, stages, run_dir, obs, steps_per_epoch, preempt.Preemption(rt.world_size), started)
     watch, first_epoch = dist.peer_watch(rt, cfg.system.peer_timeout_s), pos.epoch
     try:
         for epoch in range(pos.epoch, cfg.loop.epochs + 1):
-            if epoch > first_epoch and run.preempt.should_stop(rt.device):  # the last epoch's checkpoint is written
-                raise preempt.Preempted(pos.step)
+            if epoch > first_epoch and (signum := run.preempt.should_stop(rt.device)):  # the last epoch's checkpoint is written
+                raise preempt.Preempted(pos.step, signum, saved=True)
             means, images, time_s, step, data_wait = _train_epoch(run, epoch, pos, meter)
             pos = state.Position(epoch=epoch + 1, epoch_step=0, step=step)
             meter = RunningMeans()
@@ -171,6 +165,8 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path | None:
                 observe.write(observe.epoch_summary(row, cfg.loop.epochs, means))
             run.save(pos, meter, metric=row["ensemble_top1"])
     except preempt.Preempted as stop:
+        if stop.signum != preempt.SIGNAL:  # SIGTERM: stop here, exit 128 + 15
+            raise Stopped(run.preempt.stop_line(stop.step, stop.signum, stop.saved), 128 + stop.signum) from None
         if rt.is_main:
             observe.write(run.preempt.requeue(stop.step))
     except BaseException as e:
@@ -270,9 +266,20 @@ class _Run:
     def guard(self) -> StepGuard:
         return next(iter(self.stages.values())).guard  # shared by all stages
 
-    def save(self, pos: state.Position, meter: RunningMeans, metric: float | None = None) -> None:
-        """Checkpoint (collective: every rank contributes its RNG and reader state; rank 0 writes)."""
+    def save(self, pos: state.Position, meter: RunningMeans, metric: float | None = None) -> bool:
+        """Checkpoint (collective: every rank contributes its RNG and reader state; rank 0 writes); False if withheld.
+
+        No checkpoint is written while a run of skipped steps is going on, nor with a non-finite weight
+        (the same decision on every rank: the flag and the weights are the same everywhere). In the
+        sequential order the first skipped iteration can already have applied its logit step before a
+        later stage's loss turned non-finite, so every checkpoint on disk precedes such an iteration,
+        and the newest one is always a good one to resume from.
+        """
         s = self.s
+        if (why := self._withhold()) is not None:
+            if s.rt.is_main:
+                observe.warn(f"no checkpoint at step {pos.step}: {why}; the newest checkpoint stays the last good one")
+            return False
         with observe.trace_range("checkpoint"):
             dist.average_buffers(s.task)
             tensors, st = state.capture(s.task, self.stages, s.train_loader, meter, pos, to_dict(s.cfg), s.rt.device)
@@ -280,6 +287,16 @@ class _Run:
             if s.rt.is_main:
                 checkpoint.write(self.run_dir, pos.step, tensors, st, keep=s.cfg.checkpoint.keep, metric=metric)
             s.rt.accelerator.wait_for_everyone()
+        return True
+
+    def _withhold(self) -> str | None:
+        """Why the state must not be saved now (host reads: checkpoint time only), or None."""
+        streak = int(self.guard.streak)
+        if streak:
+            return f"the last {streak} step(s) were skipped for non-finite values"
+        params = [p.detach() for p in self.s.task.parameters()]
+        finite = torch.stack([torch.isfinite(p).all() for p in params]).all()
+        return None if bool(finite) else "a weight is not finite"
 
     def check_finite(self, means: dict[str, list[float]], step: int) -> None:
         """Stop when too many consecutive steps were skipped (read at a log point, after its sync)."""
@@ -332,14 +349,16 @@ def _train_epoch(run: _Run, epoch: int, pos: state.Position, meter: RunningMeans
             run.first_step()
         obs.profiler.step()
         progress.update()
-        if done % cfg.loop.log_interval == 0:
+        at_log_point = done % cfg.loop.log_interval == 0
+        if at_log_point:
             means = meter.means()  # host sync: only every log_interval steps
             data_wait += _log_interval(obs, progress, clock, recent, stages, means, step, done, done - logged, batch)
             logged = done
             run.check_finite(means, step)
-            if done < steps and run.preempt.should_stop(rt.device):  # one all-reduce of the flag, at a log point
-                run.save(state.Position(epoch=epoch, epoch_step=done, step=step), meter)
-                raise preempt.Preempted(step)
+        # one process: a Python flag, read every step; several: one all-reduce of it, at log points only
+        if done < steps and (at_log_point or run.preempt.check_every_step) and (signum := run.preempt.should_stop(rt.device)):
+            saved = run.save(state.Position(epoch=epoch, epoch_step=done, step=step), meter)
+            raise preempt.Preempted(step, signum, saved)
         if every and step % every == 0 and done < steps:
             run.save(state.Position(epoch=epoch, epoch_step=done, step=step), meter)
     means = meter.means()

@@ -46,7 +46,7 @@ world=$(( NNODES * NPROC ))
 if (( world == 1 )) && [[ -z ${ACCELERATE_CONFIG:-} ]]; then
     cmd=("$PYTHON" -m fastafd.cli train "${args[@]}")
 else
-    cmd=("$PYTHON" -m accelerate.commands.launch)
+    cmd=("$PYTHON" -m fastafd.launch)  # accelerate launch, with one error line per run (fastafd/launch.py)
     [[ -n ${ACCELERATE_CONFIG:-} ]] && cmd+=(--config_file "$ACCELERATE_CONFIG")
     (( world > 1 )) && cmd+=(--multi_gpu)
     cmd+=(--num_machines "$NNODES" --num_processes "$world" --machine_rank "$NODE_RANK"
@@ -56,7 +56,7 @@ else
 fi
 
 if [[ ${PRINT_ONLY:-0} == 1 ]]; then printf '%q ' "${cmd[@]}"; echo; exit 0; fi
-echo "run.sh: node $NODE_RANK/$NNODES, $NPROC process(es) ($([[ $CPU == 1 ]] && echo CPU/gloo || echo GPU/NCCL)), rendezvous $MASTER_ADDR:$MASTER_PORT" >&2
+echo "run.sh: node $NODE_RANK/$NNODES, $NPROC process(es) ($([[ $CPU == 1 ]] && echo CPU/gloo || echo GPU/NCCL)), rendezvous $MASTER_ADDR:$MASTER_PORT"
 # The preemption signal (SIGUSR1, see slurm/train.sbatch) is for the training processes, which
 # install their own handler; the launcher (torchrun's agent) must not die from it: ignore it here,
 # the disposition is inherited through exec.

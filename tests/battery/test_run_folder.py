@@ -282,7 +282,7 @@ def test_a_held_lock_stops_every_rank_of_a_two_process_run_promptly(tmp_path):
         lock.release()
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.startswith("fastafd: error: ")]
-    assert len(lines) == 2 and all(f"pid {os.getpid()}" in line for line in lines), proc.stderr[-3000:]
+    assert len(lines) == 1 and f"pid {os.getpid()}" in lines[0], proc.stderr[-3000:]  # rank 0's line; fastafd.launch keeps rank 1's copy
     assert sorted(p.name for p in run.iterdir()) == []
 
 

@@ -40,7 +40,7 @@ def test_knobs_become_accelerate_launch_arguments(tmp_path):
     out = subprocess.run([str(RUN_SH), "--loop.epochs", "1"], env=env(tmp_path, PRINT_ONLY=1, NNODES=2, NODE_RANK=1, NPROC=4,
                          MASTER_ADDR="10.1.2.3", MASTER_PORT=31000, DRY_RUN=1), capture_output=True, text=True, check=True).stdout.split()
     after = lambda flag: out[out.index(flag) + 1]  # noqa: E731
-    assert out[1:3] == ["-m", "accelerate.commands.launch"] and "--multi_gpu" in out
+    assert out[1:3] == ["-m", "fastafd.launch"] and "--multi_gpu" in out
     assert (after("--num_machines"), after("--num_processes"), after("--machine_rank")) == ("2", "8", "1")
     assert (after("--main_process_ip"), after("--main_process_port")) == ("10.1.2.3", "31000")
     train = out[out.index("fastafd.cli"):]
@@ -101,10 +101,14 @@ def _wait_for_rank0(nodes, since: Callable[[], float | None], limit_s: float = 1
 
 
 def _stop_all(nodes) -> None:
+    """SIGKILL every launcher and every process below it (torchrun's workers are in their own process groups)."""
     for p in nodes:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+        for pid in _process_tree(p.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        p.wait()
 
 
 def test_a_dead_rank_makes_the_other_exit_promptly_naming_it(tmp_path):
@@ -149,15 +153,25 @@ def test_a_hung_rank_makes_the_other_exit_within_the_peer_timeout_naming_it(tmp_
     assert "fastafd: error: rank 0: rank 1 of 2 stopped (process died or hung, or node lost); no heartbeat for" in text, text[-3000:]
 
 
-def _process_states(root_pid: int) -> str:
-    """The state letters (R, S, T, ...) of ``root_pid``'s process tree (Linux /proc)."""
-    states, todo = "", [root_pid]
+def _process_tree(root_pid: int) -> list[int]:
+    """``root_pid`` and its descendants (Linux /proc)."""
+    pids, todo = [], [root_pid]
     while todo:
         pid = todo.pop()
+        pids.append(pid)
         try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            states += stat.rsplit(")", 1)[1].split()[0]
             todo += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
         except (OSError, ValueError):
+            continue
+    return pids
+
+
+def _process_states(root_pid: int) -> str:
+    """The state letters (R, S, T, ...) of ``root_pid``'s process tree."""
+    states = ""
+    for pid in _process_tree(root_pid):
+        try:
+            states += Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
             continue
     return states

@@ -123,9 +123,15 @@ def test_incompatible_config_is_refused_with_the_differences(uninterrupted, tmp_
     assert "method.name: 'afd' -> 'dml'" in err
 
 
-def test_non_finite_losses_stop_the_run_naming_step_and_term(tmp_path, env):
+def test_non_finite_losses_stop_the_run_naming_step_and_term(uninterrupted, tmp_path, env):
+    """A good run (2 epochs) continued with a diverging learning rate: the run stops after 3 skipped
+    steps, and the checkpoint it names is the last one before the skips (none is written during them)."""
+    import shutil
+
     out = tmp_path / "diverge"
-    args = [*TINY, "--optim.lr", "1e30", "--loop.max_skipped_steps", "3", "--loop.log_interval", "1", "--checkpoint.every_steps", "1"]
+    shutil.copytree(uninterrupted, out)
+    args = [*TINY, "--loop.epochs", "3", "--optim.lr", "1e30", "--loop.max_skipped_steps", "3", "--loop.log_interval", "1",
+            "--checkpoint.every_steps", "1"]
     proc = run_cli(["train", "--out", str(out), *args], env, check=False)
     assert proc.returncode == 1, proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
@@ -133,6 +139,13 @@ def test_non_finite_losses_stop_the_run_naming_step_and_term(tmp_path, env):
     assert "non-finite: " in line and "of peer 0 (cifar_resnet8)" in line
     kept = checkpoint.latest_valid(out)  # the last good checkpoint is intact and loadable
     assert kept is not None and all(torch.isfinite(t).all() for t in kept.tensors(checkpoint.MODEL).values())
+    # ... and it precedes the run of skipped steps (none was written during it): the one the message names
+    last_skipped = int(line.split("(up to step ")[1].split(")")[0])
+    assert kept.step <= last_skipped - 3, (kept.step, last_skipped)
+    assert f"The last good checkpoint, {kept.path}, is kept" in line
+    assert "fastafd: warning: no checkpoint at step" in proc.stderr
+    straight = load_file(str(checkpoint.step_dir(uninterrupted, 12) / checkpoint.MODEL))
+    assert kept.step == 12 and all(torch.equal(v, straight[k]) for k, v in kept.tensors(checkpoint.MODEL).items())
 
 
 def test_export_round_trip_through_plain_timm(uninterrupted, tmp_path, env):
