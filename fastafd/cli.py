@@ -8,15 +8,11 @@ with its docstring). Two conveniences sit in front of it: ``--recipe NAME`` pick
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import difflib
 import errno
-import io
 import json
 import os
 import sys
-import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,98 +20,24 @@ from pathlib import Path
 from tyro.conf import Positional
 
 from fastafd import atomic
+from fastafd.args import PROG, check_options, option_names, option_values, tyro_parse
 from fastafd.errors import RunStopped, Stopped, UserError
 
-PROG = "fastafd"
-
-
-# -- option names ---------------------------------------------------------------------------------
-
-
-def option_names(cls: type, prefix: str = "") -> set[str]:
-    """All ``--`` option names tyro generates for dataclass ``cls`` (underscore spelling)."""
-    names: set[str] = set()
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        name = prefix + f.name
-        typ = hints[f.name]
-        if dataclasses.is_dataclass(typ):
-            names |= option_names(typ, name + ".")
-            continue
-        names.add(name)
-        if typ is bool:
-            names.add(prefix + "no_" + f.name)
-    return names
-
-
-def check_options(args: Sequence[str], valid: set[str], command: str) -> None:
-    """Raise a one-line :class:`UserError` for the first option that is not a config field."""
-    for arg in args:
-        if not arg.startswith("--") or arg in ("--help",):
-            continue
-        key = arg[2:].split("=", 1)[0].replace("-", "_")
-        if key in valid:
-            continue
-        close = difflib.get_close_matches(key, sorted(valid), n=3, cutoff=0.5)
-        group = key.split(".", 1)[0] + "."
-        siblings = sorted(v.split(".", 1)[1] for v in valid if v.startswith(group) and not v.split(".", 1)[1].startswith("no_"))
-        hint = f"did you mean {', '.join('--' + c for c in close)}?" if close else ""
-        if siblings:
-            hint += f" valid options of --{group[:-1]}: {', '.join(siblings)}."
-        raise UserError(f"unknown option --{key}. {hint} See `{PROG} {command} --help`.")
-
-
-def option_values(args: Sequence[str], name: str) -> list[str]:
-    """The values given to option ``--name`` in ``args`` (as ``--name V`` or ``--name=V``; dashes or underscores)."""
-    values = []
-    for i, arg in enumerate(args):
-        key, eq, value = arg.partition("=")
-        if not key.startswith("--") or key[2:].replace("-", "_") != name:
-            continue
-        if eq:
-            values.append(value)
-        elif i + 1 < len(args):
-            values.append(args[i + 1])
-    return values
-
-
-def _one_line(text: str) -> str:
-    """First section of a tyro error box, as one line."""
-    lines = []
-    for raw in text.splitlines():
-        line = raw.strip().strip("│╭╮╰╯─").strip()
-        if raw.strip().startswith("│ ─") or raw.strip().startswith("╰"):
-            break
-        if line and not raw.strip().startswith("╭"):
-            lines.append(line)
-    return " ".join(lines) or text.strip()
-
-
-def tyro_parse(cls: type, args: Sequence[str], *, default: object | None = None, prog: str, description: str) -> object:
-    """Parse ``args`` into ``cls`` with tyro; its error boxes become one-line :class:`UserError` s."""
-    import tyro
-
-    if any(a in ("-h", "--help") for a in args):
-        return tyro.cli(cls, args=list(args), default=default, prog=prog, description=description, use_underscores=True)
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(err):
-            return tyro.cli(cls, args=list(args), default=default, prog=prog, description=description, use_underscores=True)
-    except SystemExit as e:
-        if e.code:
-            raise UserError(f"{_one_line(err.getvalue())} (see `{prog} --help`)") from None
-        raise
+__all__ = ["PROG", "check_options", "main", "option_names", "tyro_parse"]
 
 
 # -- commands -------------------------------------------------------------------------------------
 
 
-TRAIN_HELP = (
-    "Train peers with one of the methods (independent, dml, l1, l2, afd). "
-    "--recipe NAME picks the defaults (`fastafd recipes` lists them; default: demo); "
-    "--data DIR is short for --data.root DIR; --profile START END is short for --log.profile START END; "
-    "every other option below overrides one config field."
-)
+def train_help() -> str:
+    from fastafd.methods import registry
+
+    return (
+        f"Train peers with one of the methods ({', '.join(registry.names())}; `{PROG} methods` describes them). "
+        f"--recipe NAME picks the defaults (`{PROG} recipes` lists them; default: demo); "
+        "--data DIR is short for --data.root DIR; --profile START END is short for --log.profile START END; "
+        "every other option below overrides one config field."
+    )
 
 
 def cmd_train(argv: Sequence[str]) -> int:
@@ -143,7 +65,7 @@ def cmd_train(argv: Sequence[str]) -> int:
         raise UserError("--out is empty (it would write the run into the current folder): give the run folder, e.g. --out runs/my-run, "
                         "or leave --out out for runs/<recipe>-<date>-<time>")
     check_options(rest, option_names(TrainConfig), "train")
-    cfg = tyro_parse(TrainConfig, rest, default=base, prog=f"{PROG} train", description=TRAIN_HELP)
+    cfg = tyro_parse(TrainConfig, rest, default=base, prog=f"{PROG} train", description=train_help())
     cfg.recipe = known.recipe
 
     from fastafd.trainer import train
@@ -184,6 +106,16 @@ def cmd_recipes(argv: Sequence[str]) -> int:
     width = max(map(len, recipes.RECIPES))
     for name in recipes.RECIPES:
         print(f"{name:<{width}}  {recipes.describe(name)}")
+    return 0
+
+
+def cmd_methods(argv: Sequence[str]) -> int:
+    from fastafd.methods import registry
+
+    if argv:
+        raise UserError(f"`{PROG} methods` takes no arguments (got {' '.join(argv)})")
+    for line in registry.describe():
+        print(line)
     return 0
 
 
@@ -245,6 +177,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "train": (cmd_train, "train peers (default: the demo recipe on built-in data)"),
     "eval": (cmd_eval, "evaluate a run directory"),
     "recipes": (cmd_recipes, "list the named recipes"),
+    "methods": (cmd_methods, "list the methods (--method.name) with what each does"),
     "data": (cmd_data, "pack a folder into webdataset shards; verify a dataset"),
     "plot": (cmd_plot, "write PNG training curves of one or more runs"),
     "export": (cmd_export, "export one trained peer as a timm state dict"),

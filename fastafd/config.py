@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Literal
 
 from fastafd.errors import UserError
+from fastafd.methods import registry
 
-METHODS = ("independent", "dml", "l1", "l2", "afd")
+MethodName = Literal[registry.names()]  # type: ignore[valid-type]  # the registered methods (fastafd/methods/)
 
 
 def _check(name: str, value: float, ok: bool, want: str) -> None:
@@ -59,9 +60,9 @@ class ModelConfig:
 class MethodConfig:
     """The distillation method and its loss weights."""
 
-    name: Literal["independent", "dml", "l1", "l2", "afd"] = "afd"
-    """independent: CE only; dml: CE + KL to the peer; l1/l2: dml + direct feature-map alignment;
-    afd: dml + adversarial feature-map distillation with its own Adam stage (paper)."""
+    name: MethodName = "afd"
+    """The method (`fastafd methods` describes each): afd is the paper's; the others are the baselines it
+    compares with and further online methods, all trained by the same loop."""
 
     temperature: float = 3.0
     """Softmax temperature T of the KL term (ours: the paper's value was not available)."""
@@ -362,6 +363,10 @@ class LogConfig:
                 raise UserError(f"log.profile={self.profile} must be two steps START END with 0 <= START < END, e.g. --profile 10 15")
 
 
+OPTIMIZER_SLOTS = ("optim", "adv_optim")
+"""The optimizer configs of :class:`TrainConfig`; a method's stages name the one each uses (``Task.optimizers``)."""
+
+
 @dataclass
 class TrainConfig:
     """A complete training run."""
@@ -389,8 +394,7 @@ class TrainConfig:
             self.out = Path(self.out)
         self.optim.check("optim")
         self.adv_optim.check("adv_optim")
-        needs_pair = self.method.name != "independent"
-        if needs_pair and self.model.k < 2:
+        if registry.get(self.method.name).needs_pair and self.model.k < 2:
             raise UserError(
                 f"method {self.method.name} distills between peers but model.peers has {self.model.k}: "
                 f"give K >= 2 names, e.g. --model.peers {self.model.peers[0]} {self.model.peers[0]}"

@@ -12,6 +12,7 @@ from fastafd import checkpoint, config, dist, rundir
 from fastafd.errors import UserError
 from fastafd.methods import Task
 from fastafd.metrics import summarize_eval
+from fastafd.session import build_session
 
 
 @torch.no_grad()
@@ -29,8 +30,6 @@ def evaluate(task: Task, loader: object) -> dict:
 
 def evaluate_run(run: Path, *, data: Path | None = None, batch_size: int = 0) -> dict:
     """Rebuild the run's task from its saved config, load its weights and evaluate."""
-    from fastafd.trainer import build_session
-
     run = Path(run)
     cfg_path = run / rundir.CONFIG_FILE
     if not cfg_path.is_file():
@@ -46,5 +45,5 @@ def evaluate_run(run: Path, *, data: Path | None = None, batch_size: int = 0) ->
     session = build_session(cfg)
     checkpoint.load_model(ckpt, session.task)
     result = evaluate(session.task, session.val_loader)
-    session.rt.accelerator.end_training()
+    session.runtime.accelerator.end_training()
     return result

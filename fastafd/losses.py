@@ -29,9 +29,16 @@ def kl_to_teacher(logits: Tensor, teachers: Tensor, temperature: float) -> Tenso
 
     ``(K, B, C)`` logits and ``(K,)`` teacher indices -> ``(K,)`` batch means (sum over classes).
     """
+    return kl_to_targets(logits, logits.index_select(0, teachers), temperature)
+
+
+def kl_to_targets(logits: Tensor, targets: Tensor, temperature: float) -> Tensor:
+    """Per-peer ``T^2 * KL(softmax(t_k / T) || softmax(z_k / T))`` toward soft targets given as logits
+    ``t`` (detached here): ``(K, B, C)`` logits and ``(K, B, C)`` (or broadcastable, e.g. ``(1, B, C)``
+    for one shared target) -> ``(K,)`` batch means (sum over classes)."""
     t = temperature
     student = F.log_softmax(_wide(logits) / t, dim=-1)
-    teacher = F.log_softmax(_wide(logits.detach()).index_select(0, teachers) / t, dim=-1)
+    teacher = F.log_softmax(_wide(targets.detach()) / t, dim=-1).expand_as(student)
     kl = F.kl_div(student, teacher, reduction="none", log_target=True).sum(dim=-1)
     return kl.mean(dim=1) * (t * t)
 
@@ -53,11 +60,3 @@ def feature_alignment(student: Tensor, teacher: Tensor, p: int) -> Tensor:
     """Direct feature-map alignment ``mean |student - stopgrad(teacher)|^p`` (p = 1 or 2), a scalar."""
     diff = (_wide(student) - _wide(teacher.detach())).abs()
     return diff.mean() if p == 1 else diff.square().mean()
-
-
-def topk_correct(logits: Tensor, target: Tensor, ks: tuple[int, ...] = (1, 5)) -> Tensor:
-    """Number of samples whose label is among the top-k scores, for each k: ``(..., B, C)`` -> ``(..., len(ks))``."""
-    maxk = min(max(ks), logits.shape[-1])
-    top = logits.topk(maxk, dim=-1).indices  # (..., B, maxk)
-    hit = top == target.unsqueeze(-1)
-    return torch.stack([hit[..., : min(k, maxk)].any(dim=-1).sum(dim=-1) for k in ks], dim=-1)

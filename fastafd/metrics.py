@@ -40,6 +40,14 @@ class RunningMeans:
         return out
 
 
+def topk_correct(logits: Tensor, target: Tensor, ks: tuple[int, ...] = (1, 5)) -> Tensor:
+    """Number of samples whose label is among the top-k scores, for each k: ``(..., B, C)`` -> ``(..., len(ks))``."""
+    maxk = min(max(ks), logits.shape[-1])
+    top = logits.topk(maxk, dim=-1).indices  # (..., B, maxk)
+    hit = top == target.unsqueeze(-1)
+    return torch.stack([hit[..., : min(k, maxk)].any(dim=-1).sum(dim=-1) for k in ks], dim=-1)
+
+
 def summarize_eval(sums: dict[str, Tensor], names: list[str]) -> dict:
     """Turn summed eval counts (see ``Task.eval_step``) into percentages and per-peer means."""
     host = {k: v.double().cpu() for k, v in sums.items()}  # host sync (once per evaluation)

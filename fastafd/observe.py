@@ -44,10 +44,6 @@ TB_DIR = "tensorboard"
 PROFILE_DIR = "profile"
 """Run subfolder with the profiler traces (``rank<R>.<time>.pt.trace.json.gz``)."""
 
-LOSS_KEYS = ("ce", "kl", "g_loss", "d_loss", "align")
-"""The losses shown in the progress bar and the epoch summary (those a method returns)."""
-
-
 def require(module: str, extra: str, purpose: str, alternative: str = "", package: str = "") -> ModuleType:
     """Import an optional dependency, or raise a one-line :class:`UserError` naming the extra to install."""
     try:
@@ -254,7 +250,9 @@ class IntervalMeans:
 class Scalars:
     """TensorBoard scalars of one run (create it on rank 0 only). Tags: see :func:`train_tags`, :func:`eval_tags`."""
 
-    def __init__(self, run_dir: Path, names: Sequence[str], config: dict | None = None, purge_step: int | None = None) -> None:
+    def __init__(self, run_dir: Path, names: Sequence[str], config: dict | None = None, purge_step: int | None = None,
+                 eval_keys: Sequence[str] = ()) -> None:
+        self.eval_keys = ("top1", "top5", *eval_keys)  # eval_keys: the method's per-peer evaluation extras
         tb = require("torch.utils.tensorboard", "tensorboard", "TensorBoard logging", "use --log.tensorboard off", package="tensorboard")
         # purge_step: a resumed run hides the events a killed run wrote after its checkpoint
         self.writer = tb.SummaryWriter(log_dir=str(Path(run_dir) / TB_DIR), purge_step=purge_step)
@@ -274,9 +272,9 @@ class Scalars:
         self.writer.add_scalar("perf/data_wait_frac", data_wait, step)
 
     def eval(self, step: int, row: Mapping) -> None:
-        """Validation accuracy per peer and of the ensemble, and per-peer method extras (d_real, d_fake)."""
+        """Validation accuracy per peer and of the ensemble, and the method's per-peer extras (afd: d_real, d_fake)."""
         for label, peer in zip(self.peers, row["peers"], strict=True):
-            for key in ("top1", "top5", "d_real", "d_fake"):
+            for key in self.eval_keys:
                 if key in peer:
                     self.writer.add_scalar(f"val/{key}/{label}", peer[key], step)
         self.writer.add_scalar("val/top1/ensemble", row["ensemble_top1"], step)
@@ -302,9 +300,9 @@ def eval_tags(names: Sequence[str], extras: Iterable[str] = ()) -> set[str]:
 # -- console --------------------------------------------------------------------------------------
 
 
-def format_losses(means: Mapping[str, list[float]], sep: str = " ") -> str:
-    """``ce 1.234/1.250 kl ...``: the main losses, one value per peer."""
-    return sep.join(f"{k} " + "/".join(f"{v:.3f}" for v in means[k]) for k in LOSS_KEYS if k in means)
+def format_losses(means: Mapping[str, list[float]], keys: Sequence[str], sep: str = " ") -> str:
+    """``ce 1.234/1.250 kl ...``: the losses ``keys`` (the method's ``loss_keys``), one value per peer."""
+    return sep.join(f"{k} " + "/".join(f"{v:.3f}" for v in means[k]) for k in keys if k in means)
 
 
 def _clock(seconds: float) -> str:
@@ -319,7 +317,8 @@ class Progress:
     ``mode`` is ``log.progress``: auto is a bar when stderr is a terminal and lines otherwise.
     """
 
-    def __init__(self, mode: str, *, enabled: bool, epoch: int, epochs: int, steps: int, batch: int) -> None:
+    def __init__(self, mode: str, *, enabled: bool, epoch: int, epochs: int, steps: int, batch: int, loss_keys: Sequence[str]) -> None:
+        self.loss_keys = tuple(loss_keys)
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "lines"
         self.mode = mode if enabled else "off"
@@ -339,14 +338,14 @@ class Progress:
         """At a log point: interval img/s, data-wait fraction and the main losses."""
         if self.bar is not None:
             post = {"img/s": f"{img_per_s:.0f}", "data": f"{data_wait:.0%}"}
-            post.update({k: "/".join(f"{v:.3f}" for v in means[k]) for k in LOSS_KEYS if k in means})
+            post.update({k: "/".join(f"{v:.3f}" for v in means[k]) for k in self.loss_keys if k in means})
             self.bar.set_postfix(post)
         elif self.mode == "lines":
             elapsed = time.perf_counter() - self.t0
             eta = elapsed / done * (self.steps - done) if done else 0.0
             write(
                 f"epoch {self.epoch}/{self.epochs} step {done}/{self.steps}  {img_per_s:.0f} img/s  data {data_wait:.0%}  "
-                f"ETA {_clock(eta)}  {format_losses(means)}"
+                f"ETA {_clock(eta)}  {format_losses(means, self.loss_keys)}"
             )
 
     def close(self) -> None:
@@ -371,13 +370,11 @@ def warn(line: str) -> None:
     sys.stderr.flush()
 
 
-def epoch_summary(row: Mapping, epochs: int, means: Mapping[str, list[float]]) -> str:
-    """The one line printed after each evaluated epoch."""
+def epoch_summary(row: Mapping, epochs: int, means: Mapping[str, list[float]], loss_keys: Sequence[str], extras: str = "") -> str:
+    """The one line printed after each evaluated epoch (``extras``: the method's ``describe_eval`` text)."""
     tops = "  ".join(f"{p['name']} {p['top1']:.2f}" for p in row["peers"])
-    disc = ""
-    if all("d_real" in p for p in row["peers"]):
-        disc = "  D(real)/D(fake) " + " ".join(f"{p['d_real']:.2f}/{p['d_fake']:.2f}" for p in row["peers"])
+    extras = f"  {extras}" if extras else ""
     return (
-        f"epoch {row['epoch']}/{epochs}  top-1: {tops}  ensemble {row['ensemble_top1']:.2f}  {format_losses(means)}{disc}  "
+        f"epoch {row['epoch']}/{epochs}  top-1: {tops}  ensemble {row['ensemble_top1']:.2f}  {format_losses(means, loss_keys)}{extras}  "
         f"{row['img_per_s']:.0f} img/s  data {row.get('data_wait_frac', 0.0):.0%}  {row['time_s']:.1f} s"
     )

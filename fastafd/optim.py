@@ -12,7 +12,7 @@ from torch import nn
 from fastafd.config import OptimConfig, TrainConfig
 from fastafd.errors import UserError
 from fastafd.methods.base import Task
-from fastafd.steps import GradSync, Stage, StepGuard
+from fastafd.steps import GradSync, Stage, Stages, StepGuard
 
 
 def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
@@ -130,15 +130,14 @@ def build_stages(
     dtype: torch.dtype,
     steps_per_epoch: int,
     grad_sync: GradSync | None = None,
-) -> dict[str, Stage]:
+) -> Stages:
     """One :class:`Stage` (optimizer + schedule) per stage the method asks for, all sharing one
     :class:`StepGuard` (fp16 loss scale when ``dtype`` is float16; the task's buffers restored on a skip)."""
     guard = StepGuard(device, fp16=dtype == torch.float16, buffers=list(task.buffers()))
-    configs = {"optim": cfg.optim, "adv_optim": cfg.adv_optim}
     stages = {}
     for name, spec in task.stages().items():
-        ocfg = configs[spec.optim]
+        ocfg = getattr(cfg, spec.optim)  # one of config.OPTIMIZER_SLOTS
         opt = build_optimizer(spec.params, ocfg, scaled_lr(ocfg, cfg.data.batch_size), device, cfg.system.optimizer_impl)
         sched = build_scheduler(opt, ocfg, cfg.loop.epochs, steps_per_epoch)
         stages[name] = Stage(name, list(spec.params), opt, sched, guard, grad_sync)
-    return stages
+    return Stages(stages, guard)

@@ -20,6 +20,7 @@ from fastafd.config import (
     sgd_logit_stage,
 )
 from fastafd.errors import UserError
+from fastafd.methods import registry
 
 RECIPES: dict[str, Callable[[], TrainConfig]] = {}
 
@@ -109,17 +110,17 @@ _CIFAR_PAIRS = {
     "resnet32_k3": ("cifar_resnet32", "cifar_resnet32", "cifar_resnet32"),
     "wrn16_2_k3": ("cifar_wrn16_2", "cifar_wrn16_2", "cifar_wrn16_2"),
 }
-_METHOD_DOC = {
-    "afd": "AFD",
-    "dml": "DML (logit loss only, ablation)",
-    "l1": "direct L1 feature alignment baseline",
-    "l2": "direct L2 feature alignment baseline",
-    "independent": "independent training (vanilla baseline)",
-}
+_COMPARED = ("resnet32", "resnet32_resnet110", "wrn16_2_wrn28_4")
+"""CIFAR pairs with a recipe for every registered method (the paper's comparison tables); the others have AFD only."""
+
+
+def _method_doc(method: str) -> str:
+    return registry.get(method).summary
+
+
 for _pair, _peers in _CIFAR_PAIRS.items():
-    _methods = ("afd", "dml", "l1", "l2", "independent") if _pair in ("resnet32", "resnet32_resnet110", "wrn16_2_wrn28_4") else ("afd",)
-    for _m in _methods:
-        _register(f"cifar100_{_pair}_{_m}", _cifar100, _peers, _m, f"CIFAR-100, {' + '.join(_peers)}: {_METHOD_DOC[_m]}.")
+    for _m in registry.names() if _pair in _COMPARED else ("afd",):
+        _register(f"cifar100_{_pair}_{_m}", _cifar100, _peers, _m, f"CIFAR-100, {' + '.join(_peers)}: {_method_doc(_m)}.")
 
 
 # -- ImageNet (paper, Table 5; schedule ours, scaled from CIFAR) ----------------------------------
@@ -137,9 +138,9 @@ def _imagenet(peers: tuple[str, ...], method: str) -> TrainConfig:
     )
 
 
-for _m in ("afd", "dml", "l1", "l2", "independent"):
-    _register(f"imagenet_resnet18_{_m}", _imagenet, ("resnet18", "resnet18"), _m, f"ImageNet, resnet18 + resnet18: {_METHOD_DOC[_m]}.")
+for _m in registry.names():
+    _register(f"imagenet_resnet18_{_m}", _imagenet, ("resnet18", "resnet18"), _m, f"ImageNet, resnet18 + resnet18: {_method_doc(_m)}.")
 for _big in ("resnet34", "resnet50"):
     for _m in ("afd", "l1"):
-        _register(f"imagenet_resnet18_{_big}_{_m}", _imagenet, ("resnet18", _big), _m, f"ImageNet, resnet18 + {_big}: {_METHOD_DOC[_m]}.")
-_register("imagenet_resnet34_afd", _imagenet, ("resnet34", "resnet34"), "afd", "ImageNet, resnet34 + resnet34: AFD.")
+        _register(f"imagenet_resnet18_{_big}_{_m}", _imagenet, ("resnet18", _big), _m, f"ImageNet, resnet18 + {_big}: {_method_doc(_m)}.")
+_register("imagenet_resnet34_afd", _imagenet, ("resnet34", "resnet34"), "afd", f"ImageNet, resnet34 + resnet34: {_method_doc('afd')}.")

@@ -20,14 +20,12 @@ import torch.distributed as tdist
 from fastafd import checkpoint
 from fastafd.errors import UserError
 from fastafd.metrics import RunningMeans
-from fastafd.steps import Stage
+from fastafd.steps import Stages
 
-STRUCTURAL = ("model.peers", "model.num_classes", "model.pretrained", "method.name", "optim.name")
-"""Config fields that change what the checkpoint's tensors mean: resuming with other values is refused
-(``optim.name``: SGD's momentum buffers are not Adam's moments)."""
-
-AFD_STRUCTURAL = ("adv_optim.name",)
-"""Refused too when the checkpoint's method is afd, the one with a feature-map optimizer stage."""
+STRUCTURAL = ("model.peers", "model.num_classes", "model.pretrained", "method.name")
+"""Config fields that change what the checkpoint's tensors mean: resuming with other values is refused.
+So is another ``<slot>.name`` of each optimizer config the checkpoint's method uses (``Task.optimizers``):
+SGD's momentum buffers are not Adam's moments."""
 
 READER = ("data.", "system.seed")
 """Config fields the training reader's position depends on (file list, order, batch, augmentation):
@@ -97,7 +95,7 @@ def _gather(obj: dict) -> list[dict]:
 
 def capture(
     task: torch.nn.Module,
-    stages: dict[str, Stage],
+    stages: Stages,
     train_loader: object,
     meter: RunningMeans,
     pos: Position,
@@ -105,20 +103,13 @@ def capture(
     device: torch.device,
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
     """Collective: every rank contributes its RNG and reader state; returns (tensors, JSON state)."""
-    guard = next(iter(stages.values())).guard
     ranks = _gather({"rng": rng_state(device), "loader": train_loader.state_dict() if hasattr(train_loader, "state_dict") else None})
-    optim_tensors: dict[str, torch.Tensor] = {}
-    stage_meta = {}
-    for name, stage in stages.items():
-        tensors, meta = checkpoint.optimizer_to_safe(stage.optimizer, name)
-        optim_tensors.update(tensors)
-        stage_meta[name] = {"optimizer": meta, "scheduler": _jsonable(stage.scheduler.state_dict())}
+    optim_tensors, stage_state = stages.state_dict()
     state = {
         "epoch": pos.epoch,
         "epoch_step": pos.epoch_step,
         "step": pos.step,
-        "stages": stage_meta,
-        "guard": guard.state_dict(),
+        **stage_state,
         "meter": meter.state_dict(),
         "ranks": ranks,
         "config": config,
@@ -126,20 +117,10 @@ def capture(
     return {checkpoint.MODEL: dict(task.state_dict()), checkpoint.OPTIM: optim_tensors}, state
 
 
-def _jsonable(obj: object) -> object:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    return obj
-
-
 def restore(
     ckpt: checkpoint.Checkpoint,
     task: torch.nn.Module,
-    stages: dict[str, Stage],
+    stages: Stages,
     train_loader: object,
     meter: RunningMeans,
     *,
@@ -159,17 +140,8 @@ def restore(
     optim = ckpt.tensors(checkpoint.OPTIM)
     if set(st["stages"]) != set(stages):
         raise UserError(f"checkpoint {ckpt.path} has optimizer stages {sorted(st['stages'])}, this run {sorted(stages)}: same method needed")
-    for name, stage in stages.items():
-        meta = st["stages"][name]
-        sd = checkpoint.optimizer_from_safe(optim, meta["optimizer"], name)
-        checkpoint.check_optimizer_state(ckpt, name, sd, stage.optimizer)
-        sd["param_groups"] = stage.optimizer.state_dict()["param_groups"]  # hyper-parameters: this run's config
-        stage.optimizer.load_state_dict(sd)
-        match_parameter_layout(stage.optimizer)
-        if same_schedule:
-            stage.scheduler.load_state_dict(meta["scheduler"])
-    guard = next(iter(stages.values())).guard
-    guard.load_state_dict(st["guard"])
+    stages.load_state_dict(optim, st, same_schedule=same_schedule,
+                           check=lambda name, sd, opt: checkpoint.check_optimizer_state(ckpt, name, sd, opt))
     meter.load_state_dict(st["meter"], device)
     mine = st["ranks"][rank]
     set_rng_state(mine["rng"], device)
@@ -178,29 +150,19 @@ def restore(
     return Position(epoch=int(st["epoch"]), epoch_step=int(st["epoch_step"]), step=int(st["step"]))
 
 
-def match_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
-    """Give every per-parameter state tensor its parameter's strides (memory format).
-
-    Checkpoints store tensors contiguous (NCHW) and ``Optimizer.load_state_dict`` restores dtype and
-    device but not layout, while channels-last parameters stay channels-last. The fused kernels need
-    parameters, gradients and state with the same strides: CUDA refuses the step, CPU computes a wrong
-    update (it walks both buffers in memory order).
-    """
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            st = optimizer.state.get(p)
-            for key, value in (st or {}).items():
-                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
-                    st[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
-
-
 def config_changes(old: dict, new: dict, *, mid_epoch: bool = False) -> tuple[list[str], list[str]]:
     """(refused, allowed) differences between a checkpoint's config and this run's, as 'key: old -> new'.
 
     ``mid_epoch``: the checkpoint is inside an epoch, so changes of :data:`READER` fields are refused
     (the saved reader position and augmentation state mean nothing for other data).
     """
-    structural = STRUCTURAL + (AFD_STRUCTURAL if old.get("method", {}).get("name") == "afd" else ())
+    from fastafd.methods import registry
+
+    try:
+        slots = registry.get(old.get("method", {}).get("name", "")).optimizers
+    except UserError:  # a method this fastafd does not know: refused below as a method.name difference
+        slots = ()
+    structural = STRUCTURAL + tuple(f"{slot}.name" for slot in slots)
     refused, allowed = [], []
     for key, (a, b) in _flat_diff(old, new).items():
         if key in ("out", "recipe", "checkpoint.resume"):

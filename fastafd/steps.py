@@ -15,7 +15,8 @@ the host; other implementations read the flag (a host sync) and skip the call.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -176,3 +177,97 @@ class Stage:
     @property
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
+
+
+class Stages(Mapping[str, Stage]):
+    """The stages of one method, by name, and the :class:`StepGuard` they share (torchtitan's
+    ``OptimizersContainer``): the trainer brackets each iteration with :meth:`iteration`, sets the
+    schedules with :meth:`set_step`, reads :attr:`lrs`, and checkpoints them with :meth:`state_dict`."""
+
+    def __init__(self, stages: Mapping[str, Stage], guard: StepGuard) -> None:
+        self._stages = dict(stages)
+        self.guard = guard
+        assert all(s.guard is guard for s in self._stages.values()), "stages of one iteration share one guard"
+
+    def __getitem__(self, name: str) -> Stage:
+        return self._stages[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._stages)
+
+    def __len__(self) -> int:
+        return len(self._stages)
+
+    @contextlib.contextmanager
+    def iteration(self) -> Iterator[None]:
+        """One training iteration: clear the skip flag and remember BN statistics; afterwards restore them
+        if the iteration was skipped, and count."""
+        self.guard.begin()
+        yield
+        self.guard.end()
+
+    def set_step(self, step: int) -> None:
+        """Learning rates for the optimizer step with index ``step`` (0-based), every stage."""
+        for stage in self._stages.values():
+            stage.set_step(step)
+
+    @property
+    def lrs(self) -> dict[str, float]:
+        return {name: stage.lr for name, stage in self._stages.items()}
+
+    def state_dict(self) -> tuple[dict[str, Tensor], dict]:
+        """(optimizer state tensors keyed ``<stage>/<param id>/<key>``, JSON-ready rest: per-stage optimizer
+        scalars and hyper-parameters, schedules, and the guard's counters and loss scale)."""
+        from fastafd import checkpoint
+
+        tensors: dict[str, Tensor] = {}
+        meta = {}
+        for name, stage in self._stages.items():
+            t, m = checkpoint.optimizer_to_safe(stage.optimizer, name)
+            tensors.update(t)
+            meta[name] = {"optimizer": m, "scheduler": _jsonable(stage.scheduler.state_dict())}
+        return tensors, {"stages": meta, "guard": self.guard.state_dict()}
+
+    def load_state_dict(self, tensors: Mapping[str, Tensor], meta: Mapping, *, same_schedule: bool,
+                        check: Callable[[str, dict, torch.optim.Optimizer], None] | None = None) -> None:
+        """Inverse of :meth:`state_dict`. Hyper-parameters stay this run's (its config); schedules are
+        restored only when ``same_schedule``; ``check(stage, optimizer state dict, optimizer)`` may refuse
+        state that does not fit before it is loaded."""
+        from fastafd import checkpoint
+
+        for name, stage in self._stages.items():
+            sd = checkpoint.optimizer_from_safe(dict(tensors), meta["stages"][name]["optimizer"], name)
+            if check is not None:
+                check(name, sd, stage.optimizer)
+            sd["param_groups"] = stage.optimizer.state_dict()["param_groups"]
+            stage.optimizer.load_state_dict(sd)
+            match_parameter_layout(stage.optimizer)
+            if same_schedule:
+                stage.scheduler.load_state_dict(meta["stages"][name]["scheduler"])
+        self.guard.load_state_dict(meta["guard"])
+
+
+def match_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give every per-parameter state tensor its parameter's strides (memory format).
+
+    Checkpoints store tensors contiguous (NCHW) and ``Optimizer.load_state_dict`` restores dtype and
+    device but not layout, while channels-last parameters stay channels-last. The fused kernels need
+    parameters, gradients and state with the same strides: CUDA refuses the step, CPU computes a wrong
+    update (it walks both buffers in memory order).
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state.get(p)
+            for key, value in (st or {}).items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    st[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
+def _jsonable(obj: object) -> object:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    return obj

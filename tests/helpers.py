@@ -29,21 +29,20 @@ def tiny_config(peers, method="afd", image_size=32, batch=8, **method_kw) -> Tra
 def tiny_task(cfg: TrainConfig, seed=0, compile=False, dtype=torch.float32, device="cpu", channels_last=False):
     torch.manual_seed(seed)
     device = torch.device(device)
-    task = build_task(cfg, cfg.model.num_classes, Numerics(device.type, dtype, compile), device, channels_last)
+    task = build_task(cfg, cfg.model.num_classes, Numerics(device.type, dtype), device, channels_last)
+    if compile:
+        task.compile()
     stages = build_stages(task, cfg, device=device, dtype=dtype, steps_per_epoch=100)
     return task, stages
 
 
 def iterate(task, stages, data, start=0):
     """Run ``task.train_step`` over ``data`` the way the trainer does (schedules, guard)."""
-    guard = next(iter(stages.values())).guard
     metrics = None
     for step, (x, y) in enumerate(data, start):
-        for s in stages.values():
-            s.set_step(step)
-        guard.begin()
-        metrics = task.train_step(x, y, stages)
-        guard.end()
+        stages.set_step(step)
+        with stages.iteration():
+            metrics = task.train_step(x, y, stages)
     return metrics
 
 
@@ -52,6 +51,43 @@ def batches(n, batch=8, size=32, classes=10, seed=1, device="cpu", channels_last
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = [(torch.randn(batch, 3, size, size, generator=g), torch.randint(0, classes, (batch,), generator=g)) for _ in range(n)]
     return [(x.to(device).contiguous(memory_format=fmt), y.to(device)) for x, y in out]
+
+
+@torch.no_grad()
+def split_bank(bank) -> list:
+    """The K discriminators of a :class:`DiscriminatorBank` as separate plain discriminators (copies):
+    group k's rows of each grouped layer are discriminator k's layer."""
+    from fastafd.bench.reference import RefDiscriminator
+
+    c = bank.conv1.in_channels // bank.k
+    c2, c4 = bank.conv1.out_channels // bank.k, bank.c4
+    discs = []
+    for i in range(bank.k):
+        d = RefDiscriminator(c).to(bank.fc_weight)
+        d.conv1.weight.copy_(bank.conv1.weight[i * c2 : (i + 1) * c2])
+        d.conv2.weight.copy_(bank.conv2.weight[i * c4 : (i + 1) * c4])
+        for mine, theirs, n in ((d.bn1, bank.bn1, c2), (d.bn2, bank.bn2, c4)):
+            for attr in ("weight", "bias", "running_mean", "running_var"):
+                getattr(mine, attr).copy_(getattr(theirs, attr)[i * n : (i + 1) * n])
+            mine.num_batches_tracked.copy_(theirs.num_batches_tracked)
+        d.fc.weight.copy_(bank.fc_weight[i : i + 1])
+        d.fc.bias.copy_(bank.fc_bias[i : i + 1])
+        discs.append(d)
+    return discs
+
+
+@torch.no_grad()
+def fill_bank(bank, discs) -> None:
+    """Inverse of :func:`split_bank`: copy K plain discriminators into the bank."""
+    for name in ("conv1", "bn1", "conv2", "bn2"):
+        mine = getattr(bank, name)
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            if getattr(mine, attr, None) is not None:
+                getattr(mine, attr).copy_(torch.cat([getattr(getattr(d, name), attr) for d in discs]))
+        if isinstance(mine, torch.nn.BatchNorm2d):
+            mine.num_batches_tracked.copy_(discs[0].bn1.num_batches_tracked)
+    bank.fc_weight.copy_(torch.cat([d.fc.weight for d in discs]))
+    bank.fc_bias.copy_(torch.cat([d.fc.bias for d in discs]))
 
 
 def snapshot(module) -> dict[str, torch.Tensor]:

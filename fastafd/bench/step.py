@@ -92,7 +92,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _extra_backward_step(task, stages):
+def _extra_backward_step(task, stages, compile_: bool):
     """``independent``'s iteration plus a backward from the feature maps into the extractors."""
     from fastafd.models.peers import feature_parameters
 
@@ -105,7 +105,7 @@ def _extra_backward_step(task, stages):
         loss, _ = task.logit_loss(logits, y, kl=False)
         return loss, sum(f.float().square().mean() for f in feats)
 
-    forward = task.compiled(forward)
+    forward = torch.compile(forward) if compile_ else forward
 
     def train_step(x: torch.Tensor, y: torch.Tensor, stages) -> None:
         loss, feature_loss = forward(x, y)
@@ -133,18 +133,17 @@ def _fastafd_step(args: StepBenchArgs, method: str, order: str, device: torch.de
     )
     dtype, channels_last, compile_ = dist.resolve_numerics(cfg.system, device)
     torch.manual_seed(args.seed)
-    task = build_task(cfg, 1000, Numerics(device.type, dtype, compile_), device, channels_last)
+    task = build_task(cfg, 1000, Numerics(device.type, dtype), device, channels_last)
+    if compile_:
+        task.compile()
     stages = build_stages(task, cfg, device=device, dtype=dtype, steps_per_epoch=10_000)
-    guard = next(iter(stages.values())).guard
-    for s in stages.values():
-        s.set_step(0)
+    stages.set_step(0)
     task.train()
-    train_step = _extra_backward_step(task, stages) if extra_backward else task.train_step
+    train_step = _extra_backward_step(task, stages, compile_) if extra_backward else task.train_step
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        guard.begin()
-        train_step(x, y, stages)
-        guard.end()
+        with stages.iteration():
+            train_step(x, y, stages)
 
     return step, channels_last
 
@@ -326,7 +325,7 @@ def main(args: StepBenchArgs) -> Path:
 
 
 def cmd(argv: list[str]) -> int:
-    from fastafd.cli import tyro_parse
+    from fastafd.args import tyro_parse
 
     args = tyro_parse(StepBenchArgs, argv, prog="fastafd bench step", description=StepBenchArgs.__doc__ or "")
     args = replace(args, variants=tuple(args.variants))

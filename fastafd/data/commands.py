@@ -54,7 +54,7 @@ class VerifyArgs:
 
 
 def cmd_data(argv: Sequence[str]) -> int:
-    from fastafd.cli import tyro_parse
+    from fastafd.args import tyro_parse
 
     argv = list(argv)
     if not argv or argv[0] in ("-h", "--help"):

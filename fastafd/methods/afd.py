@@ -32,25 +32,27 @@ from torch import Tensor, nn
 
 from fastafd import losses
 from fastafd.methods.base import StageSpec, Task
+from fastafd.methods.registry import register
 from fastafd.models.discriminator import DiscriminatorBank
 from fastafd.models.peers import feature_parameters
 from fastafd.models.transfer import common_shape, make_transfer
 from fastafd.steps import Stage
 
 
+@register
 class AFD(Task):
     method = "afd"
+    summary = "AFD: logit loss + adversarial (LSGAN) feature-map distillation through one discriminator per peer, own Adam stages"
+    optimizers = ("optim", "adv_optim")
+    loss_keys = ("ce", "kl", "g_loss", "d_loss")
+    eval_keys = ("d_real", "d_fake")
+    compile_units = ("logit_forward", "mapped_features", "disc_loss", "gen_loss", "forward_all")
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         target = common_shape(self.shapes)
         self.transfers = nn.ModuleList(make_transfer(s, target) for s in self.shapes)
         self.discriminators = DiscriminatorBank(target[0], self.k)
-        self._logit_forward = self.compiled(self.logit_forward)
-        self._mapped_features = self.compiled(self.mapped_features)
-        self._disc_loss = self.compiled(self.disc_loss)
-        self._gen_loss = self.compiled(self.gen_loss)
-        self._forward_all = self.compiled(self.forward_all)
 
     def stages(self) -> dict[str, StageSpec]:
         extractor = [p for peer in self.peers for p in feature_parameters(peer)]
@@ -104,30 +106,35 @@ class AFD(Task):
     def train_step(self, x: Tensor, y: Tensor, stages: Mapping[str, Stage]) -> dict[str, Tensor]:
         if self.cfg.order == "simultaneous":
             return self.train_step_simultaneous(x, y, stages)
-        loss, metrics = self._logit_forward(x, y)
+        loss, metrics = self.logit_forward(x, y)
         stages["logit"].step(loss)
-        mapped = self._mapped_features(x)
-        loss, d_metrics = self._disc_loss(mapped)
+        mapped = self.mapped_features(x)
+        loss, d_metrics = self.disc_loss(mapped)
         stages["disc"].step(loss)
-        loss, g_metrics = self._gen_loss(mapped)
+        loss, g_metrics = self.gen_loss(mapped)
         stages["feat"].step(loss)
         return metrics | d_metrics | g_metrics
 
     def train_step_simultaneous(self, x: Tensor, y: Tensor, stages: Mapping[str, Stage]) -> dict[str, Tensor]:
         logit, disc, feat = stages["logit"], stages["disc"], stages["feat"]
-        logit_loss, metrics, mapped = self._forward_all(x, y)
+        logit_loss, metrics, mapped = self.forward_all(x, y)
         logit.guard.check(logit_loss)
         # both gradients before either optimizer moves the weights the two stages share; the logit
         # gradients (checked in set_grads) before the discriminator steps
         logit.set_grads(torch.autograd.grad(logit.guard.scale(logit_loss), logit.params, retain_graph=True, allow_unused=True))
-        d_loss, d_metrics = self._disc_loss(mapped)
+        d_loss, d_metrics = self.disc_loss(mapped)
         disc.step(d_loss)
-        g_loss, g_metrics = self._gen_loss(mapped)
+        g_loss, g_metrics = self.gen_loss(mapped)
         feat.guard.check(g_loss)
         g_feat = torch.autograd.grad(feat.guard.scale(g_loss), feat.params, allow_unused=True)
         logit.apply()
         feat.step_with(g_feat)
         return metrics | d_metrics | g_metrics
+
+    @classmethod
+    def describe_eval(cls, peers: list[dict]) -> str:
+        """Each discriminator's mean output on real/fake validation maps: about 0.5/0.5 when the game is balanced."""
+        return "D(real)/D(fake) " + " ".join(f"{p['d_real']:.2f}/{p['d_fake']:.2f}" for p in peers)
 
     def eval_extras(self, feats: list[Tensor]) -> dict[str, Tensor]:
         """Sums of each discriminator's output on its real (teacher's) and fake (own) maps."""

@@ -9,12 +9,16 @@ import torch
 from torch import Tensor, nn
 
 from fastafd import losses
-from fastafd.methods.base import SingleStageTask, StageSpec
+from fastafd.methods.base import SingleStageTask
+from fastafd.methods.registry import register
 from fastafd.models.transfer import common_shape, make_transfer
 
 
+@register
 class Align(SingleStageTask):
     method = "l1"
+    summary = "logit loss + mean absolute distance of the transfer-mapped feature maps to the teacher's (baseline)"
+    loss_keys = ("ce", "kl", "align")
     p = 1
 
     def __init__(self, *args, **kwargs) -> None:
@@ -22,8 +26,8 @@ class Align(SingleStageTask):
         target = common_shape(self.shapes)
         self.transfers = nn.ModuleList(make_transfer(s, target) for s in self.shapes)
 
-    def stages(self) -> dict[str, StageSpec]:
-        return {"logit": StageSpec(self.peer_parameters() + list(self.transfers.parameters()), "optim")}
+    def extra_parameters(self) -> list[nn.Parameter]:
+        return list(self.transfers.parameters())
 
     def forward_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         with self.numerics.autocast():
@@ -35,6 +39,8 @@ class Align(SingleStageTask):
         return total + self.cfg.feature_weight * align.sum(), metrics
 
 
+@register
 class AlignL2(Align):
     method = "l2"
+    summary = "logit loss + mean squared distance of the transfer-mapped feature maps to the teacher's (baseline)"
     p = 2

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
-from fastafd import losses
-from fastafd.config import MethodConfig
+from fastafd import losses, metrics
 from fastafd.steps import Stage
+
+if TYPE_CHECKING:
+    from fastafd.config import MethodConfig
 
 OptimKey = Literal["optim", "adv_optim"]
 
@@ -27,11 +29,10 @@ class StageSpec:
 
 @dataclass
 class Numerics:
-    """How the task runs its forward passes: autocast dtype and torch.compile."""
+    """How the task runs its forward passes: the autocast dtype on this device type."""
 
     device_type: str = "cpu"
     dtype: torch.dtype = torch.float32
-    compile: bool = False
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype == torch.float32:
@@ -42,13 +43,28 @@ class Numerics:
 class Task(nn.Module):
     """Owns the trainable parts of one method and runs one training iteration.
 
-    The trainer only calls :meth:`stages` (to build optimizers), :meth:`train_step` and
-    :meth:`eval_step`; everything that differs between methods lives in the subclasses.
+    The trainer only calls :meth:`stages` (to build optimizers), :meth:`compile`, :meth:`train_step`
+    and :meth:`eval_step`; everything that differs between methods lives in the subclasses, and the
+    class attributes below are all that the rest of fastafd (config validation, help, display,
+    resume rules) knows about a method (see :mod:`fastafd.methods.registry`).
     Peer ``k`` is taught by peer ``teachers[k] = (k - 1) mod K`` (cyclic scheme; mutual for K = 2).
     """
 
     method: ClassVar[str]
+    """``--method.name`` of this method."""
+    summary: ClassVar[str] = ""
+    """One line for ``fastafd methods``, the help and the recipes' descriptions."""
     needs_pair: ClassVar[bool] = True
+    """Whether it distils between peers (then K >= 2 is required)."""
+    optimizers: ClassVar[tuple[OptimKey, ...]] = ("optim",)
+    """The optimizer configs its stages use (a resume that changes one's ``name`` is refused)."""
+    loss_keys: ClassVar[tuple[str, ...]] = ("ce",)
+    """Per-peer training metrics shown in the progress output and the epoch summary, in this order."""
+    eval_keys: ClassVar[tuple[str, ...]] = ()
+    """Per-peer evaluation extras of :meth:`eval_extras` (TensorBoard ``val/<key>/<peer>``, ``metrics.jsonl``)."""
+    compile_units: ClassVar[tuple[str, ...]] = ()
+    """Methods of the task that :meth:`compile` replaces by their ``torch.compile`` d version (each a
+    forward + loss: the unit of compile); the stages' backward and optimizer steps stay eager."""
 
     def __init__(
         self,
@@ -72,9 +88,19 @@ class Task(nn.Module):
     def k(self) -> int:
         return len(self.peers)
 
-    def compiled(self, fn: Callable) -> Callable:
-        """``fn`` compiled with torch.compile when the run asks for it (the unit of compile is a step's forward+loss)."""
-        return torch.compile(fn) if self.numerics.compile else fn
+    def compile(self) -> None:
+        """Compile the :attr:`compile_units` (timm's pattern: the trainer calls this once, before the first step).
+
+        Each unit becomes an instance attribute that shadows the method, so the task's own code calls
+        the compiled version; :meth:`eval_step` and checkpoints use the module itself (no ``_orig_mod.``).
+        """
+        for name in self.compile_units:
+            setattr(self, name, torch.compile(getattr(self, name)))
+
+    @classmethod
+    def describe_eval(cls, peers: list[dict]) -> str:
+        """Extra text for the epoch summary from the evaluated per-peer rows (AFD: D(real)/D(fake))."""
+        return ""
 
     # -- the three calls the trainer makes -------------------------------------------------------
 
@@ -92,8 +118,8 @@ class Task(nn.Module):
             feats, logits = self.forward_peers(x)
         probs = logits.float().softmax(dim=-1).mean(dim=0)
         out = {
-            "correct": losses.topk_correct(logits, y),
-            "ensemble": losses.topk_correct(probs, y),
+            "correct": metrics.topk_correct(logits, y),
+            "ensemble": metrics.topk_correct(probs, y),
             "count": torch.full((), y.shape[0], device=y.device),  # filled on the device: no host-to-device copy
         }
         out.update(self.eval_extras(feats))
@@ -127,17 +153,22 @@ class Task(nn.Module):
 
 
 class SingleStageTask(Task):
-    """A method with one loss and one optimizer: :meth:`forward_loss` (compiled when the run compiles)
-    gives the loss, the ``logit`` stage steps on it."""
+    """A method with one loss and one optimizer: :meth:`forward_loss` (the unit of compile) gives the
+    loss, the ``logit`` stage (SGD over every peer parameter, plus :meth:`extra_parameters`) steps on it."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._forward_loss = self.compiled(self.forward_loss)
+    compile_units = ("forward_loss",)
+
+    def stages(self) -> dict[str, StageSpec]:
+        return {"logit": StageSpec(self.peer_parameters() + self.extra_parameters(), "optim")}
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        """Trainable parts of the method besides the peers (l1/l2: the transfer layers)."""
+        return []
 
     def forward_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 
     def train_step(self, x: Tensor, y: Tensor, stages: Mapping[str, Stage]) -> dict[str, Tensor]:
-        loss, metrics = self._forward_loss(x, y)
+        loss, step_metrics = self.forward_loss(x, y)
         stages["logit"].step(loss)
-        return metrics
+        return step_metrics

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fastafd.methods.base import SingleStageTask, StageSpec
+from fastafd.methods.base import SingleStageTask
+from fastafd.methods.registry import register
 
 
-class DML(SingleStageTask):
-    """Logit loss only, one SGD stage over all peer parameters."""
+@register
+class Independent(SingleStageTask):
+    """Each peer trained alone with cross-entropy (the paper's "vanilla" rows)."""
 
-    method = "dml"
-    use_kl = True
-
-    def stages(self) -> dict[str, StageSpec]:
-        return {"logit": StageSpec(self.peer_parameters(), "optim")}
+    method = "independent"
+    summary = "each peer alone with cross-entropy (the vanilla baseline)"
+    needs_pair = False
+    use_kl = False
 
     def forward_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         with self.numerics.autocast():
@@ -22,9 +23,12 @@ class DML(SingleStageTask):
         return self.logit_loss(logits, y, kl=self.use_kl)
 
 
-class Independent(DML):
-    """Each peer trained alone with cross-entropy (the paper's "vanilla" rows)."""
+@register
+class DML(Independent):
+    """Logit loss only, one SGD stage over all peer parameters (Zhang et al., CVPR 2018)."""
 
-    method = "independent"
-    needs_pair = False
-    use_kl = False
+    method = "dml"
+    summary = "Deep Mutual Learning: cross-entropy + T^2 KL to the teacher peer (the logit loss alone)"
+    needs_pair = True
+    use_kl = True
+    loss_keys = ("ce", "kl")

@@ -153,7 +153,7 @@ def test_export_round_trip_through_plain_timm(uninterrupted, tmp_path, env):
 
     import fastafd.models  # noqa: F401  (registers the CIFAR networks with timm)
     from fastafd import config
-    from fastafd.trainer import build_session
+    from fastafd.session import build_session
 
     out = tmp_path / "peer1.safetensors"
     proc = run_cli(["export", str(uninterrupted), "--peer", "1", "--out", str(out)], env)
@@ -168,4 +168,4 @@ def test_export_round_trip_through_plain_timm(uninterrupted, tmp_path, env):
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), inside(x))
-    session.rt.accelerator.end_training()
+    session.runtime.accelerator.end_training()

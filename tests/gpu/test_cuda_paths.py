@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from fastafd import cli, losses
-from fastafd.models.discriminator import Discriminator, DiscriminatorBank
-from tests.helpers import batches, ids, iterate, tiny_config, tiny_task
+from fastafd.bench.reference import RefDiscriminator
+from fastafd.models.discriminator import DiscriminatorBank
+from tests.helpers import batches, fill_bank, ids, iterate, tiny_config, tiny_task
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -34,9 +35,9 @@ def exact_fp32():
 def test_grouped_discriminator_bank_on_cuda_equals_per_peer_discriminators():
     torch.manual_seed(0)
     k, c = 3, 64
-    discs = [Discriminator(c).to(CUDA) for _ in range(k)]
+    discs = [RefDiscriminator(c).to(CUDA) for _ in range(k)]
     bank = DiscriminatorBank(c, k).to(CUDA)
-    bank.load_discriminators(discs)
+    fill_bank(bank, discs)
     maps = torch.randn(k, 16, c, 4, 4, device=CUDA, requires_grad=True)
     ref = torch.stack([d(maps[i]) for i, d in enumerate(discs)])
     (g_ref,) = torch.autograd.grad(ref.square().sum(), maps)
@@ -72,7 +73,7 @@ def test_bf16_channels_last_compiled_step_on_cuda_tracks_fp32(order):
         torch.testing.assert_close(m_fast[key].float(), m_ref[key].float(), rtol=3e-2, atol=2e-2, msg=key)
     m_fast = iterate(fast, fast_stages, data[1:], start=1)
     assert all(torch.isfinite(v).all() for v in m_fast.values())
-    assert fast_stages["logit"].guard.skipped.item() == 0
+    assert fast_stages.guard.skipped.item() == 0
     conv = next(m for m in fast.peers[0].modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
 
@@ -94,7 +95,7 @@ def test_fp16_nan_in_one_peer_loss_skips_every_optimizer_on_cuda(order, monkeypa
         for pid, st in opts[name].items():
             for field, value in st.items():
                 assert torch.equal(value, s.optimizer.state_dict()["state"][pid][field]), (name, field)
-    assert stages["logit"].guard.skipped.item() == 1
+    assert stages.guard.skipped.item() == 1
 
 
 def test_train_cli_on_cuda(tmp_path, monkeypatch):
@@ -162,7 +163,7 @@ def test_resume_with_channels_last_bf16_compiled_peers_steps_and_tracks_the_unin
     state.restore(checkpoint.load(path), resumed, resumed_stages, _NoLoader(), RunningMeans(), rank=0, world_size=1,
                   device=CUDA, same_schedule=True)
     iterate(resumed, resumed_stages, data[2:], start=2)
-    assert resumed_stages["logit"].guard.skipped.item() == 0
+    assert resumed_stages.guard.skipped.item() == 0
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(b.float(), a.float(), rtol=2e-2, atol=2e-2, msg=name)  # cuDNN/atomics: not bitwise
 
@@ -210,27 +211,24 @@ def test_bf16_inf_gradient_behind_a_finite_loss_skips_every_optimizer_on_cuda(or
         for pid, st in opts[name].items():
             for field, value in st.items():
                 assert torch.equal(value, s.optimizer.state_dict()["state"][pid][field]), (name, field)
-    assert stages["logit"].guard.skipped.item() == 1
+    assert stages.guard.skipped.item() == 1
 
 
 def _steady_state_steps_without_host_syncs(task, stages, loader, steps: int) -> None:
     """Warm up (compile, cuDNN autotune, allocator), then ``steps`` loader + train steps with torch's sync
     detector set to raise: any host synchronisation in the hot path fails the test."""
-    guard = stages["logit"].guard
     it = iter(loader)
     for _ in range(2):
         x, y = next(it)
-        guard.begin()
-        task.train_step(x, y, stages)
-        guard.end()
+        with stages.iteration():
+            task.train_step(x, y, stages)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(steps):
             x, y = next(it)
-            guard.begin()
-            task.train_step(x, y, stages)
-            guard.end()
+            with stages.iteration():
+                task.train_step(x, y, stages)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -270,11 +268,11 @@ def test_no_recompiles_across_train_eval_and_the_epoch_boundary(tmp_path, monkey
 
 
 def test_cudnn_benchmark_is_on_for_cuda_training(tmp_path, monkeypatch):
-    from fastafd.trainer import build_session
+    from fastafd.session import build_session
 
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     cfg = tiny_config(PAIR)
     cfg.system.device = "cuda"
     session = build_session(cfg)
     assert torch.backends.cudnn.benchmark
-    session.rt.accelerator.end_training()
+    session.runtime.accelerator.end_training()

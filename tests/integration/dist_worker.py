@@ -34,7 +34,7 @@ VARIANTS = {
 
 def build(cfg, grad_sync, bn_eval: bool):
     torch.manual_seed(0)  # identical initial parameters everywhere
-    task = build_task(cfg, cfg.model.num_classes, Numerics("cpu", torch.float32, False), CPU, False)
+    task = build_task(cfg, cfg.model.num_classes, Numerics("cpu", torch.float32), CPU, False)
     stages = build_stages(task, cfg, device=CPU, dtype=torch.float32, steps_per_epoch=100, grad_sync=grad_sync)
     task.train()
     if bn_eval:  # per-sample forward: the 2-process and 1-process runs then see exactly the same function

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastafd.bench.reference import ReferenceAFD, copy_into
-from tests.helpers import ADAM, SGD, batches, iterate, tiny_config, tiny_task
+from tests.helpers import ADAM, SGD, batches, iterate, split_bank, tiny_config, tiny_task
 
 CASES = {
     "k2_same": (("cifar_resnet8", "cifar_resnet8"), 32),
@@ -36,8 +36,8 @@ def test_afd_matches_reference_after_three_iterations(case, order):
         )
         for mine, theirs in zip(task.transfers, ref.transfers):
             copy_into(theirs, mine)
-        for k, theirs in enumerate(ref.discs):
-            copy_into(theirs, task.discriminators.export(k))
+        for theirs, mine in zip(ref.discs, split_bank(task.discriminators), strict=True):
+            copy_into(theirs, mine)
         if case == "k2_mismatched":
             assert sum(p.numel() for p in task.transfers[0].parameters()) > 0
             assert isinstance(task.transfers[1], torch.nn.Identity)
@@ -50,7 +50,7 @@ def test_afd_matches_reference_after_three_iterations(case, order):
 
         pairs = [(task.peers[k], ref.nets[k]) for k in range(len(peers))]
         pairs += [(task.transfers[k], ref.transfers[k]) for k in range(len(peers))]
-        pairs += [(task.discriminators.export(k), ref.discs[k]) for k in range(len(peers))]
+        pairs += list(zip(split_bank(task.discriminators), ref.discs, strict=True))
         compared = 0
         for mine, theirs in pairs:
             for a, b in zip(list(mine.parameters()) + list(mine.buffers()), list(theirs.parameters()) + list(theirs.buffers())):

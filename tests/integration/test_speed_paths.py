@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from fastafd import losses
-from fastafd.models.discriminator import Discriminator, DiscriminatorBank
-from tests.helpers import batches, iterate, tiny_config, tiny_task
+from fastafd.bench.reference import RefDiscriminator
+from fastafd.models.discriminator import DiscriminatorBank
+from tests.helpers import batches, fill_bank, iterate, split_bank, tiny_config, tiny_task
 
 PEERS = ("cifar_resnet8", "cifar_wrn16_2")
 
@@ -16,9 +17,9 @@ PEERS = ("cifar_resnet8", "cifar_wrn16_2")
 def test_discriminator_bank_equals_per_peer_discriminators():
     torch.manual_seed(0)
     k, c = 3, 32
-    discs = [Discriminator(c) for _ in range(k)]
+    discs = [RefDiscriminator(c) for _ in range(k)]
     bank = DiscriminatorBank(c, k)
-    bank.load_discriminators(discs)
+    fill_bank(bank, discs)
     real = torch.randn(k, 6, c, 4, 4, requires_grad=True)
     fake = torch.randn(k, 6, c, 4, 4, requires_grad=True)
     # per-peer reference: a Python loop of separate discriminators and per-peer LSGAN losses
@@ -31,14 +32,14 @@ def test_discriminator_bank_equals_per_peer_discriminators():
     torch.testing.assert_close(loss, ref_loss)
     torch.testing.assert_close(real.grad, ref_grads[0])
     torch.testing.assert_close(fake.grad, ref_grads[1])
-    for i, d in enumerate(discs):
-        e = bank.export(i)
+    for d, e in zip(discs, split_bank(bank), strict=True):
         # parameter gradients: the bank's conv1 rows of group i are discriminator i's conv1 gradient
+        i = discs.index(d)
         c2 = c // 2
-        torch.testing.assert_close(bank.conv1.weight.grad[i * c2 : (i + 1) * c2], d.body[0].weight.grad)
-        torch.testing.assert_close(bank.fc_weight.grad[i], d.body[8].weight.grad[0])
+        torch.testing.assert_close(bank.conv1.weight.grad[i * c2 : (i + 1) * c2], d.conv1.weight.grad)
+        torch.testing.assert_close(bank.fc_weight.grad[i], d.fc.weight.grad[0])
         # running statistics were updated identically
-        torch.testing.assert_close(e.body[1].running_mean, d.body[1].running_mean)
+        torch.testing.assert_close(e.bn1.running_mean, d.bn1.running_mean)
 
 
 def _state(task, stages):
@@ -68,7 +69,7 @@ def test_nan_in_one_peer_loss_skips_every_optimizer(order, monkeypatch):
         for pid, st in before_opts[name].items():
             for field, value in st.items():
                 assert torch.equal(value, after_opts[name][pid][field]), (name, field)
-    guard = stages["logit"].guard
+    guard = stages.guard
     assert guard.skipped.item() == 1 and guard.streak.item() == 1
     # and training goes on normally afterwards
     monkeypatch.setattr(losses, "cross_entropy", real_ce)
@@ -80,7 +81,7 @@ def test_nan_in_one_peer_loss_skips_every_optimizer(order, monkeypatch):
 def test_nan_in_generator_loss_skips_feature_step():
     task, stages = tiny_task(tiny_config(PEERS))
     x, y = batches(1)[0]
-    guard = stages["feat"].guard
+    guard = stages.guard
     guard.begin()
     before = {n: p.detach().clone() for n, p in task.transfers.named_parameters()}
     loss, _ = task.gen_loss(task.mapped_features(x))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fastafd.methods import METHODS
+from fastafd.methods import registry
 from tests.helpers import batches, changed, snapshot, tiny_config, tiny_task
 
 PEERS = ("cifar_resnet8", "cifar_wrn16_2")  # mismatched channels: the transfer layers have parameters
@@ -75,11 +75,11 @@ def test_full_afd_iteration_moves_every_group_and_reports_metrics():
     assert changed(before, task) == set(before)
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", registry.names())
 def test_every_method_trains_and_evaluates(method):
     cfg = tiny_config(PEERS, method=method)
     task, stages = tiny_task(cfg)
-    expected = {"independent": {"logit"}, "dml": {"logit"}, "l1": {"logit"}, "l2": {"logit"}, "afd": {"logit", "disc", "feat"}}
+    expected = {"independent": {"logit"}, "dml": {"logit"}, "kdcl": {"logit"}, "l1": {"logit"}, "l2": {"logit"}, "afd": {"logit", "disc", "feat"}}
     assert set(stages) == expected[method]
     data = batches(4)
     losses0 = None

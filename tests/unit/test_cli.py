@@ -131,7 +131,7 @@ def test_every_recipe_constructs_and_round_trips_through_json():
 
 
 def test_small_per_process_batch_warning_only_with_several_processes():
-    from fastafd.trainer import small_batch_warning
+    from fastafd.session import small_batch_warning
 
     assert small_batch_warning(16, 1) is None  # one process: the batch the user asked for
     assert small_batch_warning(256, 8) is None  # 32 per process

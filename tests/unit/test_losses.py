@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from fastafd import losses
+from fastafd import losses, metrics
 
 
 def test_cross_entropy_hand_computed():
@@ -60,6 +60,6 @@ def test_feature_alignment_hand_computed_and_stopgrad():
 def test_topk_correct():
     logits = torch.tensor([[0.1, 0.9, 0.0, 0.0, 0.0, 0.0], [0.6, 0.1, 0.2, 0.3, 0.4, 0.5]])
     y = torch.tensor([1, 1])  # first: top-1 hit; second: label ranks last -> miss at 5
-    assert losses.topk_correct(logits, y).tolist() == [1, 1]
-    assert losses.topk_correct(logits, torch.tensor([1, 0])).tolist() == [2, 2]
-    assert losses.topk_correct(logits, torch.tensor([0, 5])).tolist() == [0, 2]  # both labels rank 2nd
+    assert metrics.topk_correct(logits, y).tolist() == [1, 1]
+    assert metrics.topk_correct(logits, torch.tensor([1, 0])).tolist() == [2, 2]
+    assert metrics.topk_correct(logits, torch.tensor([0, 5])).tolist() == [0, 2]  # both labels rank 2nd

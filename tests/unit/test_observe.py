@@ -78,7 +78,7 @@ def test_interval_means_undo_the_running_means():
 def test_scalars_write_tags_tensorboard_reads_back(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    sc = observe.Scalars(tmp_path, ["resnet18", "resnet34"])
+    sc = observe.Scalars(tmp_path, ["resnet18", "resnet34"], eval_keys=("d_real", "d_fake"))
     sc.train(10, {"ce": [1.0, 2.0], "g_loss": [0.3, 0.4], "scalar_thing": [5.0]}, {"logit": 0.1, "feat": 2e-5}, 123.0, 0.25)
     sc.eval(10, {"peers": [{"top1": 50.0, "top5": 80.0, "d_real": 0.6}, {"top1": 55.0, "top5": 85.0, "d_real": 0.4}],
                  "ensemble_top1": 60.0, "ensemble_top5": 90.0})
@@ -103,9 +103,9 @@ def test_tensorboard_on_without_the_package_is_a_user_error(monkeypatch):
 
 
 def test_progress_lines_and_epoch_summary(capsys):
-    prog = observe.Progress("lines", enabled=True, epoch=2, epochs=9, steps=10, batch=4)
+    prog = observe.Progress("lines", enabled=True, epoch=2, epochs=9, steps=10, batch=4, loss_keys=("ce", "kl", "g_loss"))
     prog.log(5, {"ce": [1.23456, 2.0], "kl": [0.1, 0.2], "d_real": [0.5, 0.5]}, 321.4, 0.125)
-    quiet = observe.Progress("lines", enabled=False, epoch=2, epochs=9, steps=10, batch=4)
+    quiet = observe.Progress("lines", enabled=False, epoch=2, epochs=9, steps=10, batch=4, loss_keys=("ce",))
     quiet.log(5, {"ce": [1.0, 1.0]}, 1.0, 0.0)
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 1
@@ -113,7 +113,9 @@ def test_progress_lines_and_epoch_summary(capsys):
     assert out[0].endswith("ce 1.235/2.000 kl 0.100/0.200")
     row = {"epoch": 2, "peers": [{"name": "a", "top1": 51.0, "d_real": 0.6, "d_fake": 0.4}, {"name": "b", "top1": 52.0, "d_real": 0.5, "d_fake": 0.5}],
            "ensemble_top1": 55.0, "img_per_s": 99.6, "time_s": 3.0, "data_wait_frac": 0.5}
-    line = observe.epoch_summary(row, 9, {"ce": [1.0, 1.1]})
+    from fastafd.methods.afd import AFD
+
+    line = observe.epoch_summary(row, 9, {"ce": [1.0, 1.1]}, AFD.loss_keys, AFD.describe_eval(row["peers"]))
     assert line == "epoch 2/9  top-1: a 51.00  b 52.00  ensemble 55.00  ce 1.000/1.100  D(real)/D(fake) 0.60/0.40 0.50/0.50  100 img/s  data 50%  3.0 s"
 
 

@@ -1,0 +1,75 @@
+"""The method registry: the one place that knows which methods exist.
+
+A method is a :class:`~fastafd.methods.base.Task` subclass registered with :func:`register`; its
+class attributes say everything the rest of fastafd needs (the name, a one-line summary, whether it
+needs two or more peers, which optimizer configs its stages use, which losses to display, its
+evaluation extras). Config validation (``method.name``, K >= 2), the CLI help, ``fastafd methods``,
+the recipes and the config reference read them from here. Adding a method is one module under
+``fastafd/methods/`` that defines its task with ``@register`` (every module of the package is
+imported on first use of the registry), and its tests.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import pkgutil
+from typing import TYPE_CHECKING
+
+from fastafd.errors import UserError
+
+if TYPE_CHECKING:
+    from fastafd.methods.base import Task
+
+_INFRASTRUCTURE = ("base", "registry")
+"""Modules of this package that define no method."""
+
+_METHODS: dict[str, type[Task]] = {}
+_loaded = False
+
+
+def register(cls: type[Task]) -> type[Task]:
+    """Class decorator: make ``cls`` selectable as ``--method.name <cls.method>``."""
+    if cls.method in _METHODS and _METHODS[cls.method] is not cls:
+        raise ValueError(f"method {cls.method!r} is registered twice ({_METHODS[cls.method].__qualname__}, {cls.__qualname__})")
+    if not cls.summary:
+        raise ValueError(f"method {cls.method!r} ({cls.__qualname__}) needs a one-line summary")
+    _METHODS[cls.method] = cls
+    return cls
+
+
+def _load() -> dict[str, type[Task]]:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        package = importlib.import_module("fastafd.methods")
+        for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+            if info.name not in _INFRASTRUCTURE:
+                importlib.import_module(f"fastafd.methods.{info.name}")
+    return dict(sorted(_METHODS.items()))
+
+
+def names() -> tuple[str, ...]:
+    """Registered method names, sorted."""
+    return tuple(_load())
+
+
+def get(name: str) -> type[Task]:
+    """The task class of ``name``; an unknown name is a one-line :class:`UserError` with close matches."""
+    methods = _load()
+    if name not in methods:
+        close = difflib.get_close_matches(name, methods, n=2)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise UserError(f"unknown method '{name}': {hint}choose from {', '.join(methods)} (`fastafd methods` describes them)")
+    return methods[name]
+
+
+def describe() -> list[str]:
+    """One line per method: name, summary, stages' optimizers, whether it needs a pair (``fastafd methods``)."""
+    methods = _load()
+    width = max(map(len, methods))
+    out = []
+    for name, cls in methods.items():
+        optims = " + ".join(cls.optimizers)
+        out.append(f"{name:<{width}}  {cls.summary} [{optims}{'; K >= 2 peers' if cls.needs_pair else ''}]")
+    return out
