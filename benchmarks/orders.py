@@ -1,5 +1,5 @@
 """Accuracy of AFD's two iteration orders on the built-in demo data: the default ``sequential``
-(AFD.md) against the opt-in ``simultaneous`` speed mode, same seeds, several runs.
+(docs/method.md) against the opt-in ``simultaneous`` speed mode, same seeds, several runs.
 
     python benchmarks/orders.py [--seeds 0 1 2] [--epochs 8]
 

@@ -48,7 +48,6 @@ class Runtime:
     rank: int
     world_size: int
     local_rank: int
-    local_world_size: int
     dtype: torch.dtype
     channels_last: bool
     compile: bool
@@ -79,7 +78,6 @@ def setup(cfg: SystemConfig) -> Runtime:
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
         local_rank=accelerator.local_process_index,
-        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
         dtype=dtype,
         channels_last=channels_last,
         compile=compile_,

@@ -53,8 +53,6 @@ def small_batch_warning(global_batch: int, world_size: int) -> str | None:
 
 def build_session(cfg: TrainConfig) -> Session:
     """Runtime, data and task of ``cfg`` on this process."""
-    if cfg.data.format == "folder" and cfg.data.root is None:
-        raise UserError(f"recipe {cfg.recipe} reads a dataset folder: pass --data DIR (ImageNet layout: DIR/train/<class>/..., DIR/val/<class>/...)")
     runtime = dist.setup(cfg.system)
     if cfg.system.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)

@@ -1,4 +1,4 @@
-"""A deliberately simple, slow, obviously correct AFD iteration, written from AFD.md alone.
+"""A deliberately simple, slow, obviously correct AFD iteration, written from docs/method.md alone.
 
 It is two things: the oracle of the correctness tests (``tests/integration/test_reference_afd.py``
 checks that fastafd's step gives the same parameters) and the baseline of the step benchmark,
@@ -15,7 +15,7 @@ from torch import nn
 
 
 class RefDiscriminator(nn.Module):
-    """AFD.md: Conv3x3 (C -> C/2, stride 1) + BN + LeakyReLU(0.2), Conv3x3 (C/2 -> C/4, stride 2) + BN +
+    """docs/method.md: Conv3x3 (C -> C/2, stride 1) + BN + LeakyReLU(0.2), Conv3x3 (C/2 -> C/4, stride 2) + BN +
     LeakyReLU(0.2), global average pool, Linear (C/4 -> 1), sigmoid."""
 
     def __init__(self, c):
@@ -34,7 +34,7 @@ class RefDiscriminator(nn.Module):
 
 
 class RefTransfer(nn.Module):
-    """AFD.md: identity when shapes match; otherwise 1x1 conv + BN + ReLU to the common channel count and
+    """docs/method.md: identity when shapes match; otherwise 1x1 conv + BN + ReLU to the common channel count and
     adaptive average pooling to the smaller spatial size."""
 
     def __init__(self, shape, target):
@@ -113,7 +113,7 @@ class ReferenceAFD:
         return loss_g
 
     def iteration(self, x, y):
-        """Sequential order (AFD.md default)."""
+        """Sequential order (docs/method.md default)."""
         # 1. logit stage
         self.opt_logit.zero_grad()
         self.logit_loss([net(x) for net in self.nets], y).backward()

@@ -58,7 +58,8 @@ def build_data(cfg: DataConfig, *, rank: int, world_size: int, local_rank: int, 
 
     fmt = resolve_format(cfg)
     if fmt != "demo" and cfg.root is None:
-        raise UserError(f"data.format={fmt} reads a dataset: pass --data DIR")
+        layout = " (ImageNet layout: DIR/train/<class>/..., DIR/val/<class>/...)" if fmt == "folder" else ""
+        raise UserError(f"data.format={fmt} reads a dataset: pass --data DIR{layout}")
     common = dict(rank=rank, world_size=world_size, local_rank=local_rank, device=device, seed=seed,
                   channels_last=channels_last, train_batch=train_batch, val_batch=val_batch, dtype=dtype)
     if fmt == "cifar100":

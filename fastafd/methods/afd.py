@@ -1,6 +1,6 @@
 """``afd``: online adversarial knowledge distillation (Chung et al., ICML 2020), cyclic for K > 2.
 
-One iteration, in the "sequential" order of AFD.md:
+One iteration, in the "sequential" order of docs/method.md:
 
 1. forward all peers; **logit step** (SGD): ``sum_k CE(y, z_k) + T^2 KL(z_j || z_k)`` updates every peer;
 2. forward the feature extractors again at the new weights and map them with the transfer layers;
@@ -13,7 +13,7 @@ peer ``k`` is peer ``k - 1`` (mod K), so K discriminators suffice for any K. The
 run as one :class:`DiscriminatorBank` (grouped convolutions), and the losses of all peers are
 batched over the peer dimension: no Python loop over discriminators in the hot path.
 
-``method.order=simultaneous`` (opt-in, a deviation from AFD.md) runs the feature extractors once:
+``method.order=simultaneous`` (opt-in, a deviation from docs/method.md) runs the feature extractors once:
 the logit loss and the generator loss are both taken from that forward pass, their gradients are
 computed before either optimizer moves the shared weights, and then SGD and Adam step in turn. The
 logit gradients are computed (and checked for non-finite values) before the discriminator steps, so

@@ -1,4 +1,4 @@
-"""Transfer layers T_k that make the feature maps of different architectures comparable (AFD.md)."""
+"""Transfer layers T_k that make the feature maps of different architectures comparable (docs/method.md)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ Shape = tuple[int, int, int]  # (C, H, W) of one feature map
 def common_shape(shapes: Sequence[Shape]) -> Shape:
     """The shape all peers' maps are brought to: the largest channel count and the smallest spatial size.
 
-    For K = 2 this is AFD.md's rule ("the larger of the two", "the smaller spatial size"); for K > 2
+    For K = 2 this is docs/method.md's rule ("the larger of the two", "the smaller spatial size"); for K > 2
     the same rule over all peers (ours), so each network has one transfer layer shared by the
     discriminator that judges it and the one it teaches.
     """

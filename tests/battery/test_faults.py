@@ -17,6 +17,8 @@ import pytest
 
 from fastafd import checkpoint, rundir
 
+pytestmark = pytest.mark.slow  # the real CLI: subprocesses that train
+
 ROOT = Path(__file__).resolve().parents[2]
 SYNTHETIC = ["--model.peers", "cifar_resnet8", "cifar_resnet8", "--data.format", "synthetic", "--data.image_size", "32",
              "--data.synthetic_classes", "10", "--data.batch_size", "16", "--log.tensorboard", "off", "--log.progress", "lines",

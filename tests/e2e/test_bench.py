@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from fastafd import cli
+
+pytestmark = pytest.mark.slow  # the real CLI: subprocesses that train
 
 
 def load_benchmark(filename: str):

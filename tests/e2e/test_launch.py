@@ -13,7 +13,7 @@ import pytest
 
 from fastafd import rundir
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # the real CLI: subprocesses that train
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_SH = ROOT / "launch/run.sh"

@@ -11,6 +11,8 @@ import pytest
 
 from fastafd import rundir
 
+pytestmark = pytest.mark.slow  # the real CLI: subprocesses that train
+
 FASTAFD = shutil.which("fastafd") or ""
 PEERS = ["peer0-cifar_resnet8", "peer1-cifar_resnet8"]
 STEPS_PER_EPOCH, EPOCHS, LOG_INTERVAL = 6, 2, 2

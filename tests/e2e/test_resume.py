@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 
 from fastafd import checkpoint
 
+pytestmark = pytest.mark.slow  # the real CLI: subprocesses that train
+
 TINY = [
     "--model.peers", "cifar_resnet8", "cifar_resnet8",
     "--data.batch_size", "16",

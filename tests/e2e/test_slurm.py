@@ -10,7 +10,7 @@ import pytest
 from fastafd import rundir
 from tests import slurm_cluster as sc
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]  # the real CLI: subprocesses that train
 
 ROOT = Path(__file__).resolve().parents[2]
 SBATCH = ROOT / "slurm/train.sbatch"

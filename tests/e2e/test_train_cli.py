@@ -11,6 +11,8 @@ import pytest
 
 from fastafd import rundir
 
+pytestmark = pytest.mark.slow  # the real CLI: subprocesses that train
+
 FASTAFD = shutil.which("fastafd") or ""
 
 

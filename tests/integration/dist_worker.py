@@ -55,6 +55,8 @@ def main(out: Path) -> None:
         cfg = tiny_config(["cifar_resnet8", "cifar_resnet8"], method, batch=GLOBAL_BATCH, **kw)
         cfg.adv_optim = replace(cfg.adv_optim, lr=1e-4)
         task, stages = build(cfg, dist.all_reduce_grads, bn_eval=True)
+        if r == 0:
+            torch.save({k: v.detach().clone() for k, v in task.named_parameters()}, out / f"{name}.initial.pt")
         iterate(task, stages, local)
         torch.save({k: v.detach() for k, v in task.named_parameters()}, out / f"{name}.rank{r}.pt")
         if r == 0:

@@ -3,7 +3,6 @@
 import contextlib
 import gzip
 import json
-import time
 
 import pytest
 import torch
@@ -53,18 +52,22 @@ def test_profile_cut_short_by_the_end_of_training_is_still_written(tmp_path):
     assert not observe.Profiler(None, tmp_path, rank=0, device=torch.device("cpu")).active
 
 
-def test_loop_clock_measures_the_time_spent_waiting_for_data():
+def test_loop_clock_measures_the_time_spent_waiting_for_data(monkeypatch):
+    """A fake clock: the loader takes 30 ms per batch and the step 10 ms, whatever else the machine does."""
+    now = [100.0]
+    monkeypatch.setattr(observe.time, "perf_counter", lambda: now[0])
+
     def slow_loader():
         for i in range(4):
-            time.sleep(0.03)
+            now[0] += 0.03
             yield i
 
     clock = observe.LoopClock()
     for _ in clock.batches(slow_loader()):
-        time.sleep(0.03)  # the "step"
+        now[0] += 0.01  # the "step"
     seconds, frac = clock.lap()
-    assert seconds == pytest.approx(0.24, abs=0.1)
-    assert 0.35 < frac < 0.65
+    assert seconds == pytest.approx(0.16)
+    assert frac == pytest.approx(0.75)
     assert clock.wait == 0.0  # lap starts a new interval
 
 
