@@ -65,10 +65,17 @@ def _class_folders(split_dir: Path) -> list[str]:
     return sorted(names)
 
 
-def _images(class_dir: Path) -> list[str]:
+def class_folders(split_dir: Path) -> list[str]:
+    """Sorted names of the class folders in ``split_dir`` (hidden folders skipped; may be empty)."""
+    with os.scandir(split_dir) as entries:
+        return sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+
+
+def image_files(class_dir: Path) -> list[str]:
     """Sorted image file names in one class folder."""
     with os.scandir(class_dir) as entries:
         return sorted(e.name for e in entries if _is_image(e.name) and e.is_file())
+
 
 
 def read_exclude(path: Path | None) -> set[str]:
@@ -92,7 +99,7 @@ def read_exclude(path: Path | None) -> set[str]:
 
 def _scan_split(split_dir: Path, class_to_label: dict[str, int], names: list[str],
                 exclude: set[str] = frozenset()) -> Split:
-    per_class = {name: _images(split_dir / name) for name in names}
+    per_class = {name: image_files(split_dir / name) for name in names}
     if exclude:
         prefix = split_dir.name + "/"
         per_class = {name: [f for f in fs if f"{prefix}{name}/{f}" not in exclude] for name, fs in per_class.items()}

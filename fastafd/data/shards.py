@@ -279,7 +279,7 @@ def _cleanup() -> None:
 atexit.register(_cleanup)
 
 
-def _read_split(root: Path, split: str, exclude: set[str], num_classes: int) -> ShardSplit:
+def _read_split(root: Path, split: str, exclude: set[str], num_classes: int, check_samples: bool) -> ShardSplit:
     d = root / split
     if not d.is_dir():
         raise UserError(f"{root} has {CLASSES_FILE} but no {split}/ folder: re-run `fastafd data pack`")
@@ -310,7 +310,7 @@ def _read_split(root: Path, split: str, exclude: set[str], num_classes: int) -> 
         samples.extend(s[i] for i in keep)
     if not samples:
         raise UserError(f"{d} has no samples left: check the shards and the exclude list")
-    bad = label_problems(samples, num_classes)
+    bad = label_problems(samples, num_classes) if check_samples else []
     if bad:
         s, why = bad[0]
         more = f" (and {len(bad) - 1} more samples)" if len(bad) > 1 else ""
@@ -320,8 +320,12 @@ def _read_split(root: Path, split: str, exclude: set[str], num_classes: int) -> 
     return ShardSplit(root=d, tars=[str(t) for t in tars], indexes=index_paths, samples=samples)
 
 
-def read_shards(root: Path, exclude: set[str] = frozenset()) -> ShardDataset:
-    """Open a folder written by :func:`pack`; every index is checked against its shard first."""
+def read_shards(root: Path, exclude: set[str] = frozenset(), *, check_samples: bool = True) -> ShardDataset:
+    """Open a folder written by :func:`pack`; every index is checked against its shard first.
+
+    ``check_samples``: also read every sample's label (and raise :class:`DataError` for the first
+    that the loader cannot use); ``fastafd data verify`` lists them all instead.
+    """
     root = Path(root).expanduser()
     where = root / CLASSES_FILE
     try:
@@ -333,8 +337,9 @@ def read_shards(root: Path, exclude: set[str] = frozenset()) -> ShardDataset:
         raise UserError(f"{where} is not a fastafd class map (no \"format\": \"{FORMAT}\" and \"classes\"): "
                         "point --data at a folder written by `fastafd data pack`")
     classes = check_classes(meta["classes"], where)
-    return ShardDataset(root=root, classes=classes, train=_read_split(root, "train", exclude, len(classes)),
-                        val=_read_split(root, "val", exclude, len(classes)))
+    return ShardDataset(root=root, classes=classes,
+                        train=_read_split(root, "train", exclude, len(classes), check_samples),
+                        val=_read_split(root, "val", exclude, len(classes), check_samples))
 
 
 def read_sample(s: Sample) -> bytes:

@@ -7,6 +7,7 @@ the tests after it check what does not fit a row.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -15,8 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
+from fastafd.cli import main as cli_main
+from fastafd.config import DataConfig
+from fastafd.data import DataError, build_data
 from fastafd.data.cifar import load_cifar100
+from fastafd.data.folder import read_exclude
 from fastafd.data.shards import pack, read_shards
 from fastafd.errors import UserError
 from tests.battery.harness import Case, run_case
@@ -153,3 +160,91 @@ def test_pack_keys_class_names_with_spaces_so_the_index_reads_back(tmp_path: Pat
     ds = read_shards(tmp_path / "s")
     assert ds.classes == ["my class 0", "my class 1"] and len(ds.train) == 4
     assert sorted(s.name for s in ds.val.samples) == ["my_class_0/im_0_v2.jpg", "my_class_1/im_0_v2.jpg"]
+
+
+# -- verify: the decoder rules of training, every format training reads ---------------------------
+
+
+def _encoded(kind: str) -> bytes:
+    """An image in format ``kind``, meant to be saved under a .JPEG name."""
+    im = Image.new("RGB", (24, 20), (90, 120, 150))
+    buf = io.BytesIO()
+    if kind == "png-without-end":
+        im.save(buf, "PNG")
+        return buf.getvalue()[:-12]  # IEND chunk cut off: PIL decodes it, DALI does not
+    fmt, mode = {"gif": ("GIF", "P"), "ico": ("ICO", "RGB"), "tga": ("TGA", "RGB"), "tiff-bilevel": ("TIFF", "1"),
+                 "png-alpha": ("PNG", "RGBA"), "bmp": ("BMP", "RGB"), "tiff": ("TIFF", "RGB"), "webp": ("WEBP", "RGB"),
+                 "ppm": ("PPM", "RGB"), "jpeg2000": ("JPEG2000", "RGB")}[kind]
+    im.convert(mode).save(buf, fmt)
+    return buf.getvalue()
+
+
+REFUSED = ("gif", "ico", "tga", "png-without-end", "tiff-bilevel")
+"""Formats PIL opens and DALI's decoder (so training) refuses."""
+DECODED = ("png-alpha", "bmp", "tiff", "webp", "ppm", "jpeg2000")
+
+
+def _loader_fails(tmp: Path, data: bytes) -> bool:
+    """Whether training's validation loader stops at an image with these bytes."""
+    grey_folder(tmp, (2,), (1,))
+    (tmp / "val" / "c0" / "img0.JPEG").write_bytes(data)
+    cfg = DataConfig(root=tmp, num_threads=1, image_size=16, batch_size=2)
+    _, val, _ = build_data(cfg, rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), seed=0, channels_last=False)
+    try:
+        list(val)
+    except DataError:
+        return True
+    return False
+
+
+def test_verify_refuses_exactly_what_training_refuses(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = _folder(tmp_path)
+    for kind in REFUSED + DECODED:
+        (root / "val" / "c1" / f"{kind}.JPEG").write_bytes(_encoded(kind))
+    for kind in REFUSED + DECODED[:1]:  # the ground truth: training's loader on each file alone
+        assert _loader_fails(tmp_path / f"alone-{kind}", _encoded(kind)) == (kind in REFUSED), kind
+    exclude = tmp_path / "bad.txt"
+    code = cli_main(["data", "verify", str(root), "--exclude-out", str(exclude), "--no-progress", "--workers", "1"])
+    out = capsys.readouterr().out
+    assert code == 1
+    errors = {ln.split()[1].rstrip(":"): ln for ln in out.splitlines() if ln.strip().startswith("ERROR")}
+    assert set(errors) == {f"val/c1/{k}.JPEG" for k in REFUSED}
+    assert "GIF data, which DALI cannot decode" in errors["val/c1/gif.JPEG"]
+    assert sorted(exclude.read_text().split()) == sorted(errors)
+    notes = {ln.split()[1].rstrip(":") for ln in out.splitlines() if ln.strip().startswith("note")}
+    assert {f"val/c1/{k}.JPEG" for k in DECODED} <= notes  # decodable, but not JPEG data under a JPEG name
+    _, val, info = build_data(DataConfig(root=root, num_threads=1, image_size=16, batch_size=2, exclude=exclude),
+                              rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), seed=0, channels_last=False)
+    assert sum(len(y) for _, y in val) == info.val_size == 6 + len(DECODED)  # what verify passed, training reads
+
+
+def test_verify_understands_shards(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    shards = _shards(tmp_path)
+    assert cli_main(["data", "verify", str(shards), "--no-progress"]) == 0, capsys.readouterr()
+    assert "(shards): 18 samples, 0 errors" in capsys.readouterr().out
+    _poke_label(shards, b"000009", sample=1)
+    idx = (shards / "val" / "shard-000001.idx").read_text().splitlines()[1].split()
+    with open(shards / "val" / "shard-000001.tar", "r+b") as fh:  # a GIF in place of one image, same size
+        gif = _encoded("gif")
+        fh.seek(int(idx[1]))
+        fh.write((gif + b"\0" * int(idx[2]))[: int(idx[2])])
+    exclude = tmp_path / "bad.txt"
+    assert cli_main(["data", "verify", str(shards), "--exclude-out", str(exclude), "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    train_name = (shards / "train" / "shard-000000.idx").read_text().splitlines()[2].split()[3]
+    assert f"ERROR train/{train_name}: label 9 is outside the 3 classes" in out
+    assert f"ERROR val/{idx[3]}: GIF data" in out
+    assert sorted(exclude.read_text().split()) == sorted([f"train/{train_name}", f"val/{idx[3]}"])
+    ds = read_shards(shards, read_exclude(exclude))  # the exclude list drops both: the shards open
+    assert (len(ds.train), len(ds.val)) == (11, 5)
+
+
+def test_verify_understands_the_cifar_archive(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    make_cifar(tmp_path / "data", n_train=8, n_test=4)
+    assert cli_main(["data", "verify", str(tmp_path / "data"), "--no-progress"]) == 0
+    assert "(cifar100): 12 images, 0 errors" in capsys.readouterr().out
+    evil = _evil_cifar(tmp_path / "evil")
+    assert cli_main(["data", "verify", str(evil), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a genuine CIFAR-100 archive" in err[0]
+    assert not (tmp_path / "evil" / "marker").exists()
