@@ -139,7 +139,7 @@ class EvalArgs:
     """Run directory written by `fastafd train`."""
 
     data: Path | None = None
-    """Dataset folder; default: the run's own."""
+    """Dataset to evaluate on, in any format `fastafd train --data` reads (detected the same way); default: the run's own."""
 
     batch_size: int = 0
     """Global evaluation batch size; 0 keeps the run's."""

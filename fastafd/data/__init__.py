@@ -72,15 +72,21 @@ def build_data(cfg: DataConfig, *, rank: int, world_size: int, local_rank: int, 
                            val_size=len(ds.val), source="cifar100", root=ds.root)
         return train, val, info
 
-    exclude = read_exclude(cfg.exclude)
     if fmt == "demo":
         root, source = demo_root(progress=rank == 0), "demo"
     else:
-        root, source = Path(cfg.root), fmt
+        root, source = Path(cfg.root).expanduser(), fmt
+    exclude = read_exclude(cfg.exclude, root)
     if fmt == "shards":
-        from fastafd.data.shards import read_shards
+        from fastafd.data.shards import NotShards, read_shards
 
-        ds = read_shards(root, exclude)
+        try:
+            ds = read_shards(root, exclude)
+        except NotShards as exc:
+            if cfg.format != "auto":
+                raise
+            raise NotShards(f"{exc} ({root} was taken for shards because it holds {exc.marker}; if it is an "
+                            "image folder, pass --data.format folder)") from None
     else:
         ds = scan_folder(root, exclude)
 

@@ -50,6 +50,12 @@ def sample_key(rel: str) -> str:
     return re.sub(r"[.\s]", "_", stem if dot else rel)
 
 
+class NotShards(UserError):
+    """A folder taken for shards (it holds :data:`CLASSES_FILE`) whose layout is not what pack writes."""
+
+    marker = CLASSES_FILE
+
+
 def is_shard_dir(root: Path) -> bool:
     return (Path(root) / CLASSES_FILE).is_file()
 
@@ -100,16 +106,31 @@ def _write_shard(tar_path: Path, items: list[tuple[str, Path, int]]) -> None:
     os.replace(tmp_idx, idx_path)
 
 
+def _remove_partial(out: Path, created: Path | None) -> None:
+    """Delete what a failed pack wrote: OUT was new or empty, so everything in it is pack's;
+    ``created``: the outermost folder pack made (removed with everything in it)."""
+    for name in ("train", "val"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    (out / CLASSES_FILE).unlink(missing_ok=True)
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+
+
 def pack(src: Path, out: Path, *, shard_samples: int = 1000, seed: int = 0, exclude: Path | None = None,
          progress: bool = True) -> dict:
     """Convert the ImageNet-layout folder ``src`` into shards under ``out``; returns classes.json's content."""
     if shard_samples < 1:
         raise UserError(f"--shard-samples={shard_samples} must be >= 1")
-    ds = scan_folder(src, read_exclude(exclude))
-    check_classes(ds.classes, Path(src) / "train")
     out = Path(out).expanduser()
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} exists and is not empty: pack into a new folder")
+    try:
+        if out.exists() and not out.is_dir():
+            raise UserError(f"{out} exists and is not a folder: pack into a new folder (nothing was written)")
+        if out.is_dir() and any(out.iterdir()):
+            raise UserError(f"{out} exists and is not empty: pack into a new folder")
+    except OSError as exc:
+        raise UserError(f"cannot look into {out} ({exc.strerror}): pack into a folder you can write") from None
+    ds = scan_folder(src, read_exclude(exclude, Path(src).expanduser()))
+    check_classes(ds.classes, Path(src) / "train")
     jobs = []
     for name, split in (("train", ds.train), ("val", ds.val)):
         order = np.random.default_rng(seed).permutation(len(split)) if name == "train" else np.arange(len(split))
@@ -118,18 +139,28 @@ def pack(src: Path, out: Path, *, shard_samples: int = 1000, seed: int = 0, excl
         if len(keys) != len(items):
             raise UserError(f"{split.root} has images whose names differ only in the extension: rename them so each "
                             "class folder has one image per name")
-        (out / name).mkdir(parents=True, exist_ok=True)
         for n, start in enumerate(range(0, len(items), shard_samples)):
             jobs.append((out / name / f"shard-{n:06d}.tar", items[start:start + shard_samples]))
-    bar = tqdm(total=len(ds.train) + len(ds.val), desc="fastafd: packing", unit="img", disable=not progress,
-               mininterval=0.5)
-    for tar_path, items in jobs:
-        _write_shard(tar_path, items)
-        bar.update(len(items))
-    bar.close()
     meta = {"format": FORMAT, "version": VERSION, "classes": ds.classes, "train": len(ds.train), "val": len(ds.val),
             "source": str(ds.root)}
-    (out / CLASSES_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    new = out.absolute()  # the outermost folder pack creates (OUT or a missing parent of it)
+    while not new.parent.exists():
+        new = new.parent
+    created = new if not new.exists() else None
+    try:
+        for name in ("train", "val"):
+            (out / name).mkdir(parents=True)
+        with tqdm(total=len(ds.train) + len(ds.val), desc="fastafd: packing", unit="img", disable=not progress,
+                  mininterval=0.5) as bar:
+            for tar_path, items in jobs:
+                _write_shard(tar_path, items)
+                bar.update(len(items))
+        (out / CLASSES_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    except (OSError, ValueError) as exc:  # unwritable or full OUT, an unreadable image, a name tar cannot hold
+        _remove_partial(out, created)
+        what = f"{exc.filename} ({exc.strerror})" if isinstance(exc, OSError) and exc.filename else f"({exc})"
+        raise UserError(f"pack stopped at {what}: nothing was left in {out}; pick a writable folder with room "
+                        "(or fix the image) and run it again") from None
     return meta
 
 
@@ -282,11 +313,11 @@ atexit.register(_cleanup)
 def _read_split(root: Path, split: str, exclude: set[str], num_classes: int, check_samples: bool) -> ShardSplit:
     d = root / split
     if not d.is_dir():
-        raise UserError(f"{root} has {CLASSES_FILE} but no {split}/ folder: re-run `fastafd data pack`")
+        raise NotShards(f"{root} has {CLASSES_FILE} but no {split}/ folder: re-run `fastafd data pack`")
     tars = sorted(p for p in d.iterdir() if p.suffix == ".tar")
     idxs = {p.with_suffix(".tar") for p in d.iterdir() if p.suffix == ".idx"}
     if not tars:
-        raise UserError(f"{d} has no .tar shards: re-run `fastafd data pack`")
+        raise NotShards(f"{d} has no .tar shards: re-run `fastafd data pack`")
     for t in tars:
         if t not in idxs:
             raise UserError(f"shard {t} has no index {t.with_suffix('.idx')}: create it with "
@@ -331,10 +362,10 @@ def read_shards(root: Path, exclude: set[str] = frozenset(), *, check_samples: b
     try:
         meta = json.loads(where.read_bytes())
     except (OSError, ValueError) as exc:
-        raise UserError(f"{where} is unreadable or not JSON ({exc}): point --data at a folder written by "
+        raise NotShards(f"{where} is unreadable or not JSON ({exc}): point --data at a folder written by "
                         "`fastafd data pack`") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "classes" not in meta:
-        raise UserError(f"{where} is not a fastafd class map (no \"format\": \"{FORMAT}\" and \"classes\"): "
+        raise NotShards(f"{where} is not a fastafd class map (no \"format\": \"{FORMAT}\" and \"classes\"): "
                         "point --data at a folder written by `fastafd data pack`")
     classes = check_classes(meta["classes"], where)
     return ShardDataset(root=root, classes=classes,

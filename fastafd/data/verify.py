@@ -266,10 +266,19 @@ def verify(root: Path, *, fmt: str = "auto", workers: int = 0, progress: bool = 
     from fastafd.data.shards import is_shard_dir
 
     root = Path(root).expanduser()
-    if fmt == "auto":
+    auto = fmt == "auto"
+    if auto:
         fmt = "shards" if is_shard_dir(root) else "cifar100" if find_archive(root) is not None else "folder"
     if fmt == "shards":
-        return verify_shards(root, workers=workers, progress=progress)
+        from fastafd.data.shards import NotShards
+
+        try:
+            return verify_shards(root, workers=workers, progress=progress)
+        except NotShards as exc:
+            if auto:
+                raise NotShards(f"{exc} ({root} was taken for shards because it holds {exc.marker}; if it is an "
+                                "image folder, pass --format folder)") from None
+            raise
     if fmt == "cifar100":
         return verify_cifar(root)
     return verify_folder(root, workers=workers, progress=progress)

@@ -80,6 +80,25 @@ def _edit_classes(shards: Path, classes: object) -> Path:
     return shards
 
 
+def _link(tmp: Path, rel: str, target: str) -> Path:
+    """:func:`_folder` with a symbolic link ``rel`` -> ``target`` in it."""
+    root = _folder(tmp)
+    os.symlink(target, root / rel)
+    return root
+
+
+def _exclude(tmp: Path, content: bytes) -> Path:
+    (tmp / "exclude.txt").write_bytes(content)
+    return tmp / "exclude.txt"
+
+
+def _foreign_classes_json(tmp: Path) -> Path:
+    """An image folder that ships its own classes.json (not a fastafd class map)."""
+    root = _folder(tmp)
+    (root / "classes.json").write_text(json.dumps({"c0": "tench", "c1": "goldfish", "c2": "shark"}))
+    return root
+
+
 def _train(data: Path, tmp: Path, *extra: str) -> list[str]:
     """A tiny CPU training command over ``data``, writing only under ``tmp/run``."""
     return ["train", "--data", str(data), "--out", str(tmp / "run"), "--model.peers", "cifar_resnet8", "cifar_resnet8",
@@ -106,6 +125,32 @@ CASES = [
          needle="names 'c0' twice"),
     Case("classes-json-empty-name", lambda t: _train(_edit_classes(_shards(t), ["c0", "", "c2"]), t),
          needle="entry 1 is '', not a class name"),
+    # folders: links, exclude lists, a class map that is not ours
+    Case("symlink-loop-image", lambda t: _train(_link(t, "train/c0/loop.JPEG", "loop.JPEG"), t),
+         needle="loop.JPEG cannot be followed (Too many levels of symbolic links): a symbolic link loop"),
+    Case("symlink-loop-class", lambda t: _train(_link(t, "train/c9", "c9"), t), needle="a symbolic link loop"),
+    Case("symlink-loop-verify", lambda t: ["data", "verify", str(_link(t, "val/c1/x.JPEG", "x.JPEG")), "--no-progress"],
+         needle="a symbolic link loop"),
+    Case("symlink-to-nothing-class", lambda t: _train(_link(t, "train/c3", "../../elsewhere/c3"), t),
+         needle="train/c3 is a symbolic link to nothing"),
+    Case("exclude-binary", lambda t: _train(_folder(t), t, "--data.exclude", str(_exclude(t, b"train/\xff\xfe\x00x\n"))),
+         needle="is not a UTF-8 text file (byte 0xff at offset 6)"),
+    Case("exclude-absolute-elsewhere",
+         lambda t: _train(_folder(t), t, "--data.exclude", str(_exclude(t, f"{t}/other/train/c0/img0.JPEG\n".encode()))),
+         needle="which is not under the dataset folder"),
+    Case("exclude-climbs-out", lambda t: _train(_folder(t), t, "--data.exclude", str(_exclude(t, b"../x/img0.JPEG\n"))),
+         needle="which is not a file under the dataset folder"),
+    Case("pack-exclude-absolute-elsewhere",
+         lambda t: ["data", "pack", str(_folder(t)), str(t / "out"), "--exclude", str(_exclude(t, b"/etc/hosts\n"))],
+         needle="which is not under the dataset folder", created=lambda t: [t / "out"]),
+    Case("classes-json-in-an-image-folder", lambda t: _train(_foreign_classes_json(t), t),
+         needle="if it is an image folder, pass --data.format folder"),
+    Case("classes-json-in-an-image-folder-verify",
+         lambda t: ["data", "verify", str(_foreign_classes_json(t)), "--no-progress"],
+         needle="if it is an image folder, pass --format folder"),
+    # pack's output
+    Case("pack-onto-a-file", lambda t: ["data", "pack", str(_folder(t)), str(_exclude(t, b"precious\n"))],
+         needle="exists and is not a folder"),
 ]
 
 
@@ -235,7 +280,7 @@ def test_verify_understands_shards(tmp_path: Path, capsys: pytest.CaptureFixture
     assert f"ERROR train/{train_name}: label 9 is outside the 3 classes" in out
     assert f"ERROR val/{idx[3]}: GIF data" in out
     assert sorted(exclude.read_text().split()) == sorted([f"train/{train_name}", f"val/{idx[3]}"])
-    ds = read_shards(shards, read_exclude(exclude))  # the exclude list drops both: the shards open
+    ds = read_shards(shards, read_exclude(exclude, shards))  # the exclude list drops both: the shards open
     assert (len(ds.train), len(ds.val)) == (11, 5)
 
 
@@ -248,3 +293,111 @@ def test_verify_understands_the_cifar_archive(tmp_path: Path, capsys: pytest.Cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a genuine CIFAR-100 archive" in err[0]
     assert not (tmp_path / "evil" / "marker").exists()
+
+
+# -- folders, exclude lists, pack, eval -----------------------------------------------------------
+
+
+def _deny(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, path: Path, *calls: str) -> None:
+    """Make ``path`` (and what lies under it) unreadable and unwritable: chmod 000 where permissions
+    bite; as root, where they do not, the ``os`` calls named in ``calls`` raise EACCES for it instead."""
+    if os.geteuid() != 0:
+        mode = path.stat().st_mode
+        path.chmod(0)
+        request.addfinalizer(lambda: path.chmod(mode))
+        return
+    inside = str(path)
+    for name in calls:
+        real = getattr(os, name)
+
+        def denied(p, *a, _real=real, **kw):
+            if str(p) == inside or str(p).startswith(inside + os.sep):
+                raise PermissionError(13, "Permission denied", str(p))
+            return _real(p, *a, **kw)
+
+        monkeypatch.setattr(os, name, denied)
+
+
+def test_an_unreadable_class_folder_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                 request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    for args in (lambda t: _train(t / "folder", t), lambda t: ["data", "verify", str(t / "folder"), "--no-progress"]):
+        world = tmp_path / str(len(list(tmp_path.iterdir())))
+        _folder(world)
+        _deny(request, monkeypatch, world / "folder" / "train" / "c1", "scandir")
+        line = run_case(Case("unreadable-class-folder", args, needle="Permission denied",
+                             frozen=lambda t: [t / "folder" / "val"]), world, capsys)
+        assert f"cannot read the folder {world / 'folder' / 'train' / 'c1'}" in line
+        monkeypatch.undo()
+
+
+def test_pack_into_a_read_only_place_is_one_line_and_leaves_nothing(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                    request: pytest.FixtureRequest,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    src = _folder(tmp_path)
+    (tmp_path / "ro").mkdir()
+    _deny(request, monkeypatch, tmp_path / "ro", "mkdir")
+    line = run_case(Case("pack-read-only", lambda t: ["data", "pack", str(src), str(t / "ro" / "new" / "shards"), "--no-progress"],
+                         needle="Permission denied"), tmp_path, capsys)
+    assert "nothing was left in" in line
+
+
+def test_pack_that_fails_midway_removes_its_partial_output(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk after the first shard: one line, and OUT is gone again (it was new)."""
+    import fastafd.data.shards as shards_mod
+
+    real, calls = shards_mod._write_shard, []
+
+    def full_after_one(tar_path, items):
+        if calls:
+            raise OSError(28, "No space left on device", str(tar_path))
+        calls.append(tar_path)
+        real(tar_path, items)
+
+    monkeypatch.setattr(shards_mod, "_write_shard", full_after_one)
+    src = _folder(tmp_path)
+    line = run_case(Case("pack-disk-full", lambda t: ["data", "pack", str(src), str(t / "out"), "--shard-samples", "4",
+                                                  "--no-progress"],
+                         needle="No space left on device", created=lambda t: [t / "out"]), tmp_path, capsys)
+    assert calls and "nothing was left in" in line
+
+
+def test_absolute_exclude_paths_under_the_root_are_honoured(tmp_path: Path) -> None:
+    root = _folder(tmp_path)
+    (root / "val" / "c1" / "img0.JPEG").write_bytes(b"")  # stops training unless excluded
+    exclude = _exclude(tmp_path, f"{root}/val/c1/img0.JPEG\n{root}/./train//c2/img1.JPEG  # comment\n".encode())
+    assert read_exclude(exclude, root) == {"val/c1/img0.JPEG", "train/c2/img1.JPEG"}
+    os.symlink(root, tmp_path / "alias")  # the same folder by another name
+    assert read_exclude(exclude, tmp_path / "alias") == {"val/c1/img0.JPEG", "train/c2/img1.JPEG"}
+    cfg = DataConfig(root=root, num_threads=1, image_size=16, batch_size=2, exclude=exclude)
+    train, val, info = build_data(cfg, rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), seed=0,
+                                  channels_last=False)
+    assert (info.train_size, info.val_size) == (11, 5)
+    assert sum(len(y) for _, y in val) == 5
+
+
+def test_eval_on_another_dataset_detects_its_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fastafd eval RUN --data DIR` reads DIR as `fastafd train --data DIR` would (here: shards)."""
+    import fastafd.checkpoint
+    import fastafd.trainer
+    from fastafd.config import TrainConfig, to_dict
+    from fastafd.evaluate import evaluate_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(to_dict(TrainConfig())))
+    seen = []
+
+    def session(cfg):
+        seen.append(cfg.data)
+        raise UserError("stop here")
+
+    monkeypatch.setattr(fastafd.checkpoint, "latest_valid", lambda run: object())
+    monkeypatch.setattr(fastafd.trainer, "build_session", session)
+    shards = _shards(tmp_path)
+    with pytest.raises(UserError, match="stop here"):
+        evaluate_run(run, data=shards)
+    assert seen[0].root == shards and seen[0].format == "auto"
+    from fastafd.data import resolve_format
+
+    assert resolve_format(seen[0]) == "shards"
