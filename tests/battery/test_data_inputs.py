@@ -73,6 +73,21 @@ def _poke_label(shards: Path, label: bytes, split: str = "train", sample: int = 
     return shards
 
 
+def _with(root: Path, rel: str, data: bytes) -> Path:
+    """``root`` with the file ``rel`` holding ``data``."""
+    (root / rel).write_bytes(data)
+    return root
+
+
+def _poke_image(shards: Path, data: bytes, split: str = "val", sample: int = 1) -> Path:
+    """Overwrite the start of one sample's image in the first shard in place (the index still matches)."""
+    line = (shards / split / "shard-000000.idx").read_text().splitlines()[1 + sample].split()
+    with open(shards / split / "shard-000000.tar", "r+b") as fh:
+        fh.seek(int(line[1]))
+        fh.write(data[: int(line[2])])
+    return shards
+
+
 def _edit_classes(shards: Path, classes: object) -> Path:
     meta = json.loads((shards / "classes.json").read_text())
     meta["classes"] = classes
@@ -148,6 +163,16 @@ CASES = [
     Case("classes-json-in-an-image-folder-verify",
          lambda t: ["data", "verify", str(_foreign_classes_json(t)), "--no-progress"],
          needle="if it is an image folder, pass --format folder"),
+    # validation images that the first evaluation would stop at: found when the data is opened
+    Case("val-gif-under-a-jpeg-name", lambda t: _train(_with(_folder(t), "val/c1/img1.JPEG", _encoded("gif")), t),
+         needle="val/c1/img1.JPEG: GIF data, which DALI cannot decode"),
+    Case("val-empty-and-text", lambda t: _train(_with(_with(_folder(t), "val/c0/img0.JPEG", b""), "val/c2/img1.JPEG",
+                                                      b"<html>404</html>"), t),
+         needle="val/c0/img0.JPEG: zero-byte file (and 1 more validation images)"),
+    Case("train-gif-under-a-jpeg-name", lambda t: _train(_with(_folder(t), "train/c2/img3.JPEG", _encoded("gif")), t),
+         needle="train/c2/img3.JPEG (GIF data, which DALI cannot decode", frozen=lambda t: [t / "folder"]),
+    Case("val-shard-sample-is-text", lambda t: _train(_poke_image(_shards(t), b"not an image, just text"), t),
+         needle="text, not an image"),
     # pack's output
     Case("pack-onto-a-file", lambda t: ["data", "pack", str(_folder(t)), str(_exclude(t, b"precious\n"))],
          needle="exists and is not a folder"),
@@ -230,11 +255,12 @@ DECODED = ("png-alpha", "bmp", "tiff", "webp", "ppm", "jpeg2000")
 
 
 def _loader_fails(tmp: Path, data: bytes) -> bool:
-    """Whether training's validation loader stops at an image with these bytes."""
+    """Whether training's validation loader stops at an image with these bytes (when it decodes them:
+    the image is written after the data is opened, which checks their first bytes)."""
     grey_folder(tmp, (2,), (1,))
-    (tmp / "val" / "c0" / "img0.JPEG").write_bytes(data)
     cfg = DataConfig(root=tmp, num_threads=1, image_size=16, batch_size=2)
     _, val, _ = build_data(cfg, rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), seed=0, channels_last=False)
+    (tmp / "val" / "c0" / "img0.JPEG").write_bytes(data)
     try:
         list(val)
     except DataError:
