@@ -17,7 +17,6 @@ samples in folder order.
 
 from __future__ import annotations
 
-import atexit
 import io
 import json
 import os
@@ -25,6 +24,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -313,23 +313,48 @@ def label_problems(samples: list[Sample], num_classes: int) -> list[tuple[Sample
     return out
 
 
-_TEMP_DIRS: list[str] = []
+_TEMP_INDEXES: list[weakref.finalize] = []
+"""Removers of the filtered-index folders of this process's shard splits."""
 
 
-def _cleanup() -> None:
-    for d in _TEMP_DIRS:
-        shutil.rmtree(d, ignore_errors=True)
+def temp_index_count() -> int:
+    """How many filtered-index folders this process has made so far (a mark for :func:`remove_temp_indexes`)."""
+    return len(_TEMP_INDEXES)
 
 
-atexit.register(_cleanup)
+def remove_temp_indexes(since: int = 0) -> None:
+    """Delete the filtered-index folders (``fastafd-idx-*`` in the temp folder) this process made
+    after the first ``since`` (see :func:`temp_index_count`).
+
+    Each folder belongs to the :class:`ShardSplit` whose indexes it holds (DALI reads them whenever
+    it builds a pipeline, so they live as long as the loaders): a finalizer removes it when the
+    split is garbage-collected and at interpreter exit, and ``fastafd.cli.main`` calls this for the
+    folders of its command on every way out of it (normal end, error, Ctrl-C, and SIGTERM once the
+    trainer turns it into a clean stop). Only a kill that skips Python's exit (SIGKILL, or SIGTERM
+    while nothing handles it) leaves one behind.
+    """
+    while len(_TEMP_INDEXES) > since:
+        _TEMP_INDEXES.pop()()
+
+
+def _temp_index_folder() -> str:
+    try:
+        return tempfile.mkdtemp(prefix="fastafd-idx-")
+    except OSError as exc:
+        raise UserError(f"cannot create a folder for the filtered shard indexes in {tempfile.gettempdir()} "
+                        f"({exc.strerror}): set TMPDIR to a writable folder") from None
 
 
 def _read_split(root: Path, split: str, exclude: set[str], num_classes: int, check_samples: bool) -> ShardSplit:
     d = root / split
     if not d.is_dir():
         raise NotShards(f"{root} has {CLASSES_FILE} but no {split}/ folder: re-run `fastafd data pack`")
-    tars = sorted(p for p in d.iterdir() if p.suffix == ".tar")
-    idxs = {p.with_suffix(".tar") for p in d.iterdir() if p.suffix == ".idx"}
+    try:
+        names = list(d.iterdir())
+    except OSError as exc:
+        raise UserError(f"cannot read the folder {d} ({exc.strerror}): make it readable (chmod -R u+rX)") from None
+    tars = sorted(p for p in names if p.suffix == ".tar")
+    idxs = {p.with_suffix(".tar") for p in names if p.suffix == ".idx"}
     if not tars:
         raise NotShards(f"{d} has no .tar shards: re-run `fastafd data pack`")
     for t in tars:
@@ -341,28 +366,34 @@ def _read_split(root: Path, split: str, exclude: set[str], num_classes: int, che
         raise UserError(f"index {orphans[0].with_suffix('.idx')} has no shard {orphans[0]}: remove the index or restore the shard")
     excluded = {sample_key(e.split("/", 1)[1]) for e in exclude if e.startswith(split + "/")}
     index_paths, samples, tmp = [], [], None
-    for t in tars:
-        idx = t.with_suffix(".idx")
-        head, body, s = _parse_index(idx, t)
-        keep = [i for i, smp in enumerate(s) if smp.name.rpartition(".")[0] not in excluded] if excluded else range(len(s))
-        if len(keep) != len(s):
-            if tmp is None:
-                tmp = tempfile.mkdtemp(prefix="fastafd-idx-")
-                _TEMP_DIRS.append(tmp)
-            idx = Path(tmp) / f"{split}-{idx.name}"
-            idx.write_text(f"{head.split()[0]} {len(keep)}\n" + "".join(body[i] + "\n" for i in keep))
-        index_paths.append(str(idx))
-        samples.extend(s[i] for i in keep)
-    if not samples:
-        raise UserError(f"{d} has no samples left: check the shards and the exclude list")
-    bad = label_problems(samples, num_classes) if check_samples else []
-    if bad:
-        s, why = bad[0]
-        more = f" (and {len(bad) - 1} more samples)" if len(bad) > 1 else ""
-        raise DataError(f"shard {s.tar} sample {s.name}: {why} of {root / CLASSES_FILE}{more}: re-run `fastafd data "
-                        f"pack`, or list the samples with `fastafd data verify {root} --exclude-out FILE` and train "
-                        "with --data.exclude FILE")
-    return ShardSplit(root=d, tars=[str(t) for t in tars], indexes=index_paths, samples=samples)
+    try:
+        for t in tars:
+            idx = t.with_suffix(".idx")
+            head, body, s = _parse_index(idx, t)
+            keep = [i for i, smp in enumerate(s) if smp.name.rpartition(".")[0] not in excluded] if excluded else range(len(s))
+            if len(keep) != len(s):
+                tmp = tmp or _temp_index_folder()
+                idx = Path(tmp) / f"{split}-{idx.name}"
+                idx.write_text(f"{head.split()[0]} {len(keep)}\n" + "".join(body[i] + "\n" for i in keep))
+            index_paths.append(str(idx))
+            samples.extend(s[i] for i in keep)
+        if not samples:
+            raise UserError(f"{d} has no samples left: check the shards and the exclude list")
+        bad = label_problems(samples, num_classes) if check_samples else []
+        if bad:
+            s, why = bad[0]
+            more = f" (and {len(bad) - 1} more samples)" if len(bad) > 1 else ""
+            raise DataError(f"shard {s.tar} sample {s.name}: {why} of {root / CLASSES_FILE}{more}: re-run `fastafd "
+                            f"data pack`, or list the samples with `fastafd data verify {root} --exclude-out FILE` "
+                            "and train with --data.exclude FILE")
+        out = ShardSplit(root=d, tars=[str(t) for t in tars], indexes=index_paths, samples=samples)
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if tmp is not None:
+        _TEMP_INDEXES.append(weakref.finalize(out, shutil.rmtree, tmp, True))
+    return out
 
 
 def read_shards(root: Path, exclude: set[str] = frozenset(), *, check_samples: bool = True) -> ShardDataset:

@@ -427,3 +427,64 @@ def test_eval_on_another_dataset_detects_its_format(tmp_path: Path, monkeypatch:
     from fastafd.data import resolve_format
 
     assert resolve_format(seen[0]) == "shards"
+
+
+# -- temporary index folders ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def made_temp_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The folders tempfile.mkdtemp makes during the test (in ``tmp_path/tmp``)."""
+    import tempfile
+
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    real, made = tempfile.mkdtemp, []
+
+    def mkdtemp(*a, **kw):
+        made.append(Path(real(*a, **kw)))
+        return str(made[-1])
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    return made
+
+
+def _exclude_one_sample_per_split(tmp: Path, shards: Path) -> Path:
+    names = [(shards / s / "shard-000000.idx").read_text().splitlines()[1].split()[3] for s in ("train", "val")]
+    return _exclude(tmp, f"train/{names[0]}\nval/{names[1]}\n".encode())
+
+
+@pytest.mark.parametrize("ending", ["error-in-training", "normal-end"])
+def test_temp_index_folders_are_gone_when_the_command_ends(tmp_path: Path, made_temp_dirs: list[Path], ending: str,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    shards = _shards(tmp_path)
+    exclude = _exclude_one_sample_per_split(tmp_path, shards)  # filtered indexes for both splits
+    if ending == "error-in-training":  # 4 of the 11 training samples: one is among the 8 an epoch reads
+        for sample in (1, 2, 3, 4):
+            _poke_image(shards, _encoded("gif"), split="train", sample=sample)
+    code = cli_main(_train(shards, tmp_path, "--data.exclude", str(exclude)))
+    assert code == (2 if ending == "error-in-training" else 0), capsys.readouterr().err
+    assert len([d for d in made_temp_dirs if d.name.startswith("fastafd-idx-")]) == 2
+    assert not [d for d in made_temp_dirs if d.exists()], "temporary index folders left behind"
+
+
+def test_temp_index_folder_is_gone_when_opening_the_shards_fails(tmp_path: Path, made_temp_dirs: list[Path]) -> None:
+    shards = _shards(tmp_path)
+    exclude = _exclude_one_sample_per_split(tmp_path, shards)
+    _poke_label(shards, b"000042", sample=4)
+    with pytest.raises(DataError, match="label 42"):
+        read_shards(shards, read_exclude(exclude, shards))
+    assert made_temp_dirs and not [d for d in made_temp_dirs if d.exists()]
+
+
+def test_a_command_leaves_the_temp_folders_of_other_loaders_alone(tmp_path: Path, made_temp_dirs: list[Path]) -> None:
+    shards = _shards(tmp_path)
+    exclude = _exclude_one_sample_per_split(tmp_path, shards)
+    ds = read_shards(shards, read_exclude(exclude, shards))  # e.g. an in-process caller's loaders
+    assert cli_main(["recipes"]) == 0
+    assert all(Path(i).is_file() for i in ds.train.indexes + ds.val.indexes)
+    del ds
+    import gc
+
+    gc.collect()
+    assert not [d for d in made_temp_dirs if d.exists()]  # and gone with the split that owned them
