@@ -84,7 +84,7 @@ class EvalArgs:
     """Run directory written by `fastafd train`."""
 
     data: Path | None = None
-    """Dataset folder; default: the run's own."""
+    """Dataset to evaluate on, in any format `fastafd train --data` reads (detected the same way); default: the run's own."""
 
     batch_size: int = 0
     """Global evaluation batch size; 0 keeps the run's."""
@@ -208,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(usage())
         return 0
     name, rest = argv[0], argv[1:]
+    mark = _temp_files_mark()
     try:
         if name not in COMMANDS:
             close = difflib.get_close_matches(name, COMMANDS, n=1)
@@ -226,6 +227,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _release_temp_files(mark)
+
+
+def _temp_files_mark() -> int:
+    shards = sys.modules.get("fastafd.data.shards")
+    return shards.temp_index_count() if shards is not None else 0
+
+
+def _release_temp_files(mark: int) -> None:
+    """Delete what this command put in the temp folder (the shard readers' filtered indexes), on
+    every way out of ``main``, not only at interpreter exit (in-process callers, a stopped run)."""
+    shards = sys.modules.get("fastafd.data.shards")
+    if shards is not None:
+        shards.remove_temp_indexes(since=mark)
 
 
 if __name__ == "__main__":

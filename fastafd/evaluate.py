@@ -35,8 +35,8 @@ def evaluate_run(run: Path, *, data: Path | None = None, batch_size: int = 0) ->
     if not cfg_path.is_file():
         raise UserError(f"{run} is not a fastafd run directory (no {rundir.CONFIG_FILE}): pass the folder `fastafd train` printed")
     cfg = config.from_dict(json.loads(cfg_path.read_text()))
-    if data is not None:
-        cfg.data = replace(cfg.data, root=data, format="folder")
+    if data is not None:  # another dataset: its format is detected as `fastafd train --data` detects it
+        cfg.data = replace(cfg.data, root=data, format="auto")
     if batch_size:
         cfg.data = replace(cfg.data, val_batch_size=batch_size)
     ckpt = checkpoint.latest_valid(run)

@@ -1,9 +1,12 @@
 """Shared test helpers: tiny tasks built through the package's real factories."""
 
+import pickle
+import struct
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -128,3 +131,43 @@ def ids(images: torch.Tensor) -> list[int]:
     """Sample ids of a batch of normalised images from :func:`grey_folder`."""
     grey = (images.float() * STD + MEAN) * 255
     return (grey.mean(dim=(1, 2, 3)) / 4).round().long().tolist()
+
+
+# -- CIFAR-100 archives ----------------------------------------------------------------------------
+
+
+class _Py2Pickler(pickle._Pickler):
+    """Protocol 2 the way Python 2 wrote it: byte strings as (SHORT_)BINSTRING, not ``_codecs.encode``."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_bytes(self, obj: bytes) -> None:
+        n = len(obj)
+        self.write((pickle.SHORT_BINSTRING + bytes([n]) if n < 256 else pickle.BINSTRING + struct.pack("<i", n)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_bytes
+
+
+def py2_dumps(obj: object) -> bytes:
+    """``obj`` pickled like the genuine archive (Python 2 cPickle, protocol 2, numpy 1.x module names)."""
+    import io
+
+    buf = io.BytesIO()
+    _Py2Pickler(buf, protocol=2).dump(obj)
+    return buf.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+
+
+def make_cifar(root: Path, n_train=96, n_test=40, dumps: Callable[[object], bytes] = pickle.dumps) -> Path:
+    """A cifar-100-python folder of the real format; image i is constant grey 2 * (i % 100)."""
+    d = root / "cifar-100-python"
+    d.mkdir(parents=True)
+    for name, n in (("train", n_train), ("test", n_test)):
+        grey = np.repeat((2 * (np.arange(n) % 100)).astype(np.uint8)[:, None], 3072, axis=1)
+        entry = {b"data": grey, b"fine_labels": [i % 100 for i in range(n)], b"coarse_labels": [0] * n,
+                 b"filenames": [f"{i}.png".encode() for i in range(n)], b"batch_label": name.encode()}
+        (d / name).write_bytes(dumps(entry))
+    meta = {b"fine_label_names": [f"class{c:02d}".encode() for c in range(100)],
+            b"coarse_label_names": [b"x"] * 20}
+    (d / "meta").write_bytes(dumps(meta))
+    return d

@@ -52,12 +52,56 @@ class Cifar100:
     val: CifarSplit
 
 
+class _Forbidden(pickle.UnpicklingError):
+    def __init__(self, module: str, name: str) -> None:
+        super().__init__(f"{module}.{name}")
+        self.what = f"{module}.{name}"
+
+
+_RECONSTRUCT = np.zeros(0).__reduce__()[0]  # numpy.(_)core.multiarray._reconstruct, whatever the numpy version
+
+SAFE_GLOBALS: dict[tuple[str, str], object] = {
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,  # the archive (Python 2, numpy 1.x)
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,  # the same array pickled by numpy >= 2
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
+"""Every global the genuine archive's pickles refer to, and what each is resolved to (nothing is
+imported by name). Its arrays (``data``) are numpy arrays, which ``ndarray.__reduce__`` pickles as
+``_reconstruct(ndarray, (0,), b"b")`` + ``__setstate__`` with a ``dtype("u1")``; the rest (dicts,
+lists, byte strings, ints) are plain pickle opcodes that need no global."""
+
+
+class _ArchiveUnpickler(pickle.Unpickler):
+    """An unpickler that can build only what the CIFAR-100 archive holds.
+
+    ``pickle.load`` calls any importable callable a file names (``os.system`` via ``__reduce__``),
+    so a crafted ``train`` file in a data folder would run code. ``find_class`` is the one place
+    pickle turns a name into a callable (GLOBAL, STACK_GLOBAL and the extension-registry opcodes all
+    go through it); refusing every name outside :data:`SAFE_GLOBALS` refuses that.
+    """
+
+    def find_class(self, module: str, name: str) -> object:
+        try:
+            return SAFE_GLOBALS[module, name]
+        except KeyError:
+            raise _Forbidden(module, name) from None
+
+
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as fh:
-            return pickle.load(fh, encoding="bytes")
+            obj = _ArchiveUnpickler(fh, encoding="bytes").load()
+    except _Forbidden as exc:
+        raise UserError(f"{path} refers to {exc.what}, which a CIFAR-100 archive never holds: it is not a genuine "
+                        "CIFAR-100 archive and was not loaded; re-extract cifar-100-python.tar.gz from the "
+                        "official download") from None
     except Exception as exc:  # noqa: BLE001 - any failure means a damaged archive
         raise UserError(f"cannot read {path} ({type(exc).__name__}: {exc}): re-extract cifar-100-python.tar.gz") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} holds a {type(obj).__name__}, not the dict of a CIFAR-100 (python) file: "
+                        "re-extract cifar-100-python.tar.gz")
+    return obj
 
 
 def _split(path: Path) -> CifarSplit:
@@ -66,6 +110,9 @@ def _split(path: Path) -> CifarSplit:
         data, labels = np.asarray(d[b"data"], dtype=np.uint8), np.asarray(d[b"fine_labels"], dtype=np.int32)
     except KeyError as exc:
         raise UserError(f"{path} has no {exc.args[0]!r} entry: it is not a CIFAR-100 (python) file") from None
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise UserError(f"{path}: data or fine_labels is not an array of the archive's kind ({exc}): it is not a "
+                        "CIFAR-100 (python) file; re-extract cifar-100-python.tar.gz") from None
     if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
         raise UserError(f"{path}: data of shape {data.shape} and {len(labels)} labels, expected (N, 3072) and N")
     return CifarSplit(np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)), labels)
@@ -80,7 +127,11 @@ def load_cifar100(root: Path) -> Cifar100:
     names = meta.get(b"fine_label_names")
     if names is None:
         raise UserError(f"{d / 'meta'} has no fine_label_names: it is not CIFAR-100's meta file")
-    classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    try:
+        classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    except (TypeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{d / 'meta'}: fine_label_names is not a list of names ({exc}): re-extract "
+                        "cifar-100-python.tar.gz") from None
     train, val = _split(d / "train"), _split(d / "test")
     for s, name in ((train, "train"), (val, "test")):
         if len(s) and (s.labels.min() < 0 or s.labels.max() >= len(classes)):

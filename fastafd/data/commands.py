@@ -6,6 +6,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from tyro.conf import Positional
 
@@ -13,7 +14,7 @@ from fastafd.errors import UserError
 
 PROG = "fastafd data"
 USAGE = f"""usage: {PROG} pack SRC OUT [options]   convert an ImageNet-layout folder into webdataset shards + DALI indexes
-       {PROG} verify DIR [options]     find files that would stop training (exit 1 if any)
+       {PROG} verify DIR [options]     find files that would stop training (exit 1 if any): folder, shards, CIFAR-100
 ({PROG} pack --help, {PROG} verify --help for the options)"""
 
 
@@ -38,15 +39,18 @@ class PackArgs:
 
 @dataclass
 class VerifyArgs:
-    """Decode every image of an ImageNet-layout folder; report what would stop training (errors, exit
-    code 1) and what is odd but trains (notes: grayscale, CMYK, PNG data under a .JPEG name)."""
+    """Decode every image of a dataset the way training does (DALI's decoder; folder, shards or the
+    CIFAR-100 archive); report what would stop training (errors, exit code 1) and what is odd but
+    trains (notes: grayscale, CMYK, PNG data under a .JPEG name)."""
 
     dir: Positional[Path]
-    """The dataset folder (with train/ and/or val/)."""
+    """The dataset folder: ImageNet layout (train/ and/or val/), shards from `fastafd data pack`, or cifar-100-python."""
+    format: Literal["auto", "folder", "shards", "cifar100"] = "auto"
+    """The dataset's format; auto detects it as training does (--data.format)."""
     exclude_out: Path | None = None
     """Write the failing files here, one per line; pass it to training as --data.exclude FILE."""
     workers: int = 0
-    """Decoding processes; 0: one per CPU core."""
+    """Decoding threads; 0: one per CPU core."""
     max_lines: int = 50
     """Errors and notes listed in full (the rest are counted)."""
     progress: bool = True
@@ -70,10 +74,10 @@ def cmd_data(argv: Sequence[str]) -> int:
               f"train with `fastafd train --data {a.out}`")
         return 0
     if sub == "verify":
-        from fastafd.data.verify import verify_folder
+        from fastafd.data.verify import verify
 
         a = tyro_parse(VerifyArgs, rest, prog=f"{PROG} verify", description=VerifyArgs.__doc__ or "")
-        report = verify_folder(a.dir, workers=a.workers, progress=a.progress)
+        report = verify(a.dir, fmt=a.format, workers=a.workers, progress=a.progress)
         print(report.text(a.max_lines))
         if a.exclude_out is not None:
             bad = report.bad_files()

@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable
 
 from fastafd.data.base import DataError
+from fastafd.data.formats import HEAD_BYTES, header_problem
 
 _PATH_IN_ERROR = re.compile(r"(?:File mapping failed|[Ff]ile|[Pp]ath)[^:\n]*:\s*(/[^\s'\"]+)")
 _OPERATOR_IN_ERROR = re.compile(r"Error in \w+ operator `([\w.]+)`")
@@ -24,11 +25,16 @@ def _cause(text: str) -> str:
 
 
 def undecodable(data: bytes) -> str | None:
-    """Why PIL cannot decode ``data`` to RGB, or None when it can."""
+    """Why DALI's format rules refuse ``data``, or PIL cannot decode it to RGB; None when neither.
+
+    The format rules come first: PIL decodes GIF, ICO, TGA, ... which DALI does not, so a GIF under
+    a .JPEG name could not be named by PIL alone.
+    """
     from PIL import Image
 
-    if not data:
-        return "zero-byte file"
+    why = header_problem(data[:HEAD_BYTES])
+    if why:
+        return why
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()

@@ -44,17 +44,41 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _listing(folder: Path) -> list[os.DirEntry]:
+    """The non-hidden entries of ``folder``; an unreadable folder is a one-line :class:`UserError`."""
+    try:
+        with os.scandir(folder) as entries:
+            return [e for e in entries if not e.name.startswith(".")]
+    except OSError as exc:
+        raise UserError(f"cannot read the folder {folder} ({exc.strerror}): make it readable (chmod -R u+rX) "
+                        "or move it out of the dataset") from None
+
+
+def _kind(e: os.DirEntry) -> str:
+    """'dir', 'file' or 'other' (what a symbolic link points to); a link loop or a link to nothing,
+    which would silently drop a class or an image, is a one-line :class:`UserError`."""
+    try:
+        if e.is_dir():
+            return "dir"
+        if e.is_file():
+            return "file"
+    except OSError as exc:
+        raise UserError(f"{e.path} cannot be followed ({exc.strerror}): a symbolic link loop; remove or fix "
+                        "the link") from None
+    if e.is_symlink():
+        raise UserError(f"{e.path} is a symbolic link to nothing ({os.readlink(e.path)}): remove or fix the link")
+    return "other"
+
+
 def _class_folders(split_dir: Path) -> list[str]:
-    """Sorted names of the class folders in ``split_dir`` (hidden folders skipped)."""
-    with os.scandir(split_dir) as entries:
-        names, loose_images = [], 0
-        for e in entries:
-            if e.name.startswith("."):
-                continue
-            if e.is_dir():
-                names.append(e.name)
-            elif _is_image(e.name):
-                loose_images += 1
+    """Sorted names of the class folders in ``split_dir`` (hidden folders skipped); none is an error."""
+    names, loose_images = [], 0
+    for e in _listing(split_dir):
+        kind = _kind(e)
+        if kind == "dir":
+            names.append(e.name)
+        elif _is_image(e.name):
+            loose_images += 1
     if not names:
         if loose_images:
             raise UserError(
@@ -65,34 +89,67 @@ def _class_folders(split_dir: Path) -> list[str]:
     return sorted(names)
 
 
-def _images(class_dir: Path) -> list[str]:
+def class_folders(split_dir: Path) -> list[str]:
+    """Sorted names of the class folders in ``split_dir`` (hidden folders skipped; may be empty)."""
+    return sorted(e.name for e in _listing(split_dir) if _kind(e) == "dir")
+
+
+def image_files(class_dir: Path) -> list[str]:
     """Sorted image file names in one class folder."""
-    with os.scandir(class_dir) as entries:
-        return sorted(e.name for e in entries if _is_image(e.name) and e.is_file())
+    return sorted(e.name for e in _listing(class_dir) if _is_image(e.name) and _kind(e) == "file")
 
 
-def read_exclude(path: Path | None) -> set[str]:
-    """The exclude list: paths relative to the dataset root (``train/<class>/<file>``), one a line;
-    blank lines and ``#`` comments are ignored."""
+def read_exclude(path: Path | None, root: Path) -> set[str]:
+    """The exclude list: paths relative to the dataset folder ``root`` (``train/<class>/<file>``),
+    one a line; blank lines and ``#`` comments are ignored.
+
+    An absolute path that lies under ``root`` is taken relative to it (so the list of a dataset
+    that moved still matches its files); any other absolute path, or a relative one that climbs out
+    of ``root``, cannot name one of its files and is refused (ignored, it would let the file it
+    meant stop the run).
+    """
     if path is None:
         return set()
     path = Path(path).expanduser()
+    hint = f"write paths relative to {root} (train/<class>/<file>), as `fastafd data verify --exclude-out FILE` does"
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
         raise UserError(f"cannot read the exclude list {path} ({exc.strerror}): "
                         "pass a file written by `fastafd data verify --exclude-out FILE`") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"the exclude list {path} is not a UTF-8 text file (byte {raw[exc.start]:#04x} at offset "
+                        f"{exc.start}): {hint}") from None
+    bases = {os.path.abspath(root), os.path.realpath(root)}
     out = set()
-    for line in text.splitlines():
+    for n, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip().replace("\\", "/")
-        if line:
-            out.add(line[2:] if line.startswith("./") else line)
+        if not line:
+            continue
+        rel = None
+        if os.path.isabs(line):
+            for target in (os.path.normpath(line), os.path.realpath(line)):
+                rel = next((os.path.relpath(target, b) for b in bases if os.path.commonpath([b, target]) == b), None)
+                if rel is not None:
+                    break
+            if rel is None:
+                raise UserError(f"the exclude list {path} names {line} (line {n}), which is not under the dataset "
+                                f"folder {root}: {hint}")
+        else:
+            rel = os.path.normpath(line)
+        rel = rel.replace(os.sep, "/")
+        if rel == "." or rel == ".." or rel.startswith("../"):
+            raise UserError(f"the exclude list {path} names {line} (line {n}), which is not a file under the "
+                            f"dataset folder {root}: {hint}")
+        out.add(rel)
     return out
 
 
 def _scan_split(split_dir: Path, class_to_label: dict[str, int], names: list[str],
                 exclude: set[str] = frozenset()) -> Split:
-    per_class = {name: _images(split_dir / name) for name in names}
+    per_class = {name: image_files(split_dir / name) for name in names}
     if exclude:
         prefix = split_dir.name + "/"
         per_class = {name: [f for f in fs if f"{prefix}{name}/{f}" not in exclude] for name, fs in per_class.items()}

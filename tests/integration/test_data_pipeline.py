@@ -22,7 +22,7 @@ from fastafd.config import DataConfig
 from fastafd.data import DataError, build_data
 from fastafd.data.shards import pack
 from fastafd.errors import UserError
-from tests.helpers import grey_folder, ids
+from tests.helpers import grey_folder, ids, make_cifar
 
 CPU = torch.device("cpu")
 TRAIN, VAL = (12, 12, 12), (4, 5, 4)  # 36 training images: divisible by 2 x 2 and 3 x 2
@@ -266,21 +266,6 @@ def test_cli_data_errors_are_one_line(tmp_path, capsys) -> None:
 
 
 # ----------------------------------------------------------------------------- CIFAR-100
-
-
-def make_cifar(root: Path, n_train=96, n_test=40) -> Path:
-    """A cifar-100-python folder of the real format; image i is constant grey 2 * (i % 100)."""
-    d = root / "cifar-100-python"
-    d.mkdir(parents=True)
-    for name, n in (("train", n_train), ("test", n_test)):
-        grey = np.repeat((2 * (np.arange(n) % 100)).astype(np.uint8)[:, None], 3072, axis=1)
-        entry = {b"data": grey, b"fine_labels": [i % 100 for i in range(n)], b"coarse_labels": [0] * n,
-                 b"filenames": [f"{i}.png".encode() for i in range(n)], b"batch_label": name.encode()}
-        (d / name).write_bytes(pickle.dumps(entry))
-    meta = {b"fine_label_names": [f"class{c:02d}".encode() for c in range(100)],
-            b"coarse_label_names": [b"x"] * 20}
-    (d / "meta").write_bytes(pickle.dumps(meta))
-    return d
 
 
 def test_cifar_pad4_crop_flip_normalize_and_sharding(tmp_path) -> None:

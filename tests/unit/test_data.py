@@ -247,8 +247,8 @@ def test_grey_cmyk_and_png_named_jpeg_decode_to_rgb(tmp_path: Path) -> None:
 def test_empty_file_mid_epoch_names_the_file(tmp_path: Path) -> None:
     make_folder(tmp_path, train=(8,), val=(12,))
     bad = tmp_path / "val" / "c0" / "img9.JPEG"  # read in the 5th of 6 batches of 2, after the prefetch
-    bad.write_bytes(b"")
     _, val, _ = loaders(tmp_path, batch_size=2)
+    bad.write_bytes(b"")  # emptied after start: opening the data checks the validation files' first bytes
     done = 0
     with pytest.raises(DataError, match=re.escape(str(bad))) as info:
         for _ in val:
