@@ -42,7 +42,7 @@ def evaluate_run(run: Path, *, data: Path | None = None, batch_size: int = 0) ->
     ckpt = checkpoint.latest_valid(run)
     if ckpt is None:
         raise UserError(f"{run} has no valid checkpoint in {run / checkpoint.CKPT_DIR}: train it first")
-    session = build_session(cfg)
+    session = build_session(cfg, train=False)  # the validation split only
     checkpoint.load_model(ckpt, session.task)
     result = evaluate(session.task, session.val_loader)
     session.runtime.accelerator.end_training()

@@ -52,5 +52,10 @@ def resume(session: Session, stages: Stages, meter: RunningMeans, run_dir: Path)
         ) from None
     if runtime.is_main:
         changes = f"; changes: {'; '.join(allowed)}" if allowed else ""
-        observe.write(f"resuming from {ckpt.path} at epoch {pos.epoch}, step {pos.step}{changes}")
+        saved_world = len(ckpt.state["ranks"])
+        moved = ""
+        if saved_world != runtime.world_size:
+            moved = (f"; on {runtime.world_size} processes, written by {saved_world}: the epoch's remaining samples are split "
+                     "among the new processes (each seen once), their random augmentation streams start afresh")
+        observe.write(f"resuming from {ckpt.path} at epoch {pos.epoch}, step {pos.step}{changes}{moved}")
     return pos, ckpt

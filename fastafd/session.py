@@ -31,7 +31,8 @@ class Session:
     runtime: dist.Runtime
     task: Task
     """Uncompiled; the trainer calls ``task.compile()`` when the run compiles."""
-    train_loader: Loader
+    train_loader: Loader | None
+    """None for an evaluation session (``build_session(cfg, train=False)``)."""
     val_loader: Loader
     dataset: DatasetInfo
 
@@ -51,8 +52,9 @@ def small_batch_warning(global_batch: int, world_size: int) -> str | None:
             f"per process and get noisy below {SMALL_BN_BATCH}; raise --data.batch_size or use fewer processes")
 
 
-def build_session(cfg: TrainConfig) -> Session:
-    """Runtime, data and task of ``cfg`` on this process."""
+def build_session(cfg: TrainConfig, *, train: bool = True) -> Session:
+    """Runtime, data and task of ``cfg`` on this process; ``train=False``: for evaluation (no training
+    loader, no training split needed)."""
     runtime = dist.setup(cfg.system)
     if cfg.system.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -63,9 +65,9 @@ def build_session(cfg: TrainConfig) -> Session:
     image_dtype = runtime.dtype
     train_loader, val_loader, dataset = dist.local_main_first(runtime, lambda: build_data(
         cfg.data, rank=runtime.rank, world_size=runtime.world_size, local_rank=runtime.local_rank, device=runtime.device,
-        seed=cfg.system.seed, channels_last=runtime.channels_last, dtype=image_dtype,
+        seed=cfg.system.seed, channels_last=runtime.channels_last, dtype=image_dtype, train=train,
     ))
-    if runtime.is_main and (warning := small_batch_warning(cfg.data.batch_size, runtime.world_size)):
+    if train and runtime.is_main and (warning := small_batch_warning(cfg.data.batch_size, runtime.world_size)):
         observe.warn(warning)
     if cfg.model.num_classes and cfg.model.num_classes != dataset.num_classes:
         raise UserError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ from fastafd import checkpoint
 from fastafd.errors import UserError
 from fastafd.metrics import RunningMeans
 from fastafd.steps import Stages
+
+if TYPE_CHECKING:
+    from fastafd.data import Loader
 
 STRUCTURAL = ("model.peers", "model.num_classes", "model.pretrained", "method.name")
 """Config fields that change what the checkpoint's tensors mean: resuming with other values is refused.
@@ -96,14 +100,14 @@ def _gather(obj: dict) -> list[dict]:
 def capture(
     task: torch.nn.Module,
     stages: Stages,
-    train_loader: object,
+    train_loader: Loader,
     meter: RunningMeans,
     pos: Position,
     config: dict,
     device: torch.device,
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
     """Collective: every rank contributes its RNG and reader state; returns (tensors, JSON state)."""
-    ranks = _gather({"rng": rng_state(device), "loader": train_loader.state_dict() if hasattr(train_loader, "state_dict") else None})
+    ranks = _gather({"rng": rng_state(device), "loader": train_loader.state_dict()})
     optim_tensors, stage_state = stages.state_dict()
     state = {
         "epoch": pos.epoch,
@@ -121,7 +125,7 @@ def restore(
     ckpt: checkpoint.Checkpoint,
     task: torch.nn.Module,
     stages: Stages,
-    train_loader: object,
+    train_loader: Loader,
     meter: RunningMeans,
     *,
     rank: int,
@@ -131,11 +135,7 @@ def restore(
 ) -> Position:
     """Load ``ckpt`` into the live run; returns where to continue."""
     st = ckpt.state
-    if len(st["ranks"]) != world_size:
-        raise UserError(
-            f"checkpoint {ckpt.path} was written by {len(st['ranks'])} processes but this run has {world_size}: "
-            f"resume with {len(st['ranks'])} processes (the data-reader positions are per process)"
-        )
+    saved_world = len(st["ranks"])
     checkpoint.load_model(ckpt, task)
     optim = ckpt.tensors(checkpoint.OPTIM)
     if set(st["stages"]) != set(stages):
@@ -143,10 +143,17 @@ def restore(
     stages.load_state_dict(optim, st, same_schedule=same_schedule,
                            check=lambda name, sd, opt: checkpoint.check_optimizer_state(ckpt, name, sd, opt))
     meter.load_state_dict(st["meter"], device)
-    mine = st["ranks"][rank]
-    set_rng_state(mine["rng"], device)
-    if mine["loader"] is not None and hasattr(train_loader, "load_state_dict"):
+    if saved_world == world_size:  # this rank's own random and reader state: the uninterrupted run, bitwise
+        mine = st["ranks"][rank]
+        set_rng_state(mine["rng"], device)
         train_loader.load_state_dict(mine["loader"])
+    else:  # another number of processes: the global data position (rank 0's), fresh per-rank random streams
+        set_rng_state(st["ranks"][0]["rng"], device)
+        seed = int(st["config"]["system"]["seed"])
+        torch.manual_seed(seed + 1000 * rank + 1 + int(st["step"]))
+        random.seed(seed + 1000 * rank + 1 + int(st["step"]))
+        np.random.seed((seed + 1000 * rank + 1 + int(st["step"])) % 2**32)
+        train_loader.load_state_dict(st["ranks"][0]["loader"])
     return Position(epoch=int(st["epoch"]), epoch_step=int(st["epoch_step"]), step=int(st["step"]))
 
 

@@ -40,14 +40,9 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path | None:
     rundir.check_out(cfg.out, cfg.data.root)  # before the data is built
     session = build_session(cfg)
     runtime, task = session.runtime, session.task
-    steps_per_epoch = len(session.train_loader)
+    steps_per_epoch = len(session.train_loader)  # >= 1: the loaders refuse a split smaller than one global batch
     if cfg.loop.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.loop.max_steps_per_epoch)
-    if steps_per_epoch < 1:
-        raise UserError(
-            f"the training split ({session.dataset.train_size} images) is smaller than one global batch ({cfg.data.batch_size}): "
-            "lower --data.batch_size"
-        )
     stages = build_stages(
         task, cfg, device=runtime.device, dtype=runtime.dtype, steps_per_epoch=steps_per_epoch,
         grad_sync=dist.all_reduce_grads if runtime.world_size > 1 else None,

@@ -36,21 +36,18 @@ class Loader(Protocol):
     """One rank's view of a split.
 
     ``iter(loader)`` yields one epoch of ``(images, labels)``: images of logical shape (B, 3, H, W)
-    in the loader's dtype (float32 unless ``build_data(dtype=...)`` asked for bf16/fp16) on the
-    loader's device (channels-last memory format when asked, else contiguous NCHW) and int64
-    labels of shape (B,). Epoch ``e`` of a training loader is a function of (seed, e, rank,
-    world size) only: an epoch left unfinished (``loop.max_steps_per_epoch``) changes nothing
-    that follows.
+    in the loader's dtype (float32, or the run's bf16/fp16) on the loader's device (channels-last
+    memory format when asked, else contiguous NCHW) and int64 labels of shape (B,). Epoch ``e`` of a
+    training loader is a function of (seed, e, rank, world size) only: an epoch left unfinished
+    (``loop.max_steps_per_epoch``) changes nothing that follows.
 
-    Mid-epoch resume (training loaders): ``state_dict()`` taken after the trainer consumed ``n``
-    batches of epoch ``e`` is a JSON-serialisable dict ``{"version": 1, "kind", "epoch": e,
-    "batch": n, "rank", "world_size", "seed", "checkpoint": str | None}`` (``checkpoint``: the
-    base64 DALI pipeline checkpoint: reader position and random-generator states). A loader built
-    with the same data, seed, rank and world size, given ``load_state_dict(state)`` and then
-    ``set_epoch(e)``, yields from its next ``iter()`` exactly batches ``n, n+1, ...`` of epoch
-    ``e`` (``len(loader) - n`` of them), and the following epochs are unchanged. ``set_epoch``
-    with a later epoch drops the saved position (the epoch was cut short on purpose); each rank
-    saves and restores its own state.
+    Resume (training loaders): ``state_dict()`` is the JSON-ready global position of
+    :mod:`fastafd.data.position` (epoch, global steps done) plus this rank's random state. A loader
+    over the same data and seed given ``load_state_dict(state)`` and then ``set_epoch(e)`` yields from
+    its next ``iter()`` the remaining steps of epoch ``e``: exactly the uninterrupted run's batches when
+    ``state`` is its own rank's, this rank's share of the remaining samples when it is rank 0's state
+    of a run with another number of processes. ``set_epoch`` with a later epoch drops the position
+    (the epoch was cut short on purpose). Validation loaders keep no position (``state_dict() == {}``).
     """
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
@@ -96,3 +93,13 @@ def to_model_layout(images: torch.Tensor, device: torch.device, *, channels_last
     if dtype is not None and images.dtype != dtype:  # bf16: DALI has no bfloat16 output; cast on the device
         images = images.to(dtype)
     return images
+
+
+def check_split_sizes(*, train: tuple[object, int] | None, val: tuple[object, int], global_batch: int, world_size: int) -> None:
+    """Refuse a training split smaller than one global batch (no step to take) or a validation split with
+    fewer images than processes; ``train`` / ``val``: (where, images). One place for every data format."""
+    if train is not None and train[1] < global_batch:
+        raise UserError(f"{train[0]} has {train[1]} training images, fewer than one global batch of {global_batch}: "
+                        "lower data.batch_size or add images")
+    if val[1] < world_size:
+        raise UserError(f"{val[0]} has {val[1]} validation images, fewer than the {world_size} processes: add validation images")

@@ -1,12 +1,13 @@
 """CIFAR-100 from the standard ``cifar-100-python`` archive folder (``train``, ``test``, ``meta``
 pickles; fine labels), fed through DALI.
 
-The images (60,000 x 32 x 32 x 3 bytes, 184 MB) are held in memory. Training: each epoch is a
-permutation of the training set drawn from (seed, epoch), truncated to a multiple of the world
-size and split into contiguous per-rank shards; the pad-4 random crop and the flip are drawn from
-(seed, epoch, rank) with numpy and applied by DALI (``fn.crop`` with ``out_of_bounds_policy="pad"``,
-then ``fn.crop_mirror_normalize``), so an epoch is a pure function of its inputs and resuming at
-batch n only needs (epoch, n). Validation: the test set, in order, sharded like the folder reader.
+The images (60,000 x 32 x 32 x 3 bytes, 184 MB) are held in memory. Training: each epoch's global
+sequence is a permutation of the training set drawn from (seed, epoch), and the pad-4 random crop
+and the flip of every position are drawn with it (numpy) and applied by DALI (``fn.crop`` with
+``out_of_bounds_policy="pad"``, then ``fn.crop_mirror_normalize``); each rank reads its slice of each
+global step (:mod:`fastafd.data.position`). An epoch is a pure function of (seed, epoch), so resuming
+at global step j on any number of processes is exact. Validation: the test set, in order, sharded
+like the folder reader.
 """
 
 from __future__ import annotations
@@ -141,28 +142,30 @@ def load_cifar100(root: Path) -> Cifar100:
 
 @dataclass(frozen=True)
 class EpochPlan:
-    """One rank's training epoch: sample indexes and per-sample crop offsets and flips."""
+    """One training epoch's global sequence: sample indexes and each position's crop offsets and flip."""
 
     order: np.ndarray
     dx: np.ndarray
     dy: np.ndarray
     flip: np.ndarray
 
+    def take(self, positions: list[int]) -> EpochPlan:
+        """The plan of these positions of the sequence (one rank's share), in this order."""
+        p = np.asarray(positions, dtype=np.int64)
+        return EpochPlan(self.order[p], self.dx[p], self.dy[p], self.flip[p])
 
-def epoch_plan(n: int, *, seed: int, epoch: int, rank: int, world_size: int, pad: int, hflip: float) -> EpochPlan:
+
+def epoch_plan(n: int, *, seed: int, epoch: int, pad: int, hflip: float) -> EpochPlan:
+    """Epoch ``epoch``'s sequence and augmentation, for all ranks at once (a function of seed and epoch)."""
     perm = np.random.default_rng([seed, epoch, 0xC1FA]).permutation(n)
-    per_rank = n // world_size
-    order = perm[rank * per_rank:(rank + 1) * per_rank]
-    rng = np.random.default_rng([seed, epoch, rank, 0xA06])
-    return EpochPlan(order, rng.integers(0, 2 * pad + 1, per_rank), rng.integers(0, 2 * pad + 1, per_rank),
-                     (rng.random(per_rank) < hflip).astype(np.int32))
+    rng = np.random.default_rng([seed, epoch, 0xA06])
+    return EpochPlan(perm, rng.integers(0, 2 * pad + 1, n), rng.integers(0, 2 * pad + 1, n), (rng.random(n) < hflip).astype(np.int32))
 
 
-def train_batches(split: CifarSplit, plan: EpochPlan, batch: int, start: int, stop: int,
-                  pad: int) -> Iterator[tuple[list, ...]]:
-    """external_source batches ``start <= b < stop`` of ``plan``: images, labels, crop_pos_x/y, mirror."""
+def train_batches(split: CifarSplit, plan: EpochPlan, batch: int, pad: int) -> Iterator[tuple[list, ...]]:
+    """external_source batches of ``plan`` (one rank's share, in order): images, labels, crop_pos_x/y, mirror."""
     denom = float(max(2 * pad, 1))
-    for b in range(start, stop):
+    for b in range(len(plan.order) // batch):
         sl = slice(b * batch, (b + 1) * batch)
         idx = plan.order[sl]
         yield (list(split.images[idx]), list(split.labels[idx].reshape(-1, 1)),

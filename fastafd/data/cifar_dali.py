@@ -8,20 +8,18 @@ from collections.abc import Iterator
 import torch
 
 from fastafd.config import DataConfig
-from fastafd.data.base import to_model_layout
+from fastafd.data import position
+from fastafd.data.base import check_split_sizes, to_model_layout
 from fastafd.data.dali import (
-    STATE_VERSION,
     DALIGenericIterator,
     PipelineSettings,
-    _derive_seed,
-    _normalize_args,
-    _shard_range,
-    check_state,
+    derive_seed,
     fn,
+    normalize_args,
     pipeline_base,
     pipeline_def,
+    shard_range,
 )
-from fastafd.errors import UserError
 
 # -- CIFAR-100 --------------------------------------------------------------------------------------
 
@@ -42,70 +40,62 @@ def cifar_pipeline(source, training: bool, cfg: DataConfig, s: PipelineSettings)
         if pad:  # centred window larger than the image: zero padding on every side
             images = fn.crop(images, crop=(32 + 2 * pad, 32 + 2 * pad), out_of_bounds_policy="pad", fill_values=0)
         images = fn.crop_mirror_normalize(images, crop=size, crop_pos_x=pos_x, crop_pos_y=pos_y, mirror=mirror,
-                                          **_normalize_args(cfg, s))
+                                          **normalize_args(cfg, s))
     else:
-        images = fn.crop_mirror_normalize(images, crop=size, **_normalize_args(cfg, s))
+        images = fn.crop_mirror_normalize(images, crop=size, **normalize_args(cfg, s))
     return images, lab
 
 
 class CifarTrainLoader:
-    """CIFAR-100 training loader; same epoch, sharding and resume contract as :class:`TrainLoader`."""
+    """CIFAR-100 training loader; the epoch contract of :mod:`fastafd.data.position`. The epoch's sequence
+    (a permutation) and every sample's crop offsets and flip are drawn for the whole epoch from
+    (seed, epoch), so a resume on any number of processes is exact, augmentation included, and needs
+    no random state of DALI's (the pipeline has no random operator)."""
 
     kind = "cifar100"
 
-    def __init__(self, split, cfg: DataConfig, settings: PipelineSettings, *, device: torch.device) -> None:
+    def __init__(self, split, cfg: DataConfig, settings: PipelineSettings, *, device: torch.device, global_batch: int) -> None:
         self._split, self._cfg, self._s, self._device = split, cfg, settings, device
-        self._len = len(split) // settings.world_size // settings.batch
-        self._epoch, self._active, self._consumed, self._resume = 0, None, 0, None
+        self._global_batch = global_batch
+        self._len = len(split) // global_batch
+        self._pos = position.EpochPosition(self._len)
 
     def __len__(self) -> int:
         return self._len
 
     def set_epoch(self, epoch: int) -> None:
-        if self._resume is not None and epoch > self._resume["epoch"]:
-            self._resume = None
-        elif self._resume is not None and epoch < self._resume["epoch"]:
-            raise ValueError(f"set_epoch({epoch}) before the restored position (epoch {self._resume['epoch']})")
-        self._epoch = epoch
+        self._pos.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from fastafd.data.cifar import epoch_plan, train_batches
 
-        s, epoch = self._s, self._epoch
-        start = self._resume["batch"] if self._resume is not None and self._resume["epoch"] == epoch else 0
-        self._resume = None
+        s = self._s
+        epoch, start, _ = self._pos.begin()
         if start >= self._len:
-            self._epoch = epoch + 1
+            self._pos.end()
             return
-        plan = epoch_plan(len(self._split), seed=s.seed, epoch=epoch, rank=s.rank, world_size=s.world_size,
-                          pad=self._cfg.crop_padding, hflip=self._cfg.hflip)
-        source = train_batches(self._split, plan, s.batch, start, self._len, self._cfg.crop_padding)
+        plan = epoch_plan(len(self._split), seed=s.seed, epoch=epoch, pad=self._cfg.crop_padding, hflip=self._cfg.hflip)
+        take = plan.take(position.rank_positions(range(start, self._len), s.rank, s.world_size, s.batch))
+        source = train_batches(self._split, take, s.batch, self._cfg.crop_padding)
         pipe = cifar_pipeline(source, True, self._cfg, s, batch_size=s.batch, num_threads=s.num_threads,
-                              device_id=s.device_id, seed=_derive_seed(s.seed, s.rank, epoch, 2))
+                              device_id=s.device_id, seed=derive_seed(s.seed, s.rank, epoch, 2))
         it = DALIGenericIterator(pipe, ["images", "labels"], auto_reset=False)
-        self._active, self._consumed = epoch, start
-        for b, out in zip(range(start, self._len), it):
+        for step, out in zip(range(start, self._len), it):
             labels = out[0]["labels"].reshape(-1).to(device=self._device, dtype=torch.int64, non_blocking=True)
-            self._consumed = b + 1
+            self._pos.advance(step)
             yield to_model_layout(out[0]["images"], self._device, channels_last=s.channels_last, dtype=s.dtype), labels
-        self._active = None
-        self._epoch = epoch + 1
+        self._pos.end()
 
     def state_dict(self) -> dict:
         s = self._s
-        state = {"version": STATE_VERSION, "kind": self.kind, "rank": s.rank, "world_size": s.world_size,
-                 "seed": s.seed, "epoch": self._epoch, "batch": 0, "checkpoint": None}
-        if self._resume is not None:
-            state.update(epoch=self._resume["epoch"], batch=self._resume["batch"])
-        elif self._active is not None:
-            done = self._consumed >= self._len
-            state.update(epoch=self._active + done, batch=0 if done else self._consumed)
-        return state
+        epoch, step = self._pos.saved()
+        return position.state(self.kind, seed=s.seed, global_batch=self._global_batch, rank=s.rank, world_size=s.world_size,
+                              epoch=epoch, step=step)
 
     def load_state_dict(self, state: dict) -> None:
-        check_state(state, kind=self.kind, s=self._s)
-        self._epoch = int(state["epoch"])
-        self._resume = dict(state) if state["batch"] else None
+        s = self._s
+        self._pos.load(position.check(state, kind=self.kind, seed=s.seed, global_batch=self._global_batch, rank=s.rank,
+                                      world_size=s.world_size))
 
 
 class CifarEvalLoader:
@@ -113,7 +103,7 @@ class CifarEvalLoader:
 
     def __init__(self, split, cfg: DataConfig, settings: PipelineSettings, *, device: torch.device) -> None:
         self._split, self._cfg, self._s, self._device = split, cfg, settings, device
-        self._begin, self._end = _shard_range(len(split), settings.rank, settings.world_size)
+        self._begin, self._end = shard_range(len(split), settings.rank, settings.world_size)
         self._len = -(-(self._end - self._begin) // settings.batch)
 
     def __len__(self) -> int:
@@ -137,22 +127,22 @@ class CifarEvalLoader:
                 yield list(split.images[lo:hi]), list(split.labels[lo:hi].reshape(-1, 1))
 
         pipe = cifar_pipeline(source(), False, self._cfg, s, batch_size=s.batch, num_threads=s.num_threads,
-                              device_id=s.device_id, seed=_derive_seed(s.seed, s.rank, 0, 3))
+                              device_id=s.device_id, seed=derive_seed(s.seed, s.rank, 0, 3))
         for out in DALIGenericIterator(pipe, ["images", "labels"], auto_reset=False):
             labels = out[0]["labels"].reshape(-1).to(device=self._device, dtype=torch.int64, non_blocking=True)
             yield to_model_layout(out[0]["images"], self._device, channels_last=s.channels_last, dtype=s.dtype), labels
 
 
 def build_cifar_loaders(ds, cfg: DataConfig, *, rank: int, world_size: int, local_rank: int, device: torch.device,
-                        seed: int, channels_last: bool, train_batch: int, val_batch: int,
-                        dtype: torch.dtype = torch.float32) -> tuple[CifarTrainLoader, CifarEvalLoader]:
+                        seed: int, channels_last: bool, train_batch: int, val_batch: int, dtype: torch.dtype = torch.float32,
+                        train: bool = True) -> tuple[CifarTrainLoader | None, CifarEvalLoader]:
     base = pipeline_base(cfg, rank=rank, world_size=world_size, local_rank=local_rank, device=device, seed=seed,
                          channels_last=channels_last, dtype=dtype)
     base["decoder"] = "cpu"  # nothing to decode
-    if len(ds.train) < world_size * train_batch:
-        raise UserError(f"{ds.root}/train has {len(ds.train)} images, fewer than one global batch of "
-                        f"{world_size * train_batch}: lower data.batch_size")
-    if len(ds.val) < world_size:
-        raise UserError(f"{ds.root}/test has {len(ds.val)} images, fewer than the {world_size} processes")
-    return (CifarTrainLoader(ds.train, cfg, PipelineSettings(batch=train_batch, **base), device=device),
-            CifarEvalLoader(ds.val, cfg, PipelineSettings(batch=val_batch, **base), device=device))
+    check_split_sizes(train=(f"{ds.root}/train", len(ds.train)) if train else None, val=(f"{ds.root}/test", len(ds.val)),
+                      global_batch=world_size * train_batch, world_size=world_size)
+    train_loader = None
+    if train:
+        train_loader = CifarTrainLoader(ds.train, cfg, PipelineSettings(batch=train_batch, **base), device=device,
+                                        global_batch=world_size * train_batch)
+    return train_loader, CifarEvalLoader(ds.val, cfg, PipelineSettings(batch=val_batch, **base), device=device)

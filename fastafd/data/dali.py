@@ -10,20 +10,21 @@ file list made by one scan at start-up (no directory walk per epoch); shards by
 the file by :mod:`fastafd.data.decode_errors`.
 
 Training epochs (:class:`TrainLoader`): one pipeline per epoch, built from (seed, epoch, rank,
-world size) alone, so an epoch never depends on how the previous one ended (``max_steps_per_epoch``)
-and a resumed run needs only the epoch, the batch and DALI's checkpoint of that epoch's pipeline.
+world size) alone, so an epoch never depends on how the previous one ended (``max_steps_per_epoch``).
+The epoch position is global (:mod:`fastafd.data.position`): ``N // G`` steps of one global batch
+``G`` each, global step ``j`` being samples ``[j G, (j + 1) G)`` of the epoch's sequence, ``G / W``
+per rank in rank order, so a run continues on any number of processes.
 
-* Folder: the file list is permuted with ``numpy.random.default_rng((seed, epoch))`` (the same on
-  every rank) and truncated to a multiple of ``world_size``; DALI cuts it into contiguous equal
-  shards and reads them in order (``random_shuffle=False``). Every epoch is a new global
-  permutation, the shards are disjoint, and the at most ``world_size - 1`` images left out change
-  from epoch to epoch. Since the order is known, a file that fails to decode can be named.
-* Shards: the tars are split into ``world_size`` contiguous ranges of samples; rank r reads range
-  ``(r + epoch) % world_size`` (DALI's own rotation), with DALI's shuffle buffer
-  (``random_shuffle``, ``initial_fill=SHUFFLE_BUFFER``) seeded per (seed, epoch, rank); pack wrote
-  the training samples in a random order, so every range mixes all classes.
-* Every rank yields ``(N // world_size) // batch`` batches: the last partial batch is dropped
-  (``pad_last_batch`` keeps DALI from reading into the next epoch to fill it).
+* Folder: the sequence is a permutation of the file list drawn from ``(seed, epoch)`` (the same on
+  every rank); each rank reads an explicit list, its slices of the epoch's steps, in order
+  (``random_shuffle=False``). Every epoch is a new global permutation and the fewer than ``G`` images
+  left out change from epoch to epoch. Since the order is known, a file that fails to decode can be named.
+* Shards: see :class:`~fastafd.data.dali_readers.ShardReader` (contiguous tar ranges per rank,
+  rotated each epoch, read through DALI's shuffle buffer seeded per (seed, epoch, rank); pack wrote
+  the training samples in a random order, so every range mixes all classes).
+* A resumed run on the same processes restores DALI's pipeline checkpoint (reader position and
+  random state: bitwise the batches an uninterrupted run sees); on another number of processes each
+  rank reads its share of the remaining steps from a fresh pipeline.
 
 Augmentation: ``fn.decoders.image_random_crop`` decodes only the random-resized-crop window (ROI
 decode: scale 0.08-1, ratio 3/4-4/3 by default) and ``fn.random.coin_flip`` draws the flips. On
@@ -49,7 +50,8 @@ import numpy as np
 import torch
 
 from fastafd.config import DataConfig
-from fastafd.data.base import DataError, to_model_layout
+from fastafd.data import position
+from fastafd.data.base import DataError, check_split_sizes, to_model_layout
 from fastafd.data.cpu_finish import CpuFinish
 from fastafd.data.decode_errors import decode_error
 from fastafd.data.folder import Split
@@ -65,10 +67,7 @@ except ImportError as exc:  # pragma: no cover - exercised by a test that hides 
         "(or use data.format=synthetic)"
     ) from exc
 
-from fastafd.data.dali_readers import READER, SHUFFLE_BUFFER, FolderReader, ShardReader  # noqa: E402 - after the DALI check
-
-STATE_VERSION = 2
-"""2: the CPU training pipeline hands crops to :class:`CpuFinish` (its DALI graph, and so its checkpoints, changed)."""
+from fastafd.data.dali_readers import READER, FolderReader, Plan, Reader, ShardReader, shard_range  # noqa: E402 - after the DALI check
 
 
 @dataclass(frozen=True)
@@ -94,12 +93,12 @@ class PipelineSettings:
     CPU operators for them, the GPU pipeline's graph (slower; kept for ``benchmarks/data.py``)."""
 
 
-def _derive_seed(*parts: int) -> int:
+def derive_seed(*parts: int) -> int:
     """A well-mixed non-negative 31-bit seed from integers (stable across runs and machines)."""
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0] & 0x7FFFFFFF)
 
 
-def _normalize_args(cfg: DataConfig, s: PipelineSettings) -> dict:
+def normalize_args(cfg: DataConfig, s: PipelineSettings) -> dict:
     """crop_mirror_normalize's output: normalised, HWC for channels-last, else CHW."""
     return dict(
         dtype=types.FLOAT16 if s.dtype == torch.float16 else types.FLOAT,
@@ -109,20 +108,15 @@ def _normalize_args(cfg: DataConfig, s: PipelineSettings) -> dict:
     )
 
 
-def _shard_range(n: int, shard: int, shards: int) -> tuple[int, int]:
-    """Samples [begin, end) of ``shard`` when DALI splits ``n`` samples into ``shards`` (its formula)."""
-    return shard * n // shards, (shard + 1) * n // shards
-
-
 # -- pipelines --------------------------------------------------------------------------------------
 
 
 @pipeline_def
-def train_pipeline(reader, order, shard_id: int, cfg: DataConfig, s: PipelineSettings):
+def train_pipeline(reader: Reader, plan: Plan, cfg: DataConfig, s: PipelineSettings):
     """Read one epoch of this rank's shard, random-resized-crop (ROI decode), draw the flips; on a
     GPU also resize, flip and normalize (outputs: images, labels). Without a GPU the outputs are the
     crops as decoded, the labels and the flips, finished by :class:`CpuFinish`."""
-    encoded, lab = reader.node(order=order, shard_id=shard_id, num_shards=s.world_size, training=True)
+    encoded, lab = reader.node(plan, rank=s.rank, world_size=s.world_size)
     images = fn.decoders.image_random_crop(
         encoded, device=s.decoder, output_type=types.RGB,
         random_area=list(cfg.scale), random_aspect_ratio=list(cfg.ratio),
@@ -133,19 +127,19 @@ def train_pipeline(reader, order, shard_id: int, cfg: DataConfig, s: PipelineSet
     images = fn.resize(images, resize_x=cfg.image_size, resize_y=cfg.image_size)
     if s.device_id is not None:
         images, lab = images.gpu(), lab.gpu()
-    images = fn.crop_mirror_normalize(images, mirror=mirror, **_normalize_args(cfg, s))
+    images = fn.crop_mirror_normalize(images, mirror=mirror, **normalize_args(cfg, s))
     return images, lab
 
 
 @pipeline_def
-def val_pipeline(reader, cfg: DataConfig, s: PipelineSettings):
+def val_pipeline(reader: Reader, cfg: DataConfig, s: PipelineSettings):
     """Read this rank's fixed shard in order, resize the shorter side, center-crop, normalize."""
-    encoded, lab = reader.node(order=None, shard_id=s.rank, num_shards=s.world_size, training=False)
+    encoded, lab = reader.node(None, rank=s.rank, world_size=s.world_size)
     images = fn.decoders.image(encoded, device=s.decoder, output_type=types.RGB)
     images = fn.resize(images, resize_shorter=round(cfg.image_size / cfg.val_crop_ratio))
     if s.device_id is not None:
         images, lab = images.gpu(), lab.gpu()
-    images = fn.crop_mirror_normalize(images, crop=(cfg.image_size, cfg.image_size), **_normalize_args(cfg, s))
+    images = fn.crop_mirror_normalize(images, crop=(cfg.image_size, cfg.image_size), **normalize_args(cfg, s))
     return images, lab
 
 
@@ -153,17 +147,18 @@ def val_pipeline(reader, cfg: DataConfig, s: PipelineSettings):
 
 
 class TrainLoader:
-    """One rank's training loader: a pipeline per epoch (see the module docstring), mid-epoch resume."""
+    """One rank's training loader: a pipeline per epoch (see the module docstring), resume at a global step."""
 
-    def __init__(self, reader: FolderReader | ShardReader, cfg: DataConfig, settings: PipelineSettings, *,
-                 device: torch.device, verify_root: str) -> None:
+    def __init__(self, reader: Reader, cfg: DataConfig, settings: PipelineSettings, *, device: torch.device, verify_root: str,
+                 global_batch: int) -> None:
         self._reader, self._cfg, self._s, self._device, self._verify_root = reader, cfg, settings, device, verify_root
-        self._len = len(reader) // settings.world_size // settings.batch
-        self._epoch = 0  # the epoch the next __iter__ produces
-        self._active: int | None = None  # epoch being iterated (None between epochs)
-        self._consumed = 0  # batches of the active epoch handed out
+        self._global_batch = global_batch
+        self._len = len(reader) // global_batch
+        self._pos = position.EpochPosition(self._len)
+        self._saved_world_size: int | None = None  # processes that read the steps before a resume without DALI's checkpoint
+        self._resharded = False  # the active pipeline reads the steps left after such a resume (no DALI checkpoint of it)
         self._it: DALIGenericIterator | None = None
-        self._resume: dict | None = None  # a loaded state not yet applied
+        self._plan: Plan | None = None
         self._next: dict | None = None  # the next epoch's pipeline, being built on a helper thread
         self._finish = (CpuFinish(cfg.image_size, cfg.mean, cfg.std, channels_last=settings.channels_last,
                                   dtype=settings.dtype) if settings.device_id is None and settings.cpu_finish else None)
@@ -173,27 +168,21 @@ class TrainLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """Announce the epoch of the next ``iter()``."""
-        if self._resume is not None and epoch > self._resume["epoch"]:
-            self._resume = None  # that epoch was cut short on purpose
-        elif self._resume is not None and epoch < self._resume["epoch"]:
-            raise ValueError(f"set_epoch({epoch}) before the restored position (epoch {self._resume['epoch']})")
-        self._epoch = epoch
+        self._pos.set_epoch(epoch)
 
-    def _shard_id(self, epoch: int) -> int:
+    def _pipeline(self, epoch: int, start: int, checkpoint: str | None, saved_world_size: int | None):
         s = self._s
-        return (s.rank + epoch) % s.world_size if self._reader.kind == "shards" else s.rank
-
-    def _pipeline(self, epoch: int, checkpoint: str | None):
-        s = self._s
-        order = self._reader.epoch_order(s.seed, epoch, s.world_size)
+        plan = self._reader.plan(seed=s.seed, epoch=epoch, rank=s.rank, world_size=s.world_size, batch=s.batch, steps=self._len,
+                                 start=start, saved_world_size=saved_world_size)
+        # a pipeline for the steps left after a resume on other processes gets a stream of its own
+        seed = derive_seed(s.seed, s.rank, epoch, 1) if not start else derive_seed(s.seed, s.rank, epoch, 1, start)
         pipe = train_pipeline(
-            self._reader, order, self._shard_id(epoch), self._cfg, s,
-            batch_size=s.batch, num_threads=s.num_threads, device_id=s.device_id,
-            seed=_derive_seed(s.seed, s.rank, epoch, 1), enable_checkpointing=True,
+            self._reader, plan, self._cfg, s,
+            batch_size=s.batch, num_threads=s.num_threads, device_id=s.device_id, seed=seed, enable_checkpointing=True,
             checkpoint=base64.b64decode(checkpoint) if checkpoint else None,
         )
         pipe.build()
-        return order, pipe
+        return plan, pipe
 
     def _prebuild(self, epoch: int) -> None:
         """Build epoch ``epoch``'s pipeline on a helper thread while this epoch runs (hides the build)."""
@@ -201,7 +190,7 @@ class TrainLoader:
 
         def work() -> None:
             try:
-                box["result"] = self._pipeline(epoch, None)
+                box["result"] = self._pipeline(epoch, 0, None, None)
             except BaseException as exc:  # noqa: BLE001 - rebuilt (and reported) on the main thread
                 box["error"] = exc
 
@@ -209,16 +198,21 @@ class TrainLoader:
         box["thread"].start()
         self._next = box
 
-    def _build(self, epoch: int, checkpoint: str | None) -> DALIGenericIterator:
+    def _build(self, epoch: int, start: int, checkpoint: str | None) -> DALIGenericIterator:
         self._it = None  # release the previous pipeline's threads and buffers first
         box, self._next = self._next, None
         if box is not None:
             box["thread"].join()
-        if box is not None and box["epoch"] == epoch and checkpoint is None and "result" in box:
-            order, pipe = box["result"]
+        self._resharded = bool(start) and checkpoint is None
+        if checkpoint is not None:  # the same rank resumes: the epoch's full pipeline, its saved position and random state
+            plan, pipe = self._pipeline(epoch, 0, checkpoint, None)
+        elif start:  # another number of processes (or no saved random state): this rank's share of the steps left
+            plan, pipe = self._pipeline(epoch, start, None, self._saved_world_size)
+        elif box is not None and box["epoch"] == epoch and "result" in box:
+            plan, pipe = box["result"]
         else:
-            order, pipe = self._pipeline(epoch, checkpoint)
-        self._order = order
+            plan, pipe = self._pipeline(epoch, 0, None, None)
+        self._plan = plan
         try:
             if self._finish is None:
                 return DALIGenericIterator(pipe, ["images", "labels"], reader_name=READER,
@@ -227,76 +221,61 @@ class TrainLoader:
             return DALIRaggedIterator(pipe, ["images", "labels", "flips"], output_types=[ragged, dense, dense],
                                       reader_name=READER, last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
         except RuntimeError as exc:
-            raise self._error(exc, epoch, 0) from exc
+            raise self._error(exc, 0) from exc
 
-    def _error(self, exc: Exception, epoch: int, batch: int) -> DataError:
-        s = self._s
-        begin, end = _shard_range(len(self._reader) if self._order is None else len(self._order),
-                                  self._shard_id(epoch), s.world_size)
+    def _error(self, exc: Exception, batch: int) -> DataError:
+        """``batch``: this rank's batches read by the failing pipeline so far."""
+        b, slack, plan = self._s.batch, self._reader.error_slack, self._plan
+        samples = plan.samples if plan is not None else []
         # DALI prefetches (2 batches, +1 in the reader); the shard reader's shuffle buffer adds its fill
-        slack = SHUFFLE_BUFFER if self._reader.kind == "shards" else 0
-        lo, hi = begin + max(0, batch * s.batch - slack), min(end, begin + (batch + 4) * s.batch + slack)
-        return decode_error(exc, self._reader.root, self._verify_root,
-                            lambda: self._reader.candidates(self._order, lo, hi))
+        lo, hi = max(0, batch * b - slack), min(len(samples), (batch + 4) * b + slack)
+        return decode_error(exc, self._reader.root, self._verify_root, lambda: self._reader.candidates(samples[lo:hi]))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch, start, cpt = self._epoch, 0, None
-        if self._resume is not None and self._resume["epoch"] == epoch:
-            start, cpt = self._resume["batch"], self._resume["checkpoint"]
-        self._resume = None
-        self._order = None
-        it = self._build(epoch, cpt if start else None)
-        self._it, self._active, self._consumed = it, epoch, start
+        epoch, start, checkpoint = self._pos.begin()
+        it = self._build(epoch, start, checkpoint)
+        self._it = it
+        first = start if checkpoint is not None else 0  # the checkpointed pipeline counts from the epoch's start
         self._prebuild(epoch + 1)
         s = self._s
-        for b in range(start, self._len):
+        for step in range(start, self._len):
             try:
                 out = next(it)
-            except StopIteration:  # pragma: no cover - DALI's shard is never shorter than _len batches
-                raise RuntimeError(f"DALI ended epoch {epoch} after {b} of {self._len} batches") from None
+            except StopIteration:  # pragma: no cover - the plan always holds the epoch's steps
+                raise RuntimeError(f"DALI ended epoch {epoch} after {step} of {self._len} batches") from None
             except RuntimeError as exc:
-                self._it = self._active = None  # DALI pipelines are unusable after an error
-                raise self._error(exc, epoch, b) from exc
+                self._it = None  # DALI pipelines are unusable after an error
+                self._pos.active = None
+                raise self._error(exc, step - start + first) from exc
             images, labels = out[0]["images"], out[0]["labels"]
             labels = self._reader.labels(labels).to(device=self._device, dtype=torch.int64, non_blocking=True)
-            self._consumed = b + 1
+            self._pos.advance(step)
             if self._finish is not None:
                 yield self._finish(images, out[0]["flips"].reshape(-1).tolist()), labels
             else:
                 yield to_model_layout(images, self._device, channels_last=s.channels_last, dtype=s.dtype), labels
-        self._it = self._active = None
-        self._epoch = epoch + 1
+        self._it = None
+        self._pos.end()
 
     def state_dict(self) -> dict:
-        """The position to resume from (see :class:`fastafd.data.base.Loader`)."""
+        """The position to resume from (see :mod:`fastafd.data.position`), with DALI's checkpoint mid-epoch."""
         s = self._s
-        state = {"version": STATE_VERSION, "kind": self._reader.kind, "rank": s.rank, "world_size": s.world_size,
-                 "seed": s.seed, "epoch": self._epoch, "batch": 0, "checkpoint": None}
-        if self._resume is not None:
-            state.update(epoch=self._resume["epoch"], batch=self._resume["batch"], checkpoint=self._resume["checkpoint"])
-        elif self._active is not None and self._it is not None and 0 < self._consumed < self._len:
-            cpt = self._it.checkpoints()[0]
-            state.update(epoch=self._active, batch=self._consumed, checkpoint=base64.b64encode(cpt).decode("ascii"))
-        elif self._active is not None and self._consumed >= self._len:
-            state.update(epoch=self._active + 1)
-        return state
+        epoch, step = self._pos.saved()
+        checkpoint = None
+        if self._pos.resume is not None:
+            checkpoint = self._pos.resume.checkpoint
+        elif self._pos.mid_epoch() and self._it is not None and not self._resharded:
+            checkpoint = base64.b64encode(self._it.checkpoints()[0]).decode("ascii")
+        return position.state(self._reader.kind, seed=s.seed, global_batch=self._global_batch, rank=s.rank,
+                              world_size=s.world_size, epoch=epoch, step=step, checkpoint=checkpoint)
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume at ``state`` (from :meth:`state_dict` of a loader over the same data, seed, rank and world size)."""
-        check_state(state, kind=self._reader.kind, s=self._s)
-        self._epoch = int(state["epoch"])
-        self._resume = dict(state) if state["batch"] else None
-
-
-def check_state(state: dict, *, kind: str, s: PipelineSettings) -> None:
-    if state.get("version") != STATE_VERSION:
-        raise UserError(f"data loader state of version {state.get('version')} cannot be resumed by this fastafd (version {STATE_VERSION})")
-    want = {"kind": kind, "rank": s.rank, "world_size": s.world_size, "seed": s.seed}
-    diff = {k: (state.get(k), v) for k, v in want.items() if state.get(k) != v}
-    if diff:
-        what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items())
-        raise UserError(f"cannot resume the data position mid-epoch: {what} changed since the checkpoint; "
-                        "resume with the same data, seed and number of processes")
+        """Resume at ``state``: this rank's own (exact), or rank 0's of a run with another number of processes."""
+        s = self._s
+        resume = position.check(state, kind=self._reader.kind, seed=s.seed, global_batch=self._global_batch,
+                                rank=s.rank, world_size=s.world_size)
+        self._saved_world_size = None if resume.checkpoint is not None else int(state["world_size"])
+        self._pos.load(resume)
 
 
 class EvalLoader:
@@ -305,7 +284,7 @@ class EvalLoader:
     def __init__(self, reader: FolderReader | ShardReader, cfg: DataConfig, settings: PipelineSettings, *,
                  device: torch.device, verify_root: str) -> None:
         self._reader, self._cfg, self._s, self._device, self._verify_root = reader, cfg, settings, device, verify_root
-        begin, end = _shard_range(len(reader), settings.rank, settings.world_size)
+        begin, end = shard_range(len(reader), settings.rank, settings.world_size)
         self._begin, self._end = begin, end
         self._len = -(-(end - begin) // settings.batch)
         self._it: DALIGenericIterator | None = None
@@ -315,7 +294,7 @@ class EvalLoader:
         s = self._s
         self._it = None
         pipe = val_pipeline(self._reader, self._cfg, s, batch_size=s.batch, num_threads=s.num_threads,
-                            device_id=s.device_id, seed=_derive_seed(s.seed, s.rank, 0, 0))
+                            device_id=s.device_id, seed=derive_seed(s.seed, s.rank, 0, 0))
         try:
             self._it = DALIGenericIterator(pipe, ["images", "labels"], reader_name=READER,
                                            last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
@@ -326,7 +305,7 @@ class EvalLoader:
     def _error(self, exc: Exception, batch: int) -> DataError:
         s = self._s
         lo, hi = self._begin + batch * s.batch, min(self._end, self._begin + (batch + 4) * s.batch)
-        return decode_error(exc, self._reader.root, self._verify_root, lambda: self._reader.candidates(None, lo, hi))
+        return decode_error(exc, self._reader.root, self._verify_root, lambda: self._reader.candidates(list(range(lo, hi))))
 
     def set_epoch(self, epoch: int) -> None:
         """Validation does not depend on the epoch."""
@@ -391,27 +370,25 @@ def pipeline_base(cfg: DataConfig, *, rank: int, world_size: int, local_rank: in
                 channels_last=channels_last, dtype=dtype)
 
 
-def build_dali_loaders(train: Split | ShardSplit, val: Split | ShardSplit, cfg: DataConfig, *, rank: int,
+def build_dali_loaders(train: Split | ShardSplit | None, val: Split | ShardSplit, cfg: DataConfig, *, rank: int,
                        world_size: int, local_rank: int, device: torch.device, seed: int, channels_last: bool,
                        train_batch: int, val_batch: int, verify_root: str,
-                       dtype: torch.dtype = torch.float32) -> tuple[TrainLoader, EvalLoader]:
-    """Train and validation loaders for one rank of a folder (:class:`Split`) or shard dataset.
+                       dtype: torch.dtype = torch.float32) -> tuple[TrainLoader | None, EvalLoader]:
+    """Train (None when ``train`` is None: evaluation only) and validation loaders for one rank of a folder
+    (:class:`Split`) or shard dataset.
 
     On CUDA the pipelines run on ``device`` (``local_rank`` when it has no index) and their outputs
     stay there; on CPU they are CPU-only pipelines (``device_id=None``).
     """
     base = pipeline_base(cfg, rank=rank, world_size=world_size, local_rank=local_rank, device=device, seed=seed,
                          channels_last=channels_last, dtype=dtype)
-    if len(train) < world_size * train_batch:
-        raise UserError(
-            f"{train.root} has {len(train)} images, fewer than one global batch of {world_size * train_batch}: "
-            "lower data.batch_size or add images"
-        )
-    if len(val) < world_size:
-        raise UserError(f"{val.root} has {len(val)} images, fewer than the {world_size} processes: add validation images")
-    wrap = ShardReader if isinstance(train, ShardSplit) else FolderReader
-    train_loader = TrainLoader(wrap(train), cfg, PipelineSettings(batch=train_batch, **base), device=device,
-                               verify_root=verify_root)
+    check_split_sizes(train=(train.root, len(train)) if train is not None else None, val=(val.root, len(val)),
+                      global_batch=world_size * train_batch, world_size=world_size)
+    wrap = ShardReader if isinstance(val, ShardSplit) else FolderReader
+    train_loader = None
+    if train is not None:
+        train_loader = TrainLoader(wrap(train), cfg, PipelineSettings(batch=train_batch, **base), device=device,
+                                   verify_root=verify_root, global_batch=world_size * train_batch)
     val_loader = EvalLoader(wrap(val), cfg, PipelineSettings(batch=val_batch, **base), device=device,
                             verify_root=verify_root)
     return train_loader, val_loader

@@ -36,7 +36,8 @@ class FolderDataset:
 
     root: Path
     classes: list[str]
-    train: Split
+    train: Split | None
+    """None when scanned for evaluation only (``scan_folder(train=False)``)."""
     val: Split
 
 
@@ -171,11 +172,13 @@ def _scan_split(split_dir: Path, class_to_label: dict[str, int], names: list[str
     return Split(root=split_dir, files=files, labels=labels)
 
 
-def scan_folder(root: Path, exclude: set[str] = frozenset()) -> FolderDataset:
+def scan_folder(root: Path, exclude: set[str] = frozenset(), *, train: bool = True) -> FolderDataset:
     """Scan ``root`` once; class labels come from the sorted train class folders.
 
     ``exclude``: relative paths (``train/<class>/<file>``) to leave out (see :func:`read_exclude`);
-    class labels never depend on it.
+    class labels never depend on it. ``train=False`` (evaluation): only ``val/`` is scanned for images;
+    the labels still come from the names of ``train/``'s class folders when there is a ``train/``
+    (a listing, not a scan of its images), else from ``val/``'s.
 
     Validation folders are mapped to labels by class name, so ``val/`` may hold a subset of the
     train classes. Every user mistake raises :class:`UserError` naming the path and the fix.
@@ -185,13 +188,14 @@ def scan_folder(root: Path, exclude: set[str] = frozenset()) -> FolderDataset:
         raise UserError(f"dataset folder {root} does not exist: pass --data DIR with train/ and val/ class folders")
     if not root.is_dir():
         raise UserError(f"dataset path {root} is not a folder: pass --data DIR with train/ and val/ class folders")
-    for split in SPLITS:
+    for split in SPLITS if train else ("val",):
         if not (root / split).is_dir():
             raise UserError(f"{root} has no {split}/ subfolder: use the ImageNet layout {root}/{split}/<class>/*.JPEG")
 
-    classes = _class_folders(root / "train")
+    has_train = (root / "train").is_dir()
+    classes = _class_folders(root / "train" if has_train else root / "val")
     class_to_label = {name: i for i, name in enumerate(classes)}
-    train = _scan_split(root / "train", class_to_label, classes, exclude)
+    train_split = _scan_split(root / "train", class_to_label, classes, exclude) if train else None
 
     val_names = _class_folders(root / "val")
     unknown = [n for n in val_names if n not in class_to_label]
@@ -201,4 +205,4 @@ def scan_folder(root: Path, exclude: set[str] = frozenset()) -> FolderDataset:
             f"{' ...' if len(unknown) > 5 else ''}; rename or remove them so val classes match train classes"
         )
     val = _scan_split(root / "val", class_to_label, val_names, exclude)
-    return FolderDataset(root=root, classes=classes, train=train, val=val)
+    return FolderDataset(root=root, classes=classes, train=train_split, val=val)

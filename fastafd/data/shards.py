@@ -195,12 +195,41 @@ class ShardSplit:
     def __len__(self) -> int:
         return len(self.samples)
 
+    def subset(self, keep: list[int]) -> ShardSplit:
+        """The samples ``keep`` (indexes into :attr:`samples`) as a split of their own: the tars that hold
+        them, each with a filtered index of just those samples (in a temporary folder that lives as long
+        as the returned split). Used to continue an epoch on another number of processes."""
+        wanted: dict[str, set[str]] = {}
+        for i in keep:
+            smp = self.samples[i]
+            wanted.setdefault(str(smp.tar), set()).add(smp.name.rpartition(".")[0])
+        tmp = _temp_index_folder()
+        tars, indexes, samples = [], [], []
+        try:
+            for n, (tar, idx) in enumerate(zip(self.tars, self.indexes, strict=True)):
+                if tar not in wanted:
+                    continue
+                head, body, parsed = _parse_index(Path(idx), Path(tar))
+                lines = [(ln, smp) for ln, smp in zip(body, parsed, strict=True) if smp.name.rpartition(".")[0] in wanted[tar]]
+                out = Path(tmp) / f"subset-{n:06d}-{Path(idx).name}"
+                out.write_text(f"{head.split()[0]} {len(lines)}\n" + "".join(ln + "\n" for ln, _ in lines))
+                tars.append(tar)
+                indexes.append(str(out))
+                samples.extend(smp for _, smp in lines)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        split = ShardSplit(root=self.root, tars=tars, indexes=indexes, samples=samples)
+        _TEMP_INDEXES.append(weakref.finalize(split, shutil.rmtree, tmp, True))
+        return split
+
 
 @dataclass(frozen=True)
 class ShardDataset:
     root: Path
     classes: list[str]
-    train: ShardSplit
+    train: ShardSplit | None
+    """None when opened for evaluation only."""
     val: ShardSplit
 
 
@@ -396,11 +425,12 @@ def _read_split(root: Path, split: str, exclude: set[str], num_classes: int, che
     return out
 
 
-def read_shards(root: Path, exclude: set[str] = frozenset(), *, check_samples: bool = True) -> ShardDataset:
+def read_shards(root: Path, exclude: set[str] = frozenset(), *, check_samples: bool = True, train: bool = True) -> ShardDataset:
     """Open a folder written by :func:`pack`; every index is checked against its shard first.
 
     ``check_samples``: also read every sample's label (and raise :class:`DataError` for the first
-    that the loader cannot use); ``fastafd data verify`` lists them all instead.
+    that the loader cannot use); ``fastafd data verify`` lists them all instead. ``train=False``
+    (evaluation): the training split is not opened (``train`` is None).
     """
     root = Path(root).expanduser()
     where = root / CLASSES_FILE
@@ -414,7 +444,7 @@ def read_shards(root: Path, exclude: set[str] = frozenset(), *, check_samples: b
                         "point --data at a folder written by `fastafd data pack`")
     classes = check_classes(meta["classes"], where)
     return ShardDataset(root=root, classes=classes,
-                        train=_read_split(root, "train", exclude, len(classes), check_samples),
+                        train=_read_split(root, "train", exclude, len(classes), check_samples) if train else None,
                         val=_read_split(root, "val", exclude, len(classes), check_samples))
 
 

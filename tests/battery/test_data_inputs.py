@@ -414,7 +414,8 @@ def test_eval_on_another_dataset_detects_its_format(tmp_path: Path, monkeypatch:
     (run / "config.json").write_text(json.dumps(to_dict(TrainConfig())))
     seen = []
 
-    def session(cfg):
+    def session(cfg, *, train=True):
+        assert not train  # evaluation builds no training pipeline
         seen.append(cfg.data)
         raise UserError("stop here")
 

@@ -175,3 +175,27 @@ def _process_states(root_pid: int) -> str:
         except (OSError, IndexError):
             continue
     return states
+
+
+def test_a_run_continues_on_another_number_of_processes(tmp_path):
+    """2 processes, killed after step 2; 1 process continues, killed after step 4; 3 processes finish (CPU, gloo).
+    The global batch (12) stays; each resume starts at the checkpointed global step and the epochs end where
+    an uninterrupted run's do (the samples: tests/integration/test_data_pipeline.py)."""
+    from tests.helpers import grey_folder
+
+    grey_folder(tmp_path / "ds", train=(24, 24), val=(3, 3))  # 48 images: 4 steps of 12 per epoch
+    out = tmp_path / "run"
+    args = ["--model.peers", "cifar_resnet8", "cifar_resnet8", "--data", str(tmp_path / "ds"), "--data.image_size", "32",
+            "--data.batch_size", "12", "--data.num_threads", "1", "--loop.epochs", "2", "--checkpoint.every_steps", "1",
+            "--log.tensorboard", "off", "--log.progress", "off", "--out", str(out)]
+    logs = []
+    for nproc, fault in ((2, "kill@step=3"), (1, "kill@step=6"), (3, None)):
+        extra = {"FASTAFD_FAULT": fault} if fault else {}
+        proc = subprocess.run([str(RUN_SH), *args], env={**env(tmp_path, NPROC=nproc), **extra}, capture_output=True, text=True,
+                              timeout=600)
+        logs.append(proc.stdout + proc.stderr)
+        assert (proc.returncode != 0) == (fault is not None), logs[-1][-3000:]
+    assert "resuming from" in logs[1] and "at epoch 1, step 2; on 1 processes, written by 2" in logs[1], logs[1][-3000:]
+    assert "at epoch 2, step 5; on 3 processes, written by 1" in logs[2], logs[2][-3000:]
+    assert [(r["epoch"], r["step"]) for r in rundir.read_metrics(out)] == [(1, 4), (2, 8)]
+    assert json.loads((out / rundir.ENV_FILE).read_text())["world_size"] == 3

@@ -134,12 +134,12 @@ def test_resume_mid_epoch_gives_exactly_the_uninterrupted_batches(data, fmt: str
     it = iter(stopped)
     head = [next(it)[0] for _ in range(3)]
     state = json.loads(json.dumps(stopped.state_dict()))  # what a checkpoint stores
-    assert (state["epoch"], state["batch"], state["kind"]) == (0, 3, fmt) and state["checkpoint"]
+    assert (state["epoch"], state["step"], state["kind"]) == (0, 3, fmt) and state["checkpoint"]
     del it, stopped
 
     resumed = make()
     resumed.load_state_dict(state)
-    assert resumed.state_dict()["batch"] == 3
+    assert resumed.state_dict()["step"] == 3
     rest = _epochs(resumed, [0, 1])
     assert len(rest[0]) == len(full[0]) - 3
     for a, b in zip(head + rest[0], full[0]):
@@ -162,10 +162,79 @@ def test_cut_short_epoch_does_not_change_the_next(data) -> None:
     assert all(torch.equal(a, b) for a, b in zip(_epochs(other, [1])[0], full[1]))
 
 
-def test_state_from_another_setup_is_refused(data) -> None:
-    state = loaders(data["folder"], rank=0, world_size=2)[0].state_dict()
-    with pytest.raises(UserError, match="world_size 2 -> 3"):
-        loaders(data["folder"], rank=0, world_size=3)[0].load_state_dict(state)
+def _mid_epoch_state(loader, steps: int, sample=lambda x, y: ids(x)) -> tuple[list[int], dict]:
+    """Iterate ``steps`` batches of epoch 0; (their sample ids, the state a checkpoint stores then)."""
+    loader.set_epoch(0)
+    it = iter(loader)
+    seen = [i for _ in range(steps) for i in sample(*next(it))]
+    state = json.loads(json.dumps(loader.state_dict()))
+    del it
+    return seen, state
+
+
+def test_state_from_another_seed_or_global_batch_is_refused_mid_epoch(data) -> None:
+    _, state = _mid_epoch_state(loaders(data["folder"], rank=0, world_size=2)[0], 1)
+    with pytest.raises(UserError, match="seed 0 -> 1"):
+        loaders(data["folder"], rank=0, world_size=2, seed=1)[0].load_state_dict(state)
+    with pytest.raises(UserError, match="global_batch 4 -> 6"):
+        loaders(data["folder"], rank=0, world_size=2, per_rank=3)[0].load_state_dict(state)
+
+
+GLOBAL = 12  # 36 training images: 3 global steps per epoch on any number of processes
+
+
+@pytest.mark.parametrize("fmt", ["folder", "cifar100"])
+@pytest.mark.parametrize("new_world", [1, 3])
+def test_resume_on_another_number_of_processes_sees_every_sample_once(data, tmp_path, fmt: str, new_world: int) -> None:
+    """2 processes take one global step, a checkpoint, then 1 or 3 processes finish the epoch: each of the
+    epoch's 3 x 12 samples exactly once, and the next epoch is the one the new processes would read anyway."""
+    if fmt == "cifar100":
+        root = make_cifar(tmp_path, n_train=36, n_test=12)  # sample i has label i: the label names it
+        cfg = DataConfig(root=root, format="cifar100", batch_size=GLOBAL, image_size=32, num_threads=1)
+        make = lambda r, w: build_data(cfg, rank=r, world_size=w, local_rank=0, device=CPU, seed=0, channels_last=False)[0]  # noqa: E731
+        sample = lambda x, y: y.tolist()  # noqa: E731
+    else:
+        make = lambda r, w: loaders(data["folder"], rank=r, world_size=w, per_rank=GLOBAL // w)[0]  # noqa: E731
+        sample = lambda x, y: ids(x)  # noqa: E731
+    first, states = [], []
+    for r in range(2):
+        seen, state = _mid_epoch_state(make(r, 2), 1, sample)
+        first += seen
+        states.append(state)
+    assert len(first) == GLOBAL and states[0]["step"] == 1
+    rest = []
+    for r in range(new_world):
+        loader = make(r, new_world)
+        loader.load_state_dict(states[0])  # what every new rank gets: rank 0's global position
+        loader.set_epoch(0)
+        batches = list(loader)
+        assert len(batches) == 2 and all(x.shape[0] == GLOBAL // new_world for x, _ in batches)
+        rest += [v for x, y in batches for v in sample(x, y)]
+    everything = first + rest
+    assert len(everything) == len(set(everything)) == 3 * GLOBAL  # nothing twice, nothing lost
+    if fmt == "folder":
+        assert set(everything) <= TRAIN_IDS
+    fresh, resumed = make(0, new_world), make(0, new_world)
+    fresh.set_epoch(1)
+    resumed.load_state_dict(states[0])
+    resumed.set_epoch(0)
+    list(resumed)
+    assert [sample(x, y) for x, y in resumed] == [sample(x, y) for x, y in fresh]  # epoch 1 as if started there
+
+
+def test_shards_resume_on_another_number_of_processes_takes_the_steps_left(data) -> None:
+    """Shards cannot split a shuffle buffer: the new ranks read what each old range has left after the
+    consumed steps, through filtered indexes; the right number of batches, and labels match their images."""
+    make = lambda r, w: loaders(data["shards"], rank=r, world_size=w, per_rank=GLOBAL // w, format="shards")[0]  # noqa: E731
+    _, state = _mid_epoch_state(make(0, 2), 1)
+    for r in range(3):
+        loader = make(r, 3)
+        loader.load_state_dict(state)
+        loader.set_epoch(0)
+        batches = list(loader)
+        assert len(batches) == 2 and all(x.shape[0] == 4 for x, _ in batches)
+        for x, y in batches:
+            assert [data["owner"][i] for i in ids(x)] == y.tolist()
 
 
 # ----------------------------------------------------------------------------- pack and shards
@@ -280,7 +349,7 @@ def test_cifar_pad4_crop_flip_normalize_and_sharding(tmp_path) -> None:
     assert (info.source, info.num_classes, info.train_size, info.val_size) == ("cifar100", 100, 96, 40)
     from fastafd.data.cifar import epoch_plan
 
-    plan = epoch_plan(96, seed=0, epoch=0, rank=0, world_size=1, pad=4, hflip=0.5)
+    plan = epoch_plan(96, seed=0, epoch=0, pad=4, hflip=0.5)
     x = torch.cat([x for x, _ in train])
     padded = np.pad(grad, 4)
     for k in range(len(x)):
@@ -339,3 +408,16 @@ def test_images_in_the_training_dtype(data, dtype) -> None:
     torch.testing.assert_close(next(iter(train))[0].float(), ref, atol=0.02, rtol=0.01)
 
 
+
+
+def test_evaluation_data_needs_no_training_split(tmp_path) -> None:
+    """`fastafd eval --data DIR` builds only the validation pipeline: DIR/train may be absent, and when it is
+    there its images are not scanned (the labels come from its class folder names)."""
+    make_folder(tmp_path / "ds")
+    shutil.rmtree(tmp_path / "ds" / "train")
+    cfg = DataConfig(root=tmp_path / "ds", num_threads=1, image_size=16, batch_size=256)  # bigger than any split
+    train, val, info = build_data(cfg, rank=0, world_size=1, local_rank=0, device=CPU, seed=0, channels_last=False, train=False)
+    assert train is None and info.val_size == sum(VAL) and info.train_size == 0
+    assert sum(x.shape[0] for x, _ in val) == sum(VAL)
+    with pytest.raises(UserError, match="has no train/ subfolder"):
+        build_data(cfg, rank=0, world_size=1, local_rank=0, device=CPU, seed=0, channels_last=False)

@@ -22,6 +22,12 @@ MIXED = ("cifar_resnet8", "cifar_wrn16_2")  # transfer layers with parameters (f
 class _NoLoader:
     """A training loader without a position (the in-memory batches of these tests)."""
 
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        assert state == {}
+
 
 def _checkpoint_and_restore(task, stages, cfg, tmp_path, channels_last):
     tensors, st = state.capture(task, stages, _NoLoader(), RunningMeans(), state.Position(1, 2, 2), {}, torch.device("cpu"))

@@ -392,6 +392,6 @@ def test_synthetic_loaders() -> None:
     assert x0.is_contiguous() and torch.equal(x0, batches[0][0])
     other_rank, _, _ = build_data(cfg, rank=0, world_size=2, local_rank=0, device=CPU, seed=3, channels_last=True)
     assert not torch.equal(next(iter(other_rank))[0], batches[0][0])
-    with pytest.raises(UserError, match="less than one global batch"):
+    with pytest.raises(UserError, match="fewer than one global batch"):
         build_data(DataConfig(format="synthetic", batch_size=64, synthetic_samples=32), rank=0, world_size=1,
                    local_rank=0, device=CPU, seed=0, channels_last=False)
