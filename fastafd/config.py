@@ -329,12 +329,23 @@ class SystemConfig:
     dist_timeout_s: int = 600
     """Seconds a collective may wait for a silent peer before this process gives up (process-group timeout); a peer that dies is reported sooner."""
 
+    overlap_comm: bool = True
+    """Several processes: start each gradient bucket's all-reduce during the backward, as soon as its gradients are ready (fastafd/comm.py); off: one all-reduce per stage after its backward (the reference)."""
+
+    bucket_mb: float = 25.0
+    """Size of the gradient buckets of overlap_comm, in MiB (DDP's default)."""
+
+    grad_compression: Literal["none", "bf16"] = "none"
+    """Gradients on the wire: bf16 halves the all-reduce's bytes (for thin fabrics) at the cost of rounding the averaged gradient to bf16."""
+
     peer_timeout_s: float = 60.0
     """Seconds without a heartbeat from another rank (its process died, hung or was stopped, or its node was lost) before every other rank exits with one line naming it (a watchdog thread; works on NCCL, where collectives with a dead peer never raise)."""
 
     def __post_init__(self) -> None:
         if self.dist_timeout_s < 1:
             raise UserError(f"system.dist_timeout_s={self.dist_timeout_s} must be >= 1, e.g. 600")
+        if not self.bucket_mb > 0:
+            raise UserError(f"system.bucket_mb={self.bucket_mb} must be > 0, e.g. 25")
         if not self.peer_timeout_s > 0:
             raise UserError(f"system.peer_timeout_s={self.peer_timeout_s} must be > 0, e.g. 60")
         if self.compile_cache is not None:

@@ -9,10 +9,11 @@ import torch
 from timm.scheduler import MultiStepLRScheduler
 from torch import nn
 
+from fastafd.comm import GradSync, LocalSync
 from fastafd.config import OptimConfig, TrainConfig
 from fastafd.errors import UserError
 from fastafd.methods.base import Task
-from fastafd.steps import GradSync, Stage, Stages, StepGuard
+from fastafd.steps import Stage, Stages, StepGuard
 
 
 def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
@@ -139,5 +140,5 @@ def build_stages(
         ocfg = getattr(cfg, spec.optim)  # one of config.OPTIMIZER_SLOTS
         opt = build_optimizer(spec.params, ocfg, scaled_lr(ocfg, cfg.data.batch_size), device, cfg.system.optimizer_impl)
         sched = build_scheduler(opt, ocfg, cfg.loop.epochs, steps_per_epoch)
-        stages[name] = Stage(name, list(spec.params), opt, sched, guard, grad_sync)
+        stages[name] = Stage(name, list(spec.params), opt, sched, guard, grad_sync or LocalSync())
     return Stages(stages, guard)

@@ -22,10 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from fastafd.comm import GradSync, LocalSync
 from fastafd.observe import stage_range
-
-GradSync = Callable[[Sequence[nn.Parameter], Tensor], None]
-"""``grad_sync(params, found_inf)``: average the gradients over processes and OR the flag."""
 
 
 class StepGuard:
@@ -135,40 +133,41 @@ class Stage:
     optimizer: torch.optim.Optimizer
     scheduler: object  # a timm scheduler (step_update)
     guard: StepGuard = field(repr=False)
-    grad_sync: GradSync | None = None
+    grad_sync: GradSync = field(default_factory=LocalSync, repr=False)
+    """How its gradients are averaged over processes (:mod:`fastafd.comm`)."""
 
     @stage_range  # trace range '<name>_step' (profiler, NVTX)
     def step(self, loss: Tensor) -> None:
-        """Zero grads, backward into this stage's parameters, check them, sync gradients and the flag, step."""
+        """Zero grads, backward into this stage's parameters (their all-reduce overlapped with it when the
+        run overlaps), finish the sync and check the gradients, step."""
         self.guard.check(loss)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.grad_sync.zero(self)
         torch.autograd.backward(self.guard.scale(loss), inputs=self.params)
-        self.guard.check_grads(self.optimizer)
-        self._sync_and_step()
+        self._finish_grads()
+        self.guard.step(self.optimizer)
 
     @stage_range  # trace range '<name>_step' (profiler, NVTX)
     def step_with(self, grads: Sequence[Tensor | None]) -> None:
         """Step with precomputed (scaled) gradients of this stage's parameters: :meth:`set_grads` + :meth:`apply`."""
         self.set_grads(grads)
-        self._sync_and_step()
+        self.guard.step(self.optimizer)
 
     def set_grads(self, grads: Sequence[Tensor | None]) -> None:
-        """Take precomputed (scaled) gradients of this stage's parameters and check them (simultaneous
+        """Take precomputed (scaled) gradients of this stage's parameters, average and check them (simultaneous
         mode: the check raises the shared flag before any other stage steps); :meth:`apply` steps."""
-        for p, g in zip(self.params, grads, strict=True):
-            p.grad = g
-        self.guard.check_grads(self.optimizer)
+        self.grad_sync.take(self, grads)
+        self._finish_grads()
 
     @stage_range  # trace range '<name>_step' (profiler, NVTX)
     def apply(self) -> None:
         """Step with the gradients given to :meth:`set_grads`."""
-        self._sync_and_step()
-
-    def _sync_and_step(self) -> None:
-        """Sync the gradients and the flag over processes, and step."""
-        if self.grad_sync is not None:
-            self.grad_sync(self.params, self.guard.found_inf)
         self.guard.step(self.optimizer)
+
+    def _finish_grads(self) -> None:
+        """Average the gradients and the flag over processes, then check them (unscale with fp16): every rank
+        checks the same averaged values, so the skip decision is the same everywhere."""
+        self.grad_sync.reduce(self, self.guard.found_inf)
+        self.guard.check_grads(self.optimizer)
 
     def set_step(self, step: int) -> None:
         """Set the learning rate for the optimizer step with index ``step`` (0-based)."""

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from fastafd import checkpoint, compile_cache, dist, faults, observe, preempt, rundir, runlock, state
+from fastafd.comm import make_grad_sync
 from fastafd.config import TrainConfig, to_dict
 from fastafd.errors import RunStopped, Stopped, UserError
 from fastafd.evaluate import evaluate
@@ -45,7 +46,8 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path | None:
         steps_per_epoch = min(steps_per_epoch, cfg.loop.max_steps_per_epoch)
     stages = build_stages(
         task, cfg, device=runtime.device, dtype=runtime.dtype, steps_per_epoch=steps_per_epoch,
-        grad_sync=dist.all_reduce_grads if runtime.world_size > 1 else None,
+        grad_sync=make_grad_sync(runtime.world_size, overlap=cfg.system.overlap_comm, bucket_mb=cfg.system.bucket_mb,
+                                 compression=cfg.system.grad_compression),
     )
     use_tensorboard = observe.tensorboard_enabled(cfg.log.tensorboard)  # UserError before anything is written
     if cfg.loop.dry_run:

@@ -82,3 +82,19 @@ def test_gpu_check_runs_end_to_end_on_cpu_with_its_gpu_parts_skipped(tmp_path):
     assert run["targets"]["afd-sequential/reference"]["target"] == 2.5
     md = (tmp_path / "gpu_check.md").read_text()
     assert "## Training step" in md and "afd-sequential/reference" in md and (tmp_path / "gpu-tests.xml").is_file()
+
+
+@pytest.mark.distributed
+def test_comm_benchmark_times_both_syncs_and_models_the_fabrics(tmp_path):
+    comm = load_benchmark("comm.py")
+    assert comm.main(["--processes", "2", "--peers", "cifar_resnet8", "cifar_resnet8", "--warmup", "1", "--steps", "1",
+                      "--repeats", "2", "--model-world-sizes", "8", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "comm.json").read_text())
+    (m,) = report["measured"]
+    assert m["processes"] == 2 and set(m["median_s"]) == {"coalesced", "overlapped"} and m["overlapped_speedup"] > 0
+    rows = report["model"]["rows"]
+    assert {r["fabric"] for r in rows} == set(comm.BANDWIDTHS_GBPS) and all(r["overlap_best_ms"] <= r["no_overlap_ms"] for r in rows)
+    total = sum(report["model"]["stage_bytes"].values())
+    nvlink = next(r for r in rows if r["busbw_GBps"] == 450.0 and r["wire"] == "fp32")
+    assert nvlink["no_overlap_ms"] == pytest.approx(2 * 7 / 8 * total / 450e9 * 1e3)  # the ring formula
+    assert "| 2 |" in (tmp_path / "comm.md").read_text()

@@ -1,10 +1,13 @@
-"""Run by tests/integration/test_distributed.py under `accelerate launch` (2 CPU processes, gloo).
+"""Run by tests/integration/test_distributed.py under `accelerate launch` (2 or 3 CPU processes, gloo).
 
-Every rank trains tiny tasks on its half of each global batch through fastafd's real process group
-(``dist.setup``) and per-stage gradient all-reduce; rank 0 also trains the same tasks in one process
-on the whole global batch (no process group). Parameters are written to OUT for the test to compare.
+Every rank trains tiny tasks on its share of each global batch through fastafd's real process group
+(``dist.setup``) and both gradient syncs (``fastafd/comm.py``: the coalesced all-reduce after each
+backward, and the bucketed one overlapped with it, with buckets small enough to make several per
+stage); rank 0 also trains the same tasks in one process on the whole global batch (no process
+group). Parameters are written to OUT for the test to compare.
 """
 
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -15,12 +18,13 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from fastafd import dist  # noqa: E402
+from fastafd.comm import CoalescedSync, OverlappedSync  # noqa: E402
 from fastafd.config import SystemConfig  # noqa: E402
 from fastafd.methods import Numerics, build_task  # noqa: E402
 from fastafd.optim import build_stages  # noqa: E402
 from tests.helpers import batches, iterate, tiny_config  # noqa: E402
 
-GLOBAL_BATCH, STEPS = 8, 3
+GLOBAL_BATCH, STEPS = 12, 3  # 12: divisible by 2 and 3 processes
 CPU = torch.device("cpu")
 VARIANTS = {
     "independent": dict(method="independent"),
@@ -44,9 +48,12 @@ def build(cfg, grad_sync, bn_eval: bool):
     return task, stages
 
 
+SYNCS = {"coalesced": CoalescedSync, "overlapped": lambda: OverlappedSync(bucket_mb=0.02)}
+"""0.02 MiB buckets: several per stage even for ResNet-8 peers (a ~75k-parameter stage: 10+ buckets)."""
+
+
 def main(out: Path) -> None:
     rt = dist.setup(SystemConfig(device="cpu", dist_timeout_s=60))
-    assert rt.world_size == 2, f"expected 2 processes, got {rt.world_size}"
     r, n = rt.rank, rt.world_size
     data = batches(STEPS, batch=GLOBAL_BATCH)
     local = [(x.chunk(n)[r], y.chunk(n)[r]) for x, y in data]
@@ -54,11 +61,16 @@ def main(out: Path) -> None:
         method = kw.pop("method")
         cfg = tiny_config(["cifar_resnet8", "cifar_resnet8"], method, batch=GLOBAL_BATCH, **kw)
         cfg.adv_optim = replace(cfg.adv_optim, lr=1e-4)
-        task, stages = build(cfg, dist.all_reduce_grads, bn_eval=True)
-        if r == 0:
-            torch.save({k: v.detach().clone() for k, v in task.named_parameters()}, out / f"{name}.initial.pt")
-        iterate(task, stages, local)
-        torch.save({k: v.detach() for k, v in task.named_parameters()}, out / f"{name}.rank{r}.pt")
+        for sync_name, make_sync in SYNCS.items():
+            if r == 0 and sync_name == "coalesced":
+                task, _ = build(cfg, make_sync(), bn_eval=True)
+                torch.save({k: v.detach().clone() for k, v in task.named_parameters()}, out / f"{name}.initial.pt")
+            sync = make_sync()
+            task, stages = build(cfg, sync, bn_eval=True)
+            iterate(task, stages, local)
+            torch.save({k: v.detach() for k, v in task.named_parameters()}, out / f"{name}.{sync_name}.rank{r}.pt")
+            if sync_name == "overlapped" and r == 0:
+                (out / f"{name}.launched.json").write_text(json.dumps(sync.launched))
         if r == 0:
             ref, ref_stages = build(cfg, None, bn_eval=True)
             iterate(ref, ref_stages, data)
@@ -66,7 +78,7 @@ def main(out: Path) -> None:
     # BatchNorm in training mode: each rank normalises with its own batch statistics (as DDP does);
     # parameters must still agree, and average_buffers must leave every rank with the mean buffers.
     cfg = tiny_config(["cifar_resnet8", "cifar_resnet8"], "afd", batch=GLOBAL_BATCH)
-    task, stages = build(cfg, dist.all_reduce_grads, bn_eval=False)
+    task, stages = build(cfg, OverlappedSync(bucket_mb=0.02), bn_eval=False)
     iterate(task, stages, local)
     before = {k: v.clone() for k, v in task.named_buffers() if v.is_floating_point()}
     dist.average_buffers(task)

@@ -1,5 +1,7 @@
-"""Two CPU processes (gloo) under `accelerate launch` against one process with the same global batch."""
+"""Two and three CPU processes (gloo) under `accelerate launch` against one process with the same global batch,
+with the coalesced and the overlapped gradient all-reduce."""
 
+import json
 import os
 import socket
 import subprocess
@@ -23,35 +25,60 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+def launch(out: Path, processes: int) -> Path:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
            "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
            str(ROOT / "tests/integration/dist_worker.py"), str(out)]
     start = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    print(f"2-process run: {time.monotonic() - start:.1f} s")
+    print(f"{processes}-process run: {time.monotonic() - start:.1f} s")
     return out
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    return launch(tmp_path_factory.mktemp("dist2"), 2)
+
+
+@pytest.fixture(scope="module")
+def three_process_run(tmp_path_factory):
+    return launch(tmp_path_factory.mktemp("dist3"), 3)
 
 
 def load(path: Path) -> dict:
     return torch.load(path, weights_only=True)
 
 
+def _check(run: Path, variant: str, processes: int) -> None:
+    single = load(run / f"{variant}.single.pt")
+    initial = load(run / f"{variant}.initial.pt")
+    for sync in ("coalesced", "overlapped"):
+        ranks = [load(run / f"{variant}.{sync}.rank{r}.pt") for r in range(processes)]
+        assert all(r.keys() == single.keys() for r in ranks)
+        for k in single:
+            assert all(torch.equal(ranks[0][k], r[k]) for r in ranks[1:]), f"{variant}/{sync}: {k} differs between ranks"
+        worst = max(((ranks[0][k] - single[k]).abs().max().item(), k) for k in single)
+        # float sums in another order (per-rank means, then their mean); a wrong average would differ by ~1e-2
+        assert worst[0] < 1e-4, f"{variant}/{sync}: {processes} processes vs 1 process, largest difference {worst[0]:.2e} in {worst[1]}"
+        moved = [k for k in single if not torch.equal(ranks[0][k], initial[k])]
+        assert len(moved) > len(single) // 2, f"{variant}: only {len(moved)} of {len(single)} parameters trained"
+    launched = json.loads((run / f"{variant}.launched.json").read_text())
+    if variant != "afd_simultaneous":  # gradients from autograd.grad there: nothing to overlap the logit/feature syncs with
+        assert launched["during_backward"] > launched["after_backward"], launched  # most buckets went out while backward ran
+    a, b = load(run / f"{variant}.coalesced.rank0.pt"), load(run / f"{variant}.overlapped.rank0.pt")
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-6, f"{variant}: overlapped vs coalesced all-reduce differ by {worst:.2e}"
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_two_processes_match_one_process_with_the_same_global_batch(two_process_run, variant):
-    rank0, rank1 = load(two_process_run / f"{variant}.rank0.pt"), load(two_process_run / f"{variant}.rank1.pt")
-    single = load(two_process_run / f"{variant}.single.pt")
-    assert rank0.keys() == rank1.keys() == single.keys()
-    for k in rank0:
-        assert torch.equal(rank0[k], rank1[k]), f"{variant}: {k} differs between ranks"
-    worst = max(((rank0[k] - single[k]).abs().max().item(), k) for k in rank0)
-    assert worst[0] < 1e-5, f"{variant}: 2 processes vs 1 process, largest difference {worst[0]:.2e} in {worst[1]}"
-    initial = load(two_process_run / f"{variant}.initial.pt")
-    moved = [k for k in rank0 if not torch.equal(rank0[k], initial[k])]
-    assert len(moved) > len(rank0) // 2, f"{variant}: only {len(moved)} of {len(rank0)} parameters trained"  # the comparison sees trained weights
+    _check(two_process_run, variant, 2)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_three_processes_match_one_process_with_the_same_global_batch(three_process_run, variant):
+    _check(three_process_run, variant, 3)
 
 
 def test_batchnorm_buffers_are_averaged_and_parameters_agree_in_training_mode(two_process_run):
