@@ -30,9 +30,9 @@ class ModelConfig:
     """The peer networks."""
 
     peers: tuple[str, ...] = ("resnet18", "resnet18")
-    """timm model names, one per peer (K = number of names). Any timm model with
-    forward_features/forward_head, plus the paper's CIFAR networks (cifar_resnet32,
-    cifar_resnet110, cifar_wrn16_2, cifar_wrn16_4, cifar_wrn28_4)."""
+    """timm model names, one per peer (K = number of names): any timm model with forward_intermediates
+    (CNNs, ViT/DeiT, Swin, ConvNeXt, EfficientNet, ...; transformers are built for data.image_size),
+    plus the paper's CIFAR networks (cifar_resnet8/14/20/32/44/56/110, cifar_wrn16_1/16_2/16_4/28_4/40_2)."""
 
     num_classes: int = 0
     """Number of classes; 0 takes it from the data."""

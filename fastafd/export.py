@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 from safetensors import SafetensorError
 
 from fastafd import atomic, checkpoint, rundir
 from fastafd.errors import UserError
+from fastafd.models.peers import build_kwargs
 
 
 def export_peer(run: Path, peer: int, out: Path) -> dict:
@@ -41,12 +43,17 @@ def export_peer(run: Path, peer: int, out: Path) -> dict:
     prefix = f"peers.{peer}."
     state = {k[len(prefix) :]: v for k, v in ckpt.tensors(checkpoint.MODEL).items() if k.startswith(prefix)}
     num_classes = int(json.loads((run / rundir.ENV_FILE).read_text())["dataset"]["num_classes"]) if not cfg["model"]["num_classes"] else int(cfg["model"]["num_classes"])
-    meta = {"model": names[peer], "num_classes": str(num_classes), "checkpoint": str(ckpt.path), "step": str(ckpt.step)}
-    _write(out, state, meta)
+    name = names[peer]
+    extra = build_kwargs(name, int(cfg["data"]["image_size"]))  # a transformer is built for the run's image size
+    meta = {"model": name, "num_classes": num_classes, "create_kwargs": extra, "checkpoint": str(ckpt.path), "step": ckpt.step}
+    _write(out, state, {k: json.dumps(v) if not isinstance(v, str) else v for k, v in meta.items()})  # safetensors metadata: strings
+    kwargs = "".join(f", {k}={v!r}" for k, v in extra.items())
+    # the CIFAR networks are fastafd's: timm knows them once fastafd is imported
+    prefix = "import fastafd; " if name.startswith("cifar_") else ""
     return {
         "file": str(out),
         **meta,
-        "load": f"timm.create_model({names[peer]!r}, num_classes={num_classes}, pretrained=True, "
+        "load": f"{prefix}timm.create_model({name!r}, num_classes={num_classes}{kwargs}, pretrained=True, "
         f"pretrained_cfg_overlay=dict(file={str(out)!r}, num_classes={num_classes}))",
     }
 
@@ -56,6 +63,9 @@ def _write(out: Path, state: dict, meta: dict[str, str]) -> None:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         checkpoint.save_weights(out, state, meta)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(out, 0o666 & ~umask)  # a file to share, like any other the user writes (safetensors makes it 0600)
     except (OSError, SafetensorError) as e:
         for path in created:  # deepest first: only what this call made, and only if still empty
             with contextlib.suppress(OSError):

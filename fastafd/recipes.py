@@ -106,6 +106,8 @@ _CIFAR_PAIRS = {
     "resnet32_resnet110": ("cifar_resnet32", "cifar_resnet110"),
     "wrn16_2_wrn28_4": ("cifar_wrn16_2", "cifar_wrn28_4"),
     "resnet32_wrn28_4": ("cifar_resnet32", "cifar_wrn28_4"),
+    # a CNN with a transformer: 64x8x8 ResNet maps against a ViT's 384 channels of 4x4 patch tokens (8 px patches at 32 px)
+    "resnet32_vits8": ("cifar_resnet32", "vit_small_patch8_224"),
     # cyclic scheme (claim 4)
     "resnet32_k3": ("cifar_resnet32", "cifar_resnet32", "cifar_resnet32"),
     "wrn16_2_k3": ("cifar_wrn16_2", "cifar_wrn16_2", "cifar_wrn16_2"),
@@ -143,4 +145,7 @@ for _m in registry.names():
 for _big in ("resnet34", "resnet50"):
     for _m in ("afd", "l1"):
         _register(f"imagenet_resnet18_{_big}_{_m}", _imagenet, ("resnet18", _big), _m, f"ImageNet, resnet18 + {_big}: {_method_doc(_m)}.")
+for _m in ("afd", "l1"):  # a CNN with a transformer: 2048x7x7 ResNet-50 maps against DeiT-S's 384x14x14 patch tokens
+    _register(f"imagenet_resnet50_deit_small_{_m}", _imagenet, ("resnet50", "deit_small_patch16_224"), _m,
+              f"ImageNet, resnet50 + deit_small_patch16_224: {_method_doc(_m)}.")
 _register("imagenet_resnet34_afd", _imagenet, ("resnet34", "resnet34"), "afd", f"ImageNet, resnet34 + resnet34: {_method_doc('afd')}.")

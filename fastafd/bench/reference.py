@@ -62,6 +62,11 @@ def copy_into(dst: nn.Module, src: nn.Module) -> None:
             d.copy_(s)
 
 
+def feature_map(net, x):
+    """F_k: the last stage's output in NCHW, as timm's forward_intermediates gives it (docs/method.md)."""
+    return net.forward_intermediates(x, indices=1, output_fmt="NCHW", intermediates_only=True)[-1]
+
+
 class ReferenceAFD:
     def __init__(self, nets, shapes, *, temperature, sgd, adam):
         self.nets = nets
@@ -71,8 +76,9 @@ class ReferenceAFD:
         self.discs = [RefDiscriminator(target[0]) for _ in shapes]
         self.t = temperature
         net_params = self.net_params = [p for net in nets for p in net.parameters()]
-        # feature extractor G_k: every parameter except the classifier ("fc")
-        g_params = [p for net in nets for name, p in net.named_parameters() if not name.startswith("fc.")]
+        # feature extractor G_k: every parameter except the classifier (timm's get_classifier())
+        heads = {id(p) for net in nets for p in net.get_classifier().parameters()}
+        g_params = [p for net in nets for p in net.parameters() if id(p) not in heads]
         t_params = [p for tr in self.transfers for p in tr.parameters()]
         d_params = [p for d in self.discs for p in d.parameters()]
         self.opt_logit = torch.optim.SGD(net_params, **sgd)
@@ -119,7 +125,7 @@ class ReferenceAFD:
         self.logit_loss([net(x) for net in self.nets], y).backward()
         self.opt_logit.step()
         # 2. feature maps at the new weights
-        maps = [self.transfers[k](self.nets[k].forward_features(x)) for k in range(self.k)]
+        maps = [self.transfers[k](feature_map(self.nets[k], x)) for k in range(self.k)]
         # 3. discriminator stage
         self.disc_step(maps)
         # 4. feature stage through the (updated, not stepped) discriminators
@@ -129,14 +135,14 @@ class ReferenceAFD:
 
     def iteration_simultaneous(self, x, y):
         """Simultaneous order: one forward pass of the feature extractors serves both stages."""
-        feats = [net.forward_features(x) for net in self.nets]
-        logits = [net.forward_head(f) for net, f in zip(self.nets, feats)]
-        maps = [self.transfers[k](feats[k]) for k in range(self.k)]
+        outs = [net.forward_intermediates(x, indices=1, output_fmt="NCHW") for net in self.nets]  # (final, [last map])
+        logits = [net.forward_head(final) for net, (final, _) in zip(self.nets, outs)]
+        maps = [self.transfers[k](outs[k][1][-1]) for k in range(self.k)]
         total = self.logit_loss(logits, y)
         self.disc_step(maps)
         loss_g = self.gen_loss(maps)
         g_logit = torch.autograd.grad(total, self.net_params, retain_graph=True)
-        g_feat = torch.autograd.grad(loss_g, self.g_params)
+        g_feat = torch.autograd.grad(loss_g, self.g_params, allow_unused=True)  # a ViT's final norm: no feature-map gradient
         for p, g in zip(self.net_params, g_logit):
             p.grad = g
         self.opt_logit.step()

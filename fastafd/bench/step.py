@@ -110,7 +110,7 @@ def _extra_backward_step(task, stages, compile_: bool):
     def train_step(x: torch.Tensor, y: torch.Tensor, stages) -> None:
         loss, feature_loss = forward(x, y)
         grads = torch.autograd.grad(logit.guard.scale(loss), logit.params, retain_graph=True, allow_unused=True)
-        torch.autograd.grad(feature_loss, extractors)
+        torch.autograd.grad(feature_loss, extractors, allow_unused=True)  # a ViT's final norm: not on the feature map's path
         logit.step_with(grads)
 
     return train_step
@@ -153,8 +153,8 @@ def _reference_step(args: StepBenchArgs, device: torch.device):
     from fastafd.models.peers import create_peer, feature_shape
 
     torch.manual_seed(args.seed)
-    nets = [create_peer(name, 1000).to(device) for name in args.peers]
-    shapes = [feature_shape(n, args.image_size) for n in nets]
+    nets = [create_peer(name, 1000, image_size=args.image_size).to(device) for name in args.peers]
+    shapes = [feature_shape(n, args.image_size, name) for n, name in zip(nets, args.peers)]
     ref = ReferenceAFD(nets, shapes, temperature=3.0, sgd=dict(lr=0.1, momentum=0.9, weight_decay=1e-4), adam=dict(lr=2e-5, weight_decay=0.1))
     for m in ref.transfers + ref.discs:
         m.to(device)

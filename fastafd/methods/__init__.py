@@ -20,10 +20,10 @@ __all__ = ["Numerics", "StageSpec", "Task", "build_task", "registry"]
 def build_task(cfg: TrainConfig, num_classes: int, numerics: Numerics, device: torch.device, channels_last: bool) -> Task:
     """Create the K peers (seeded by the caller), measure their feature maps, and wrap them in the method's task
     (uncompiled: the caller calls :meth:`Task.compile` when the run compiles)."""
-    peers = [
-        create_peer(name, num_classes, drop_rate=cfg.model.drop_rate, pretrained=cfg.model.pretrained) for name in cfg.model.peers
-    ]
-    shapes = [feature_shape(p, cfg.data.image_size) for p in peers]
+    size = cfg.data.image_size
+    peers = [create_peer(name, num_classes, image_size=size, drop_rate=cfg.model.drop_rate, pretrained=cfg.model.pretrained)
+             for name in cfg.model.peers]
+    shapes = [feature_shape(p, size, name) for p, name in zip(peers, cfg.model.peers, strict=True)]
     task = registry.get(cfg.method.name)(peers, shapes, cfg.method, numerics, names=list(cfg.model.peers))
     task.to(device=device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     return task

@@ -34,7 +34,7 @@ from fastafd import losses
 from fastafd.methods.base import StageSpec, Task
 from fastafd.methods.registry import register
 from fastafd.models.discriminator import DiscriminatorBank
-from fastafd.models.peers import feature_parameters
+from fastafd.models.peers import feature_parameters, features
 from fastafd.models.transfer import common_shape, make_transfer
 from fastafd.steps import Stage
 
@@ -72,7 +72,7 @@ class AFD(Task):
     def mapped_features(self, x: Tensor) -> list[Tensor]:
         """``T_k(G_k(x))`` for every peer: K maps in the common shape."""
         with self.numerics.autocast():
-            return [t(peer.forward_features(x)) for peer, t in zip(self.peers, self.transfers, strict=True)]
+            return [t(features(peer, x)) for peer, t in zip(self.peers, self.transfers, strict=True)]
 
     def forward_all(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor], list[Tensor]]:
         """Simultaneous mode: one forward pass gives the logit loss and the mapped feature maps."""

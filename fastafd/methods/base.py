@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from fastafd import losses, metrics
+from fastafd.models.peers import features_and_logits
 from fastafd.steps import Stage
 
 if TYPE_CHECKING:
@@ -135,10 +136,9 @@ class Task(nn.Module):
         return [p for peer in self.peers for p in peer.parameters()]
 
     def forward_peers(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
-        """Feature maps F_k (list) and logits stacked as ``(K, B, classes)``."""
-        feats = [peer.forward_features(x) for peer in self.peers]
-        logits = torch.stack([peer.forward_head(f) for peer, f in zip(self.peers, feats, strict=True)])
-        return feats, logits
+        """Feature maps F_k (list, NCHW) and logits stacked as ``(K, B, classes)``, one forward pass per peer."""
+        outs = [features_and_logits(peer, x) for peer in self.peers]
+        return [f for f, _ in outs], torch.stack([z for _, z in outs])
 
     def logit_loss(self, logits: Tensor, y: Tensor, *, kl: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
         """``sum_k CE(y, z_k) + kl_weight * T^2 KL(z_teacher(k) || z_k)``; the per-peer terms as metrics."""

@@ -47,7 +47,7 @@ Variant choices that are ours (the papers leave them open or the AFD code differ
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Type, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
@@ -109,6 +109,33 @@ class _CifarNetBase(nn.Module):
         self._make_head(num_classes, global_pool, **dd)
         self.global_pool.train(self.training)
         self.fc.train(self.training)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Union[int, List[int], None] = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = 'NCHW',
+                              intermediates_only: bool = False) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's feature interface: the outputs of the three stages (``indices``: the last n, or a list of
+        stage indexes); the last stage's as ``forward_features`` returns it (WRN: after its final norm and
+        activation). Returns ``(final features, intermediates)``, or the intermediates only."""
+        assert output_fmt == 'NCHW', 'the CIFAR networks give NCHW maps only'
+        take = list(range(3))[-indices:] if isinstance(indices, int) else list(range(3)) if indices is None else list(indices)
+        out: List[torch.Tensor] = []
+        x = self._stem(x)
+        for i, stage in enumerate((self.layer1, self.layer2, self.layer3)):
+            x = stage(x)
+            if i == 2:
+                x = self._finish(x)
+            if i in take:
+                out.append(x)
+            if stop_early and intermediates_only and i >= max(take):
+                break
+        return out if intermediates_only else (x, out)
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        """What follows the last stage in ``forward_features`` (WRN: norm + activation)."""
+        return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)
@@ -204,9 +231,11 @@ class CifarResNet(_CifarNetBase):
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(stem=r'^conv1|^bn1', blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)')
 
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act1(self.bn1(self.conv1(x)))
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act1(self.bn1(self.conv1(x)))
-        return self._run_stages(x)
+        return self._run_stages(self._stem(x))
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,10 +336,14 @@ class WideResNet(_CifarNetBase):
             ],
         )
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(x)
-        x = self._run_stages(x)
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv1(x)
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.norm(x))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self._finish(self._run_stages(self._stem(x)))
 
 
 # --------------------------------------------------------------------------------------------

@@ -98,3 +98,12 @@ def test_comm_benchmark_times_both_syncs_and_models_the_fabrics(tmp_path):
     nvlink = next(r for r in rows if r["busbw_GBps"] == 450.0 and r["wire"] == "fp32")
     assert nvlink["no_overlap_ms"] == pytest.approx(2 * 7 / 8 * total / 450e9 * 1e3)  # the ring formula
     assert "| 2 |" in (tmp_path / "comm.md").read_text()
+
+
+def test_bench_step_with_a_cnn_vit_pair_counts_flops(tmp_path):
+    args = ["bench", "step", "--peers", "cifar_resnet8", "deit_tiny_patch16_224", "--image_size", "32", "--batch_size", "4",
+            "--variants", "reference", "extra-backward", "afd-sequential", "--warmup", "1", "--steps", "1", "--repeats", "1",
+            "--out", str(tmp_path), "--name", "vit", "--count_flops"]  # fmt: skip
+    assert cli.main(args) == 0
+    report = json.loads((tmp_path / "step-vit.json").read_text())
+    assert all(r["gflop_per_step"] > 0 and r["img_per_s_median"] > 0 for r in report["results"])

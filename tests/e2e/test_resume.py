@@ -160,7 +160,8 @@ def test_export_round_trip_through_plain_timm(uninterrupted, tmp_path, env):
     out = tmp_path / "peer1.safetensors"
     proc = run_cli(["export", str(uninterrupted), "--peer", "1", "--out", str(out)], env)
     info = json.loads(proc.stdout)
-    assert info["model"] == "cifar_resnet8" and info["num_classes"] == "10"
+    assert info["model"] == "cifar_resnet8" and info["num_classes"] == 10 and info["load"].startswith("import fastafd; timm.create_model(")
+    assert out.stat().st_mode & 0o777 == 0o666 & ~_umask()
     model = timm.create_model("cifar_resnet8", num_classes=10, pretrained=True, pretrained_cfg_overlay=dict(file=str(out))).eval()
     cfg = config.from_dict(json.loads((uninterrupted / "config.json").read_text()))
     os.environ["FASTAFD_CACHE"] = env["FASTAFD_CACHE"]
@@ -171,3 +172,9 @@ def test_export_round_trip_through_plain_timm(uninterrupted, tmp_path, env):
     with torch.no_grad():
         assert torch.equal(model(x), inside(x))
     session.runtime.accelerator.end_training()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

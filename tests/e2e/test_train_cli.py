@@ -63,3 +63,36 @@ def test_eval_command_reproduces_the_last_epoch(afd_run):
     for mine, logged in zip(result["peers"], last["peers"]):
         assert mine["top1"] == pytest.approx(logged["top1"])
     assert result["ensemble_top1"] == pytest.approx(last["ensemble_top1"])
+
+
+def test_cnn_vit_pair_trains_on_the_demo_data_and_the_vit_exports_to_plain_timm(tmp_path):
+    """A ResNet with a DeiT (built for the demo's 32 px: 2x2 patch tokens, 192 channels) through the real CLI;
+    the exported DeiT gives the logits it gives inside fastafd when loaded with the line export prints."""
+    import timm
+    import torch
+
+    env = {**os.environ, "FASTAFD_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "run"
+    cli = [FASTAFD or sys.executable, *([] if FASTAFD else ["-m", "fastafd.cli"])]
+    proc = subprocess.run([*cli, "train", "--out", str(out), "--model.peers", "cifar_resnet8", "deit_tiny_patch16_224",
+                           "--loop.epochs", "1", "--loop.max_steps_per_epoch", "4", "--log.progress", "off"],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["epoch"] for r in rundir.read_metrics(out)] == [1]
+    exported = tmp_path / "deit.safetensors"
+    proc = subprocess.run([*cli, "export", str(out), "--peer", "1", "--out", str(exported)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads(proc.stdout)
+    assert info["create_kwargs"] == {"img_size": 32} and "img_size=32" in info["load"]
+    model = eval(info["load"], {"timm": timm}).eval()  # exactly the line users are told to run
+    from fastafd import checkpoint, config
+    from fastafd.session import build_session
+
+    os.environ["FASTAFD_CACHE"] = env["FASTAFD_CACHE"]
+    session = build_session(config.from_dict(json.loads((out / "config.json").read_text())), train=False)
+    checkpoint.load_model(checkpoint.latest_valid(out), session.task)
+    inside = session.task.peers[1].eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), inside(x))
+    session.runtime.accelerator.end_training()

@@ -13,11 +13,19 @@ CASES = {
     # 64 vs 512 channels and 16x16 vs 2x2 maps: both transfer layers (conv+BN+ReLU+pool, identity)
     "k2_mismatched": (("cifar_resnet8", "resnet10t"), 64),
     "k3_cyclic": (("cifar_resnet8", "cifar_resnet8", "cifar_wrn16_1"), 32),
+    # a CNN with a ViT: 64x8x8 against the ViT's 192 channels of 2x2 patch tokens (built for 32 px)
+    "k2_cnn_vit": (("cifar_resnet8", "deit_tiny_patch16_224"), 32),
 }
 
 
+ATOL = {"k2_cnn_vit": 1e-7}
+"""The ViT's key biases have a gradient of exactly zero in exact arithmetic (softmax ignores a shift common to
+all keys), so theirs is rounding noise of about 1e-17, which the feature stage's Adam turns into moves of up
+to ~4e-8; every real update of these three iterations is 1e-3 or more."""
+
+
 @pytest.mark.parametrize(
-    "case, order", [(c, "sequential") for c in CASES] + [("k2_mismatched", "simultaneous"), ("k3_cyclic", "simultaneous")]
+    "case, order", [(c, "sequential") for c in CASES] + [(c, "simultaneous") for c in ("k2_mismatched", "k3_cyclic", "k2_cnn_vit")]
 )
 def test_afd_matches_reference_after_three_iterations(case, order):
     # float64 so that Adam's normalisation of tiny gradients cannot amplify float32 rounding noise
@@ -38,7 +46,7 @@ def test_afd_matches_reference_after_three_iterations(case, order):
             copy_into(theirs, mine)
         for theirs, mine in zip(ref.discs, split_bank(task.discriminators), strict=True):
             copy_into(theirs, mine)
-        if case == "k2_mismatched":
+        if case in ("k2_mismatched", "k2_cnn_vit"):
             assert sum(p.numel() for p in task.transfers[0].parameters()) > 0
             assert isinstance(task.transfers[1], torch.nn.Identity)
 
@@ -54,7 +62,7 @@ def test_afd_matches_reference_after_three_iterations(case, order):
         compared = 0
         for mine, theirs in pairs:
             for a, b in zip(list(mine.parameters()) + list(mine.buffers()), list(theirs.parameters()) + list(theirs.buffers())):
-                torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+                torch.testing.assert_close(a, b, rtol=1e-7, atol=ATOL.get(case, 1e-9))
                 compared += 1
         assert compared > 20
         # the run really trained the discriminators (the comparison above is not between untouched weights)
