@@ -192,6 +192,28 @@ def read_best(run_dir: Path) -> dict | None:
     return best
 
 
+def choose(run_dir: Path, which: str = "best") -> tuple[Checkpoint, str]:
+    """The checkpoint ``eval`` and ``export`` use, and why: ``best`` (the one ``best.json`` names: the best
+    ensemble top-1 of the evaluated epochs; the newest valid one if there is none yet or it is unreadable,
+    said in the reason), ``latest`` (the newest valid one), or a checkpoint folder."""
+    run_dir = Path(run_dir)
+    if which not in ("best", "latest"):
+        try:
+            return load(Path(which)), f"{which} (given)"
+        except CorruptCheckpoint as e:
+            raise UserError(f"cannot use the checkpoint {which}: {e}") from None
+    if which == "best" and (name := best_name(run_dir)) is not None:
+        try:
+            best = read_best(run_dir)
+            return load(Path(run_dir) / CKPT_DIR / name), f"best by ensemble top-1 ({best['metric']:.2f})"
+        except CorruptCheckpoint as e:
+            warnings.warn(f"the best checkpoint {name} does not load ({e}); using the newest valid one", stacklevel=2)
+    ckpt = latest_valid(run_dir)
+    if ckpt is None:
+        raise UserError(f"{run_dir} has no valid checkpoint in {run_dir / CKPT_DIR}: train it first")
+    return ckpt, "newest" if which == "latest" else "newest (no evaluated best yet)"
+
+
 def best_name(run_dir: Path) -> str | None:
     best = read_best(run_dir)
     return best["name"] if best else None

@@ -89,12 +89,15 @@ class EvalArgs:
     batch_size: int = 0
     """Global evaluation batch size; 0 keeps the run's."""
 
+    checkpoint: str = "best"
+    """Which weights: best (best.json: the best ensemble top-1 of the evaluated epochs; the newest if none), latest, or a checkpoint folder."""
+
 
 def cmd_eval(argv: Sequence[str]) -> int:
     from fastafd.evaluate import evaluate_run
 
     args = tyro_parse(EvalArgs, argv, prog=f"{PROG} eval", description=EvalArgs.__doc__ or "")
-    print(json.dumps(evaluate_run(args.run, data=args.data, batch_size=args.batch_size), indent=2))
+    print(json.dumps(evaluate_run(args.run, data=args.data, batch_size=args.batch_size, which=args.checkpoint), indent=2))
     return 0
 
 
@@ -141,7 +144,7 @@ def cmd_plot(argv: Sequence[str]) -> int:
 
 @dataclass
 class ExportArgs:
-    """Export one trained peer as a plain timm state dict (safetensors) from a run's newest valid checkpoint."""
+    """Export one trained peer as a plain timm state dict (safetensors) from a run's checkpoint (default: its best)."""
 
     run: Positional[Path]
     """Run directory written by `fastafd train`."""
@@ -152,12 +155,15 @@ class ExportArgs:
     out: Path = Path("peer.safetensors")
     """Output file (.safetensors)."""
 
+    checkpoint: str = "best"
+    """Which weights: best (best.json: the best ensemble top-1 of the evaluated epochs; the newest if none), latest, or a checkpoint folder."""
+
 
 def cmd_export(argv: Sequence[str]) -> int:
     from fastafd.export import export_peer
 
     args = tyro_parse(ExportArgs, argv, prog=f"{PROG} export", description=ExportArgs.__doc__ or "")
-    print(json.dumps(export_peer(args.run, args.peer, args.out), indent=2))
+    print(json.dumps(export_peer(args.run, args.peer, args.out, which=args.checkpoint), indent=2))
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,8 +29,9 @@ def evaluate(task: Task, loader: object) -> dict:
     return summarize_eval(dist.all_reduce_sum(sums), task.names)
 
 
-def evaluate_run(run: Path, *, data: Path | None = None, batch_size: int = 0) -> dict:
-    """Rebuild the run's task from its saved config, load its weights and evaluate."""
+def evaluate_run(run: Path, *, data: Path | None = None, batch_size: int = 0, which: str = "best") -> dict:
+    """Rebuild the run's task from its saved config, load the checkpoint ``which`` names (see
+    :func:`fastafd.checkpoint.choose`) and evaluate; the result names the checkpoint."""
     run = Path(run)
     cfg_path = run / rundir.CONFIG_FILE
     if not cfg_path.is_file():
@@ -39,11 +41,11 @@ def evaluate_run(run: Path, *, data: Path | None = None, batch_size: int = 0) ->
         cfg.data = replace(cfg.data, root=data, format="auto")
     if batch_size:
         cfg.data = replace(cfg.data, val_batch_size=batch_size)
-    ckpt = checkpoint.latest_valid(run)
-    if ckpt is None:
-        raise UserError(f"{run} has no valid checkpoint in {run / checkpoint.CKPT_DIR}: train it first")
+    ckpt, why = checkpoint.choose(run, which)
     session = build_session(cfg, train=False)  # the validation split only
     checkpoint.load_model(ckpt, session.task)
+    if session.runtime.is_main:
+        print(f"fastafd: evaluating {ckpt.path} (step {ckpt.step}; {why})", file=sys.stderr)
     result = evaluate(session.task, session.val_loader)
     session.runtime.accelerator.end_training()
-    return result
+    return {"checkpoint": str(ckpt.path), "step": ckpt.step, "chosen": why, **result}

@@ -14,8 +14,9 @@ from fastafd.errors import UserError
 from fastafd.models.peers import build_kwargs
 
 
-def export_peer(run: Path, peer: int, out: Path) -> dict:
-    """Write peer ``peer`` of run ``run`` (its newest valid checkpoint) to ``out``; returns a description.
+def export_peer(run: Path, peer: int, out: Path, which: str = "best") -> dict:
+    """Write peer ``peer`` of run ``run`` (the checkpoint ``which`` names, see :func:`fastafd.checkpoint.choose`)
+    to ``out``; returns a description.
 
     The file loads with ``timm.create_model(name, num_classes=N, pretrained=True,
     pretrained_cfg_overlay=dict(file=out))``; for a timm model whose default class count differs
@@ -37,15 +38,14 @@ def export_peer(run: Path, peer: int, out: Path) -> dict:
     names = cfg["model"]["peers"]
     if not 0 <= peer < len(names):
         raise UserError(f"--peer {peer} is out of range: the run has {len(names)} peers (0..{len(names) - 1}: {', '.join(names)})")
-    ckpt = checkpoint.latest_valid(run)
-    if ckpt is None:
-        raise UserError(f"{run} has no valid checkpoint in {run / checkpoint.CKPT_DIR}: train it first")
+    ckpt, why = checkpoint.choose(run, which)
     prefix = f"peers.{peer}."
     state = {k[len(prefix) :]: v for k, v in ckpt.tensors(checkpoint.MODEL).items() if k.startswith(prefix)}
     num_classes = int(json.loads((run / rundir.ENV_FILE).read_text())["dataset"]["num_classes"]) if not cfg["model"]["num_classes"] else int(cfg["model"]["num_classes"])
     name = names[peer]
     extra = build_kwargs(name, int(cfg["data"]["image_size"]))  # a transformer is built for the run's image size
-    meta = {"model": name, "num_classes": num_classes, "create_kwargs": extra, "checkpoint": str(ckpt.path), "step": ckpt.step}
+    meta = {"model": name, "num_classes": num_classes, "create_kwargs": extra, "checkpoint": str(ckpt.path), "step": ckpt.step,
+            "chosen": why}
     _write(out, state, {k: json.dumps(v) if not isinstance(v, str) else v for k, v in meta.items()})  # safetensors metadata: strings
     kwargs = "".join(f", {k}={v!r}" for k, v in extra.items())
     # the CIFAR networks are fastafd's: timm knows them once fastafd is imported

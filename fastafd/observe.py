@@ -27,6 +27,7 @@ import functools
 import importlib
 import importlib.util
 import json
+import os
 import sys
 import time
 import warnings
@@ -153,6 +154,8 @@ class Profiler:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
+        else:  # Kineto's stderr chatter on a CPU-only machine ("ERROR ... gpuGetDeviceCount failed", USDT lines) is no error
+            os.environ.setdefault("KINETO_LOG_LEVEL", "6")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "won't be using warmup" when the range starts at step 0
             self.prof = torch.profiler.profile(
@@ -303,6 +306,14 @@ def eval_tags(names: Sequence[str], extras: Iterable[str] = ()) -> set[str]:
 def format_losses(means: Mapping[str, list[float]], keys: Sequence[str], sep: str = " ") -> str:
     """``ce 1.234/1.250 kl ...``: the losses ``keys`` (the method's ``loss_keys``), one value per peer."""
     return sep.join(f"{k} " + "/".join(f"{v:.3f}" for v in means[k]) for k in keys if k in means)
+
+
+def duration(seconds: float) -> str:
+    """``1 h 05 min``, ``12 min``, ``40 s``: an estimate, in words."""
+    seconds = int(max(seconds, 0))
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    return f"{seconds // 60} min" if seconds >= 120 else f"{seconds} s"
 
 
 def _clock(seconds: float) -> str:

@@ -129,7 +129,7 @@ def plot_runs(runs: Sequence[Path], out: Path | None = None) -> dict[Path, list[
         for k, (xs, ys) in _peer_series(run, "top1").items():
             ax.plot(xs, ys, color=color, linestyle=PEER_STYLES[k % len(PEER_STYLES)], marker=".", label=f"{run.label}: {_peer_label(k, run.rows[-1]['peers'][k])}")
         xs, ys = _row_series(run, "ensemble_top1")
-        ax.plot(xs, ys, color=color, linestyle="-", linewidth=2.2, label=f"{run.label}: ensemble")
+        ax.plot(xs, ys, color=color, linestyle="-", linewidth=2.2, marker="o", markersize=3, label=f"{run.label}: ensemble")  # a one-epoch run is one point
     ax.set(xlabel="epoch", ylabel="validation top-1 (%)", title="Top-1 accuracy per peer and of the ensemble")
     ax.grid(alpha=0.3)
     _legend(ax)

@@ -172,6 +172,18 @@ class _Run:
     started: float
     """perf_counter() when train() began: the first step reports the time to reach it (compile included)."""
     first_step_done: bool = False
+    eta_said: bool = False
+
+    def say_eta(self, *, step: int, img_per_s: float) -> None:
+        """Once, at the run's first log point: how long the rest should take at the rate just measured."""
+        self.eta_said = True
+        cfg = self.session.config
+        left = (cfg.loop.epochs * self.steps_per_epoch - step) * cfg.data.batch_size
+        if self.session.runtime.is_main and img_per_s > 0:
+            seconds = left / img_per_s
+            observe.write(f"expected time: {observe.duration(seconds)} for the {left:,} images left ({self.steps_per_epoch * cfg.data.batch_size:,} "
+                          f"per epoch x {cfg.loop.epochs} epochs) at the {img_per_s:,.0f} img/s of the first {cfg.loop.log_interval} steps, "
+                          "evaluations not counted")
 
     def first_step(self) -> None:
         """Record this process's time to its first finished step in startup.jsonl (rank 0; one sync, once)."""
@@ -268,9 +280,12 @@ def _train_epoch(run: _Run, *, epoch: int, pos: state.Position, meter: RunningMe
         at_log_point = done % cfg.loop.log_interval == 0
         if at_log_point:
             means = meter.means()  # host sync: only every log_interval steps
-            data_wait += _log_interval(observers, stages, progress=progress, clock=clock, recent=recent, means=means, step=step,
-                                       done=done, steps=done - logged, batch=batch)
+            wait, img_per_s = _log_interval(observers, stages, progress=progress, clock=clock, recent=recent, means=means, step=step,
+                                            done=done, steps=done - logged, batch=batch)
+            data_wait += wait
             logged = done
+            if not run.eta_said:
+                run.say_eta(step=step, img_per_s=img_per_s)
             run.check_finite(means)
         # one process: a Python flag, read every step; several: one all-reduce of it, at log points only
         if done < steps and (at_log_point or run.preempt.check_every_step) and (signum := run.preempt.should_stop(runtime.device)):
@@ -284,7 +299,7 @@ def _train_epoch(run: _Run, *, epoch: int, pos: state.Position, meter: RunningMe
     seconds = time.perf_counter() - start
     if done > logged:  # the epoch's last, partial interval: its sync is paid anyway
         data_wait += _log_interval(observers, stages, progress=None, clock=clock, recent=recent, means=means, step=step,
-                                   done=done, steps=done - logged, batch=batch)
+                                   done=done, steps=done - logged, batch=batch)[0]
     else:
         data_wait += clock.wait  # the loader's end-of-epoch next()
     run.check_finite(means)
@@ -293,15 +308,16 @@ def _train_epoch(run: _Run, *, epoch: int, pos: state.Position, meter: RunningMe
 
 
 def _log_interval(observers: _Observers, stages: Stages, *, progress: observe.Progress | None, clock: observe.LoopClock,
-                  recent: observe.IntervalMeans, means: dict, step: int, done: int, steps: int, batch: int) -> float:
-    """Progress and TensorBoard at a log point, right after a host sync; returns the interval's seconds in next()."""
+                  recent: observe.IntervalMeans, means: dict, step: int, done: int, steps: int, batch: int) -> tuple[float, float]:
+    """Progress and TensorBoard at a log point, right after a host sync; returns (the interval's seconds in
+    next(), its img/s)."""
     seconds, wait = clock.lap()  # the interval ends at the sync, i.e. where the device work ends
     img_per_s, interval = steps * batch / seconds, recent.update(means, done)
     if progress is not None:
         progress.log(done, interval, img_per_s, wait)
     if observers.scalars is not None:
         observers.scalars.train(step, interval, stages.lrs, img_per_s, wait)
-    return wait * seconds
+    return wait * seconds, img_per_s
 
 
 def _dry_run(session: Session, stages: Stages, steps_per_epoch: int) -> None:

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 from fastafd.errors import UserError
+from fastafd.progress import iterate
 
 VERSION = 1
 SEED = 20200712
@@ -121,8 +121,7 @@ def generate(dest: Path, *, progress: bool = True) -> None:
     for split in COUNTS:
         for name in DEMO_CLASSES:
             (dest / split / name).mkdir(parents=True)
-    for split, label, i in tqdm(jobs, desc="fastafd: generating demo data", unit="img", disable=not progress,
-                                 leave=False, mininterval=0.5):
+    for split, label, i in iterate(jobs, len(jobs), "fastafd: generating demo data", enabled=progress):
         name = DEMO_CLASSES[label]
         rng = np.random.default_rng([SEED, 0 if split == "train" else 1, label, i])
         render(name, rng).save(dest / split / name / f"{name}_{i:04d}.JPEG", quality=QUALITY)

@@ -31,11 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from fastafd.data.base import DataError
 from fastafd.data.folder import read_exclude, scan_folder
 from fastafd.errors import UserError
+from fastafd.progress import bar as progress_bar
 
 FORMAT = "fastafd-shards"
 VERSION = 1
@@ -151,8 +151,7 @@ def pack(src: Path, out: Path, *, shard_samples: int = 1000, seed: int = 0, excl
     try:
         for name in ("train", "val"):
             (out / name).mkdir(parents=True)
-        with tqdm(total=len(ds.train) + len(ds.val), desc="fastafd: packing", unit="img", disable=not progress,
-                  mininterval=0.5) as bar:
+        with progress_bar(len(ds.train) + len(ds.val), "fastafd: packing", enabled=progress) as bar:
             for tar_path, items in jobs:
                 _write_shard(tar_path, items)
                 bar.update(len(items))

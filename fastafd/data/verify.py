@@ -23,12 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
 from fastafd.data.decode_errors import _cause
 from fastafd.data.folder import IMAGE_EXTENSIONS, SPLITS, class_folders, image_files
 from fastafd.data.formats import HEAD_BYTES, header_problem
 from fastafd.errors import UserError
+from fastafd.progress import bar as progress_bar
 
 _JPEG_NAMES = (".jpeg", ".jpg")
 BATCH = 32
@@ -182,7 +181,7 @@ def _check(report: Report, items: list[_Item], *, workers: int, progress: bool) 
     if not items:
         return
     decoder = _DaliDecoder(_workers(workers))
-    bar = tqdm(total=len(items), desc="fastafd: verifying", unit="img", disable=not progress, mininterval=0.5)
+    bar = progress_bar(len(items), "fastafd: verifying", enabled=progress)
 
     def batches() -> Iterator[list[_Item]]:
         for start in range(0, len(items), BATCH):

@@ -64,7 +64,8 @@ def test_tensorboard_event_files_hold_the_listed_tags(run):
 
 
 def test_profile_writes_a_trace_with_the_stage_ranges_that_parses(run, tmp_path):
-    out, _, _ = run
+    out, _, proc = run
+    assert "gpuGetDeviceCount" not in proc.stderr and "USDT:" not in proc.stderr  # Kineto's CPU-only chatter
     traces = sorted((out / "profile").glob("rank0.*.pt.trace.json.gz"))
     assert len(traces) == 1, list((out / "profile").iterdir())
     events = json.loads(gzip.decompress(traces[0].read_bytes()))["traceEvents"]
@@ -88,6 +89,8 @@ def test_console_shows_progress_lines_and_one_summary_per_epoch(run):
     assert all("img/s" in line and "ETA" in line and "ce " in line and "g_loss " in line and "data " in line for line in progress)
     summaries = [line for line in lines if line.startswith(("epoch 1/2  top-1:", "epoch 2/2  top-1:"))]
     assert len(summaries) == 2 and all("ensemble" in s and "D(real)/D(fake)" in s for s in summaries)
+    (eta,) = [line for line in lines if line.startswith("expected time: ")]  # once, up front
+    assert lines.index(eta) < lines.index(progress[1]) and "per epoch x 2 epochs) at the " in eta
 
 
 def test_plot_command_writes_the_pngs(run, tmp_path):

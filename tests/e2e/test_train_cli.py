@@ -55,10 +55,11 @@ def test_run_directory_records_config_sha_and_versions(afd_run):
 
 def test_eval_command_reproduces_the_last_epoch(afd_run):
     out, env, _ = afd_run
-    cmd = [FASTAFD or sys.executable, *([] if FASTAFD else ["-m", "fastafd.cli"]), "eval", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    cmd = [FASTAFD or sys.executable, *([] if FASTAFD else ["-m", "fastafd.cli"]), "eval", str(out), "--checkpoint", "latest"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
+    assert f"fastafd: evaluating {result['checkpoint']} (step {result['step']}; newest)" in proc.stderr
     last = rundir.read_metrics(Path(out))[-1]
     for mine, logged in zip(result["peers"], last["peers"]):
         assert mine["top1"] == pytest.approx(logged["top1"])
@@ -96,3 +97,18 @@ def test_cnn_vit_pair_trains_on_the_demo_data_and_the_vit_exports_to_plain_timm(
     with torch.no_grad():
         assert torch.equal(model(x), inside(x))
     session.runtime.accelerator.end_training()
+
+
+def test_eval_and_export_use_the_best_checkpoint_by_default_and_say_so(afd_run, tmp_path):
+    out, env, _ = afd_run
+    rows = rundir.read_metrics(out)
+    best = max(rows, key=lambda r: r["ensemble_top1"])
+    cli = [FASTAFD or sys.executable, *([] if FASTAFD else ["-m", "fastafd.cli"])]
+    proc = subprocess.run([*cli, "eval", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["step"] == best["step"] and result["chosen"].startswith("best by ensemble top-1")
+    assert result["ensemble_top1"] == pytest.approx(best["ensemble_top1"])
+    assert f"fastafd: evaluating {result['checkpoint']} (step {best['step']}; best by ensemble top-1" in proc.stderr
+    proc = subprocess.run([*cli, "export", str(out), "--out", str(tmp_path / "p.safetensors")], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["step"] == best["step"], proc.stderr[-2000:]

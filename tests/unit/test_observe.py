@@ -140,3 +140,21 @@ def test_profile_shorthand_sets_log_profile(monkeypatch):
     monkeypatch.setattr("fastafd.trainer.train", lambda cfg: seen.setdefault("cfg", cfg) and "run")
     assert cli.main(["train", "--profile", "3", "7"]) == 0
     assert seen["cfg"].log.profile == (3, 7)
+
+
+def test_data_command_progress_is_lines_in_a_log_and_a_bar_on_a_terminal(monkeypatch, capsys):
+    from fastafd import progress
+
+    now = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: False)
+    with progress.bar(100, "fastafd: packing") as b:
+        for _ in range(100):
+            now[0] += 1.0
+            b.update(1)
+    lines = capsys.readouterr().err.splitlines()
+    assert "\r" not in "".join(lines)
+    assert lines[0] == "fastafd: packing: 30/100 img (30%), 1 img/s" and lines[-1].startswith("fastafd: packing: 100/100 img (100%)")
+    assert len(lines) == 4  # at 30, 60 and 90 s, and the end
+    monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: True)
+    assert type(progress.bar(1, "x")).__name__ == "tqdm_asyncio" or hasattr(progress.bar(1, "x"), "format_meter")
