@@ -78,7 +78,7 @@ def fastafd_iter(root: Path, batch: int, size: int, threads: int, channels_last:
     settings = PipelineSettings(batch=batch, num_threads=threads, device_id=None, decoder="cpu", rank=0, world_size=1,
                                 seed=0, channels_last=channels_last, cpu_finish=cpu_finish)
     train = TrainLoader(FolderReader(scan_folder(root).train), cfg, settings, device=torch.device("cpu"),
-                        verify_root=str(root))
+                        verify_root=str(root), global_batch=batch)
 
     def make(epoch: int):
         train.set_epoch(epoch)
