@@ -120,7 +120,8 @@ class StepClock:
 
     The same instrument for every tool, outside their code. fastafd probes its fused kernels with
     throw-away optimizers at start-up, and AFD steps three optimizers per iteration, so the training
-    optimizer is the one that stepped most (the first of those to step).
+    optimizer is the one that stepped most (the first of those to step). Optimizers are told apart by a
+    number stored on them, not by ``id()``, which a later object can reuse once a probe is freed.
     """
 
     def __init__(self) -> None:
@@ -130,7 +131,8 @@ class StepClock:
         self.handle = register_optimizer_step_post_hook(self._hook)
 
     def _hook(self, optimizer, args, kwargs) -> None:
-        self.stamps.setdefault(id(optimizer), []).append(time.perf_counter())
+        key = optimizer.__dict__.setdefault("_peers_clock_key", len(self.stamps))
+        self.stamps.setdefault(key, []).append(time.perf_counter())
 
     def training_stamps(self) -> list[float]:
         most = max((len(s) for s in self.stamps.values()), default=0)
