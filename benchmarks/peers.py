@@ -370,18 +370,78 @@ def worker(tool: str, spec: Path, result: Path) -> int:
 # --- the driver -----------------------------------------------------------------------------------
 
 
-def run_tool(tool: str, spec: Path, scratch: Path, timeout: float) -> dict:
-    """One tool in a fresh interpreter; its load average before and after is kept with its result."""
+def cpu_busy_s() -> float:
+    """Busy CPU seconds of the whole machine since boot (/proc/stat: everything but idle and iowait)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:9]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this process and of its finished children (the tools' runs and their loader workers)."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def others_share(seconds: float) -> float:
+    """Fraction of all cores that other processes kept busy over the next ``seconds`` (this one sleeps)."""
+    busy, own, start = cpu_busy_s(), own_cpu_s(), time.perf_counter()
+    time.sleep(seconds)
+    return max(0.0, (cpu_busy_s() - busy) - (own_cpu_s() - own)) / ((time.perf_counter() - start) * (os.cpu_count() or 1))
+
+
+@dataclass
+class Quiet:
+    """--quiet: how much of the machine other processes may use while a tool runs (0: no checks)."""
+
+    share: float = 0.0
+    """Before each run wait until other processes use less than this fraction of all cores (3-s samples),
+    and run a tool again when they used more during its run."""
+    retries: int = 4
+    max_wait: float = 1800.0
+
+
+def run_tool(tool: str, spec: Path, scratch: Path, timeout: float, quiet: Quiet) -> dict:
+    """One tool in a fresh interpreter, run again (up to ``quiet.retries`` times) when other processes used
+    more than ``quiet.share`` of the CPU meanwhile; the load average and that share are kept with its result."""
+    discarded: list[float] = []
+    while True:
+        if quiet.share:
+            deadline = time.monotonic() + quiet.max_wait
+            while (share := others_share(3.0)) >= quiet.share:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"peers.py: other processes kept {share:.0%} of the CPU busy for {quiet.max_wait:.0f} s: "
+                                     "try again when the machine is quiet")
+                print(f"peers.py: other processes use {share:.0%} of the CPU: waiting before {tool}", file=sys.stderr)
+                time.sleep(10)
+        out = _run_once(tool, spec, scratch, timeout)
+        if not quiet.share or out["others_cpu_share"] < quiet.share or len(discarded) == quiet.retries:
+            out["discarded_runs_others_cpu_share"] = discarded
+            return out
+        print(f"peers.py: other processes used {out['others_cpu_share']:.0%} of the CPU during {tool}: running it again", file=sys.stderr)
+        discarded.append(out["others_cpu_share"])
+
+
+def _run_once(tool: str, spec: Path, scratch: Path, timeout: float) -> dict:
     result = scratch / f"{tool}.json"
     result.unlink(missing_ok=True)
-    load_before = os.getloadavg()[0]
+    load_before, busy, own, start = os.getloadavg()[0], cpu_busy_s(), own_cpu_s(), time.perf_counter()
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", tool, "--spec", str(spec), "--result", str(result)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    others = max(0.0, (cpu_busy_s() - busy) - (own_cpu_s() - own)) / ((time.perf_counter() - start) * (os.cpu_count() or 1))
     if proc.returncode != 0 or not result.is_file():
         tail = (proc.stdout[-1500:] + proc.stderr[-3000:]).strip()
         raise SystemExit(f"peers.py: {tool} failed (exit {proc.returncode}):\n{tail}")
     out = json.loads(result.read_text())
     out["load_1min"] = [load_before, os.getloadavg()[0]]
+    out["others_cpu_share"] = others
+    out["run_s"] = time.perf_counter() - start
     return out
 
 
@@ -514,7 +574,11 @@ def markdown(result: dict) -> str:
         f"then {c['steps']} timed steps (data loading included), then top-1 on the val split; {c['repeats']} repeats, "
         f"interleaved (seed {c['seed']} + repeat). 1-min load average: {result['load_average_1min']['before']:.2f} before, "
         f"{result['load_average_1min']['after']:.2f} after (per run: {result['load_average_1min']['runs_min']:.2f}-"
-        f"{result['load_average_1min']['runs_max']:.2f}).",
+        f"{result['load_average_1min']['runs_max']:.2f}; the tools' own processes count in it). Other processes used "
+        f"{result['others_cpu_share']['kept_runs_median']:.1%} of the CPU during the median run, at most "
+        f"{result['others_cpu_share']['kept_runs_max']:.1%} (/proc/stat less this benchmark's processes)"
+        + (f"; with --quiet {result['others_cpu_share']['quiet']:g}, {len(result['others_cpu_share']['discarded_runs'])} run(s) "
+           "disturbed by more than that were run again" if result["others_cpu_share"]["quiet"] else "") + ".",
         "",
         "| comparison | fastafd img/s | peer | peer img/s | fastafd / peer: median | min | max |",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
@@ -558,7 +622,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--comparisons", nargs="+", default=list(COMPARISONS), choices=list(COMPARISONS))
     p.add_argument("--wait-load", type=float, default=0.0, help="first wait until the 1-min load average is below this (0: don't)")
-    p.add_argument("--max-wait", type=float, default=1800.0, help="seconds --wait-load waits before giving up")
+    p.add_argument("--quiet", type=float, default=0.0,
+                   help="before each run wait until other processes use less than this fraction of all cores, and run a tool "
+                        "again (up to --retries times) when they used more during its run (0: no checks)")
+    p.add_argument("--retries", type=int, default=4, help="reruns of one tool that --quiet allows")
+    p.add_argument("--max-wait", type=float, default=1800.0, help="seconds --wait-load and --quiet wait before giving up")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds one tool's run may take")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for peers.json and peers.md")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -572,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     check_installed(a.comparisons)
     data = load_sibling("data")  # benchmarks/data.py: make_folder, hardware
 
-    workers = a.workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    workers = a.workers or cores()
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="fastafd-peers-") as tmp:
         scratch = Path(tmp)
@@ -589,6 +657,7 @@ def main(argv: list[str] | None = None) -> int:
                      workers=workers, seed=a.seed, lr=0.1 * a.batch / 256, momentum=0.9, weight_decay=1e-4, temperature=3.0,
                      adam_lr=2e-5, adam_weight_decay=0.1, num_classes=len(classes))
         waited = wait_for_quiet(a.wait_load, a.max_wait) if a.wait_load else [os.getloadavg()[0]]
+        quiet = Quiet(share=a.quiet, retries=a.retries, max_wait=a.max_wait)
         load_before = os.getloadavg()[0]
         runs: list[dict[str, dict]] = []
         for r in range(a.repeats):
@@ -599,13 +668,15 @@ def main(argv: list[str] | None = None) -> int:
                 fast, peers = COMPARISONS[name]
                 order = [fast, *peers] if r % 2 == 0 else [*peers, fast]
                 for tool in order:
-                    results[tool] = run_tool(tool, spec, scratch, a.timeout)
+                    results[tool] = run_tool(tool, spec, scratch, a.timeout, quiet)
                     print(f"repeat {r + 1}/{a.repeats} {tool}: {results[tool]['img_per_s']:.1f} img/s, top-1 "
                           f"{' / '.join(f'{x:.1f}' for x in results[tool]['top1'])}", file=sys.stderr)
             runs.append(results)
         load_after = os.getloadavg()[0]
         mean_kb = statistics.mean(f.stat().st_size for f in train_files) / 1024
     run_loads = [x for r in runs for t in r.values() for x in t["load_1min"]]
+    others = [t["others_cpu_share"] for r in runs for t in r.values()]
+    discarded = [x for r in runs for t in r.values() for x in t["discarded_runs_others_cpu_share"]]
     result = {
         "benchmark": "end-to-end training throughput vs timm, torchdistill and the plain reference",
         "command": "python benchmarks/peers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -622,7 +693,10 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summarize(runs, a.comparisons),
         "load_average_1min": {"waited": waited, "before": load_before, "after": load_after,
                               "runs_min": min(run_loads), "runs_max": max(run_loads)},
+        "others_cpu_share": {"quiet": a.quiet, "kept_runs_max": max(others), "kept_runs_median": statistics.median(others),
+                             "discarded_runs": discarded},
         "wall_s": round(time.time() - started, 1),
+        "kept_runs_s": round(sum(t["run_s"] for r in runs for t in r.values()), 1),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     a.out.mkdir(parents=True, exist_ok=True)
