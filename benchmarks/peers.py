@@ -576,7 +576,8 @@ def markdown(result: dict) -> str:
         f"torch's default intra-op threads, CPU, fp32. {c['train_images']} training JPEGs (about 500x375, mean "
         f"{c['mean_file_kb']:.0f} KB) and {c['val_images']} validation JPEGs of {c['num_classes']} classes (benchmarks/data.py's "
         f"make_folder with a class colour cast of {c['class_signal']:g} grey levels). Each run: {c['warmup']} warm-up steps, "
-        f"then {c['steps']} timed steps (data loading included), then top-1 on the val split; {c['repeats']} repeats, "
+        f"then {c['steps']} timed steps (data loading included), then top-1 on the val split; {c['repeats_done']} repeats"
+        + ("" if c["repeats_done"] == c["repeats"] else f" (of the {c['repeats']} asked for: the run was stopped after them)") + ", "
         f"interleaved (seed {c['seed']} + repeat). 1-min load average: {result['load_average_1min']['before']:.2f} before, "
         f"{result['load_average_1min']['after']:.2f} after (per run: {result['load_average_1min']['runs_min']:.2f}-"
         f"{result['load_average_1min']['runs_max']:.2f}; the tools' own processes count in it). Other processes used "
@@ -664,6 +665,10 @@ def main(argv: list[str] | None = None) -> int:
         waited = wait_for_quiet(a.wait_load, a.max_wait) if a.wait_load else [os.getloadavg()[0]]
         quiet = Quiet(share=a.quiet, retries=a.retries, max_wait=a.max_wait)
         load_before = os.getloadavg()[0]
+        mean_kb = statistics.mean(f.stat().st_size for f in train_files) / 1024
+        info = {"argv": argv if argv is not None else sys.argv[1:], "settings": s, "train_images": len(train_files),
+                "val_images": len(val_files), "mean_kb": mean_kb, "waited": waited, "load_before": load_before,
+                "started": started, "hardware": data.hardware()}
         runs: list[dict[str, dict]] = []
         for r in range(a.repeats):
             spec = scratch / f"spec-{r}.json"
@@ -677,30 +682,37 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"repeat {r + 1}/{a.repeats} {tool}: {results[tool]['img_per_s']:.1f} img/s, top-1 "
                           f"{' / '.join(f'{x:.1f}' for x in results[tool]['top1'])}", file=sys.stderr)
             runs.append(results)
-        load_after = os.getloadavg()[0]
-        mean_kb = statistics.mean(f.stat().st_size for f in train_files) / 1024
+            md = write_report(a, info, runs)  # after every repeat: an interrupted run keeps the repeats it finished
+    print(md)
+    return 0
+
+
+def write_report(a: argparse.Namespace, info: dict, runs: list[dict[str, dict]]) -> str:
+    """peers.json and peers.md of the repeats done so far; returns the Markdown."""
+    s: Settings = info["settings"]
     run_loads = [x for r in runs for t in r.values() for x in t["load_1min"]]
     others = [t["others_cpu_share"] for r in runs for t in r.values()]
     discarded = [x for r in runs for t in r.values() for x in t["discarded_runs_others_cpu_share"]]
     result = {
         "benchmark": "end-to-end training throughput vs timm, torchdistill and the plain reference",
-        "command": "python benchmarks/peers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python benchmarks/peers.py " + " ".join(info["argv"]),
         "config": {"peers": list(s.peers), "image_size": s.image_size, "batch": s.batch, "warmup": s.warmup, "steps": s.steps,
-                   "repeats": a.repeats, "workers": workers, "seed": a.seed, "train_images": len(train_files),
-                   "val_images": len(val_files), "num_classes": s.num_classes, "class_signal": a.class_signal if a.data is None else None,
-                   "mean_file_kb": round(mean_kb, 1), "lr": s.lr, "momentum": s.momentum, "weight_decay": s.weight_decay,
-                   "temperature": s.temperature, "adam_lr": s.adam_lr, "adam_weight_decay": s.adam_weight_decay,
-                   "comparisons": a.comparisons, "data": str(a.data) if a.data else "generated"},
+                   "repeats": a.repeats, "repeats_done": len(runs), "workers": s.workers, "seed": a.seed,
+                   "train_images": info["train_images"], "val_images": info["val_images"], "num_classes": s.num_classes,
+                   "class_signal": a.class_signal if a.data is None else None, "mean_file_kb": round(info["mean_kb"], 1),
+                   "lr": s.lr, "momentum": s.momentum, "weight_decay": s.weight_decay, "temperature": s.temperature,
+                   "adam_lr": s.adam_lr, "adam_weight_decay": s.adam_weight_decay, "comparisons": a.comparisons,
+                   "data": str(a.data) if a.data else "generated"},
         "tools_run": describe(s),
         "not_compared": NOT_COMPARED,
-        "hardware": data.hardware(), "versions": versions(), "git_sha": git_sha(),
+        "hardware": info["hardware"], "versions": versions(), "git_sha": git_sha(),
         "runs": runs,
         "summary": summarize(runs, a.comparisons),
-        "load_average_1min": {"waited": waited, "before": load_before, "after": load_after,
+        "load_average_1min": {"waited": info["waited"], "before": info["load_before"], "after": os.getloadavg()[0],
                               "runs_min": min(run_loads), "runs_max": max(run_loads)},
         "others_cpu_share": {"quiet": a.quiet, "kept_runs_max": max(others), "kept_runs_median": statistics.median(others),
                              "discarded_runs": discarded},
-        "wall_s": round(time.time() - started, 1),
+        "wall_s": round(time.time() - info["started"], 1),
         "kept_runs_s": round(sum(t["run_s"] for r in runs for t in r.values()), 1),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -708,8 +720,7 @@ def main(argv: list[str] | None = None) -> int:
     (a.out / "peers.json").write_text(json.dumps(result, indent=1) + "\n")
     md = markdown(result)
     (a.out / "peers.md").write_text(md)
-    print(md)
-    return 0
+    return md
 
 
 if __name__ == "__main__":
