@@ -19,6 +19,7 @@ def load_benchmark(filename: str):
     """A script of benchmarks/ as a module (they are scripts, not a package)."""
     spec = importlib.util.spec_from_file_location(filename.removesuffix(".py"), Path(__file__).parents[2] / "benchmarks" / filename)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -56,6 +57,68 @@ def test_data_benchmark_times_every_pipeline_on_the_same_epochs(tmp_path):
     assert all(len(r["epoch_s"]) == 2 and r["images_per_epoch"] == 64 for r in report["runs"].values())
     assert report["ratio_median"] == report["runs"][bench.FAST]["img_per_s_median"] / report["runs"][bench.TORCHVISION]["img_per_s_median"]
     assert "| torchvision ImageFolder + DataLoader |" in (tmp_path / "data.md").read_text()
+
+
+def test_peers_benchmark_runs_every_tool_interleaved_and_reports_ratios_and_accuracy(tmp_path):
+    # CI installs only .[dev]: the peers (torchdistill; timm's pinned version) come with .[bench]
+    pytest.importorskip("torchdistill", reason="benchmarks/peers.py compares with torchdistill: pip install -e '.[bench]'")
+    bench = load_benchmark("peers.py")
+    assert bench.main(["--images", "48", "--val-images", "16", "--peers", "resnet10t", "resnet10t", "--size", "32", "--batch", "8",
+                       "--warmup", "1", "--steps", "2", "--repeats", "2", "--workers", "1", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "peers.json").read_text())
+    assert [list(run) for run in report["runs"]] == [
+        ["fastafd-independent", "timm-peer0", "timm-peer1", "fastafd-dml", "torchdistill-dml", "fastafd-afd", "reference-afd"],
+        ["timm-peer0", "timm-peer1", "fastafd-independent", "torchdistill-dml", "fastafd-dml", "reference-afd", "fastafd-afd"],
+    ]  # fastafd first, then last: the tools' windows interleave
+    for run in report["runs"]:
+        for tool, r in run.items():
+            assert r["img_per_s"] > 0 and r["timed_images"] == 16 and len(r["load_1min"]) == 2
+            assert len(r["top1"]) == (1 if tool.startswith("timm") else 2) and all(0 <= a <= 100 for a in r["top1"])
+    first = report["runs"][0]
+    timm_pair = 16 / (first["timm-peer0"]["window_s"] + first["timm-peer1"]["window_s"])
+    independent = report["summary"]["ratios"]["independent"]
+    assert independent["ratio"]["values"][0] == pytest.approx(first["fastafd-independent"]["img_per_s"] / timm_pair)
+    assert set(report["summary"]["ratios"]) == {"independent", "dml", "afd"}
+    assert report["versions"]["torchdistill"] and report["versions"]["timm"] and report["load_average_1min"]["before"] >= 0
+    md = (tmp_path / "peers.md").read_text()
+    assert "| dml |" in md and "| torchdistill-dml |" in md and "## Not compared" in md and "AFD in torchdistill" in md
+
+
+def test_peers_torchdistill_config_trains_both_peers_with_the_dml_loss(tmp_path):
+    """The config loads, trains the teacher, and its loss is fastafd's dml loss: CE of both peers + T^2 KL
+    each way with the other peer detached (same value, same gradients)."""
+    pytest.importorskip("torchdistill", reason="benchmarks/peers.py compares with torchdistill: pip install -e '.[bench]'")
+    from torchdistill.common import yaml_util
+    from torchdistill.common.main_util import import_dependencies
+    from torchdistill.losses.registry import get_high_level_loss
+
+    from fastafd.losses import cross_entropy, kl_to_teacher
+
+    bench = load_benchmark("peers.py")
+    for split in ("train", "val"):
+        (tmp_path / "data" / split / "c0").mkdir(parents=True)
+        (tmp_path / "data" / split / "c0" / "a.JPEG").touch()  # ImageFolder lists files, it opens them only when read
+    s = bench.Settings(root=str(tmp_path / "data"), peers=("resnet10t", "resnet10t"), image_size=32, batch=4, warmup=1, steps=1,
+                       workers=0, seed=0, lr=0.1, momentum=0.9, weight_decay=1e-4, temperature=3.0, adam_lr=2e-5,
+                       adam_weight_decay=0.1, num_classes=5)
+    (tmp_path / "dml.yaml").write_text(bench.torchdistill_config_text(s))
+    config = yaml_util.load_yaml_file(str(tmp_path / "dml.yaml"))
+    sys.path.insert(0, str(bench.CONFIGS))
+    try:
+        import_dependencies(config["dependencies"])  # registers MutualKLLoss and timm_model, as the benchmark's worker does
+    finally:
+        sys.path.remove(str(bench.CONFIGS))
+    assert config["train"]["teacher"]["requires_grad"] is True and config["train"]["optimizer"]["kwargs"]["lr"] == 0.1
+    loss = get_high_level_loss(config["train"]["criterion"])
+    torch.manual_seed(0)
+    teacher, student = torch.randn(4, 5, requires_grad=True), torch.randn(4, 5, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 3])
+    got = loss({"teacher": {".": {"output": teacher}}, "student": {".": {"output": student}}}, {}, y)
+    logits = torch.stack([teacher, student])
+    want = (cross_entropy(logits, y) + kl_to_teacher(logits, torch.tensor([1, 0]), 3.0)).sum()
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    for a, b in zip(torch.autograd.grad(got, [teacher, student]), torch.autograd.grad(want, [teacher, student])):
+        assert torch.allclose(a, b, atol=1e-6)
 
 
 def test_optimizer_benchmark_times_each_implementation(tmp_path):
