@@ -324,7 +324,7 @@ def run_reference(s: Settings, scratch: Path) -> list[float]:
     from fastafd.models.peers import create_peer, feature_shape
 
     torch.manual_seed(s.seed)
-    nets = [create_peer(name, s.num_classes) for name in s.peers]
+    nets = [create_peer(name, s.num_classes, image_size=s.image_size) for name in s.peers]
     shapes = [feature_shape(net, s.image_size) for net in nets]
     ref = ReferenceAFD(nets, shapes, temperature=s.temperature, sgd=dict(lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay),
                        adam=dict(lr=s.adam_lr, weight_decay=s.adam_weight_decay))
