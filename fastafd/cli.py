@@ -1,4 +1,4 @@
-"""The ``fastafd`` command: train, eval, recipes.
+"""The ``fastafd`` command: train, eval, recipes, sweep, ...
 
 Options of ``train`` are generated from the config dataclasses by tyro (``--help`` lists every field
 with its docstring). Two conveniences sit in front of it: ``--recipe NAME`` picks the defaults, and
@@ -130,6 +130,12 @@ def cmd_data(argv: Sequence[str]) -> int:
     return run(argv)
 
 
+def cmd_sweep(argv: Sequence[str]) -> int:
+    from fastafd.sweep import cmd_sweep as run
+
+    return run(argv)
+
+
 def cmd_bench(argv: Sequence[str]) -> int:
     from fastafd.bench import cmd_bench as run
 
@@ -144,6 +150,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "data": (cmd_data, "pack a folder into webdataset shards; verify a dataset"),
     "plot": (cmd_plot, "write PNG training curves of one or more runs"),
     "export": (cmd_export, "export one trained peer as a timm state dict"),
+    "sweep": (cmd_sweep, "train a grid of recipes x seeds (local or Slurm array); `sweep status DIR` shows its cells"),
     "bench": (cmd_bench, "throughput benchmarks (fastafd bench step)"),
 }
 
