@@ -1,4 +1,4 @@
-"""The ``fastafd`` command: train, eval, recipes, sweep, ...
+"""The ``fastafd`` command: train, eval, recipes, sweep, report, ...
 
 Options of ``train`` are generated from the config dataclasses by tyro (``--help`` lists every field
 with its docstring). Two conveniences sit in front of it: ``--recipe NAME`` picks the defaults, and
@@ -136,6 +136,12 @@ def cmd_sweep(argv: Sequence[str]) -> int:
     return run(argv)
 
 
+def cmd_report(argv: Sequence[str]) -> int:
+    from fastafd.report import cmd_report as run
+
+    return run(argv)
+
+
 def cmd_bench(argv: Sequence[str]) -> int:
     from fastafd.bench import cmd_bench as run
 
@@ -151,6 +157,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "plot": (cmd_plot, "write PNG training curves of one or more runs"),
     "export": (cmd_export, "export one trained peer as a timm state dict"),
     "sweep": (cmd_sweep, "train a grid of recipes x seeds (local or Slurm array); `sweep status DIR` shows its cells"),
+    "report": (cmd_report, "tables of a sweep's results: mean +- std over seeds per method and pair (Markdown, CSV, JSON, PNG)"),
     "bench": (cmd_bench, "throughput benchmarks (fastafd bench step)"),
 }
 

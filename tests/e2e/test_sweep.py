@@ -1,5 +1,5 @@
 """fastafd sweep --executor local through the real CLI: killed mid-way and run again, no cell is trained twice and
-none is lost."""
+none is lost; a cell that fails is recorded, reported as failed, and resumed by the next run."""
 
 import json
 import os
@@ -78,3 +78,30 @@ def test_a_sweep_killed_while_cell_2_trains_resumes_it_and_runs_no_cell_twice(tm
     assert status.returncode == 0 and "3 cells: 3 done, 0 running, 0 failed, 0 pending" in status.stdout
     manifest = json.loads((out / sw.MANIFEST).read_text())
     assert [h["command"] for h in manifest["history"]][0] == manifest["command"] and len(manifest["history"]) == 2
+
+
+def test_a_failing_cell_is_recorded_reported_as_failed_and_resumed_by_the_next_run(tmp_path):
+    out = tmp_path / "sweep"
+    shared = ["--data.synthetic_samples", "64", "--loop.max_steps_per_epoch", "4"]
+    failed = subprocess.run(sweep_cmd(out, (0, 1), "--parallel", "2", shared=shared), capture_output=True, text=True,
+                            env=env(tmp_path, FASTAFD_FAULT="kill@step=3"), timeout=900)
+    assert failed.returncode == 1, failed.stdout[-3000:] + failed.stderr[-3000:]
+    lines = failed.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastafd: error: sweep ") and "0 of 2 cells done; 2 failed" in lines[0], failed.stderr
+    by_name = cells(out)
+    for cell in by_name.values():
+        st = sw.cell_state(out, cell)
+        assert st.state == sw.FAILED and "killed by SIGKILL" in st.detail, st
+        assert sw.read_status(out, cell)["exit"] == -9
+    report = subprocess.run([sys.executable, "-m", "fastafd.cli", "report", str(out), "--png", "off"], capture_output=True, text=True,
+                            env=env(tmp_path))
+    assert report.returncode == 0, report.stderr
+    assert "| `independent` | 0 |" in report.stdout and "0 done; failed: seeds 0 1 |" in report.stdout
+    assert f"* `{RECIPE}-seed0`: **failed**" in report.stdout
+
+    again = subprocess.run(sweep_cmd(out, (0, 1), "--parallel", "2", shared=shared), capture_output=True, text=True, env=env(tmp_path),
+                           timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    for cell in by_name.values():
+        assert sw.cell_state(out, cell).state == sw.DONE and sw.read_status(out, cell)["exit"] == 0
+        assert [r["epoch"] for r in rundir.read_metrics(out / cell.run_dir)] == [1, 2]
