@@ -361,13 +361,23 @@ def states(sweep: Path, cells: Sequence[Cell]) -> dict[str, CellState]:
 _PR_SET_PDEATHSIG = 1
 
 
-def _stop_with_parent(parent: int) -> None:
+def _prctl():
+    """libc's ``prctl``, looked up in the parent (a ``dlopen`` between fork and exec could wait forever on a lock
+    another thread held at the fork); None where there is none (not Linux)."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def _stop_with_parent(prctl, parent: int) -> None:
     """``preexec_fn`` of a cell: the kernel sends it SIGTERM (checkpoint, exit 143) when the sweep process dies,
     however it dies (SIGKILL too), instead of leaving it training unwatched. Linux only; elsewhere a no-op."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # the sweep died between fork and prctl
-            os.kill(os.getpid(), signal.SIGTERM)
+    if prctl is None:
+        return
+    prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the sweep died between fork and prctl
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _cores() -> int:
@@ -400,6 +410,7 @@ def run_local(sweep: Path, cells: Sequence[Cell], parallel: int) -> dict[str, Ce
         else:
             todo.append((tag, cell, st))
     running: dict[subprocess.Popen, tuple[str, Cell, float]] = {}
+    prctl = _prctl()
     try:
         while todo or running:
             while todo and len(running) < parallel:
@@ -412,7 +423,7 @@ def run_local(sweep: Path, cells: Sequence[Cell], parallel: int) -> dict[str, Ce
                     f.write(f"\n== {dt.datetime.now().isoformat(timespec='seconds')} {cell.command(sweep)}\n".encode())
                     proc = subprocess.Popen([sys.executable, "-m", "fastafd.cli", "train", *cell.train_args(sweep)], stdin=subprocess.DEVNULL,
                                             stdout=f, stderr=subprocess.STDOUT, env=env,
-                                            preexec_fn=functools.partial(_stop_with_parent, os.getpid()))
+                                            preexec_fn=functools.partial(_stop_with_parent, prctl, os.getpid()))
                 write_status(sweep, cell, {"started": dt.datetime.now().isoformat(timespec="seconds"), "pid": proc.pid,
                                            "host": socket.gethostname(), "executor": "local", "load_start": _load()})
                 resumes = "resumes" if st.epochs_done or (sweep / cell.run_dir / "checkpoints").is_dir() else "starts"
@@ -505,10 +516,17 @@ def slurm_queue(sweep: Path) -> dict[str, str]:
     return out
 
 
-def submit_slurm(sweep: Path, cells: Sequence[Cell], args: SweepArgs) -> int:
-    """One ``sbatch --array`` over the cells that are neither done, running nor already queued; returns 0."""
+def check_slurm() -> None:
+    """What the Slurm executor needs, checked before the sweep writes anything: sbatch, and the checkout's scripts."""
     if not shutil.which("sbatch"):
         raise UserError("--executor slurm needs sbatch on PATH: run on a Slurm login node, or use --executor local")
+    if not (ROOT / "slurm" / "sweep.sbatch").is_file() or not (ROOT / "launch" / "run.sh").is_file():
+        raise UserError(f"--executor slurm runs slurm/sweep.sbatch and launch/run.sh of a fastafd checkout, and {ROOT} is none: "
+                        "install fastafd from a clone (pip install -e .), on a file system the nodes share")
+
+
+def submit_slurm(sweep: Path, cells: Sequence[Cell], args: SweepArgs) -> int:
+    """One ``sbatch --array`` over the cells that are neither done, running nor already queued; returns 0."""
     queued = slurm_queue(sweep)
     todo = []
     for i, cell in enumerate(cells):
@@ -590,6 +608,8 @@ def cmd_sweep(argv: Sequence[str]) -> int:
     all_cells = cells_of(manifest)
     if args.dry_run:
         return _print_plan(sweep, all_cells, args, existing is not None)
+    if args.executor == "slurm":
+        check_slurm()
     with runlock.RunLock(sweep):  # one sweep command per folder at a time (a cell has its own run lock)
         rundir.write_json(sweep / MANIFEST, manifest)
         if args.executor == "slurm":

@@ -153,3 +153,10 @@ def test_dry_run_prints_every_cell_command_and_the_sbatch_line(tmp_path, capsys)
     assert out.count("fastafd train --recipe demo_resnet8_") == 4
     assert "sbatch --parsable --array=0-3%3 " in out and "--nodes=1" in out and "gpus-per-node" not in out
     assert out.rstrip().endswith("slurm/sweep.sbatch")
+
+
+def test_slurm_without_sbatch_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))
+    case = Case("no-sbatch", lambda tmp: ["sweep", "--recipes", "demo", "--out", str(tmp / "s"), "--executor", "slurm", "--", *TINY],
+                needle="needs sbatch on PATH")
+    run_case(case, tmp_path, capsys)
