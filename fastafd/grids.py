@@ -46,7 +46,7 @@ GRIDS: dict[str, Grid] = {
         Grid(
             name="claims-demo",
             summary="the four claims at demo size: ResNet-8 + ResNet-20, ResNet-8 pair, ResNet-8 x 3 on the built-in data, "
-                    "3 epochs, 3 seeds (27 cells, about 25 min on 2 CPU cores)",
+                    "3 epochs, 3 seeds (27 cells; 31 min measured on a shared 2-core CPU)",
             recipes=claims.recipes_of(_DEMO_CLAIMS),
             seeds=(0, 1, 2),
             overrides=("--loop.epochs", "3"),
