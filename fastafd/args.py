@@ -7,14 +7,19 @@ of them imports another.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import difflib
 import io
 import typing
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from fastafd.errors import UserError
+
+if TYPE_CHECKING:
+    from fastafd.config import TrainConfig
 
 PROG = "fastafd"
 
@@ -95,3 +100,51 @@ def tyro_parse(cls: type, args: Sequence[str], *, default: object | None = None,
         if e.code:
             raise UserError(f"{_one_line(err.getvalue())} (see `{prog} --help`)") from None
         raise
+
+
+# -- fastafd train's arguments --------------------------------------------------------------------
+
+
+def train_help() -> str:
+    from fastafd.methods import registry
+
+    return (
+        f"Train peers with one of the methods ({', '.join(registry.names())}; `{PROG} methods` describes them). "
+        f"--recipe NAME picks the defaults (`{PROG} recipes` lists them; default: demo); "
+        "--data DIR is short for --data.root DIR; --profile START END is short for --log.profile START END; "
+        "every other option below overrides one config field."
+    )
+
+
+def parse_train_args(argv: Sequence[str]) -> TrainConfig:
+    """The config ``fastafd train ARGV`` runs: ``--recipe NAME`` picks the defaults, ``--data DIR`` and
+    ``--profile START END`` are short forms, every other option overrides one field. Also what
+    ``fastafd sweep`` checks each cell with before it writes anything, so that a cell's command
+    cannot fail on its options later."""
+    from fastafd import recipes
+    from fastafd.config import TrainConfig
+
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    pre.add_argument("--recipe", default="demo")
+    pre.add_argument("--data", default=None)
+    pre.add_argument("--profile", nargs=2, default=None, metavar=("START", "END"))
+    try:
+        known, rest = pre.parse_known_args(list(argv))
+    except argparse.ArgumentError as e:
+        raise UserError(f"{e} (see `{PROG} train --help`)") from None
+    base = recipes.get(known.recipe)
+    if known.data is not None:
+        if given := option_values(rest, "data.root"):
+            raise UserError(f"--data {known.data} and --data.root {given[0]} both name the dataset folder: pass one of them")
+        rest = ["--data.root", known.data, *rest]
+    if known.profile is not None:
+        if option_values(rest, "log.profile"):
+            raise UserError("--profile and --log.profile both give the profiled steps: pass one of them")
+        rest = ["--log.profile", *known.profile, *rest]
+    if any(not v.strip() for v in option_values(rest, "out")):
+        raise UserError("--out is empty (it would write the run into the current folder): give the run folder, e.g. --out runs/my-run, "
+                        "or leave --out out for runs/<recipe>-<date>-<time>")
+    check_options(rest, option_names(TrainConfig), "train")
+    cfg = tyro_parse(TrainConfig, rest, default=base, prog=f"{PROG} train", description=train_help())
+    cfg.recipe = known.recipe
+    return cfg

@@ -1,4 +1,4 @@
-"""The ``fastafd`` command: train, eval, recipes.
+"""The ``fastafd`` command: train, eval, recipes, sweep, report, ...
 
 Options of ``train`` are generated from the config dataclasses by tyro (``--help`` lists every field
 with its docstring). Two conveniences sit in front of it: ``--recipe NAME`` picks the defaults, and
@@ -7,7 +7,6 @@ with its docstring). Two conveniences sit in front of it: ``--recipe NAME`` pick
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import errno
 import json
@@ -20,53 +19,17 @@ from pathlib import Path
 from tyro.conf import Positional
 
 from fastafd import atomic
-from fastafd.args import PROG, check_options, option_names, option_values, tyro_parse
+from fastafd.args import PROG, check_options, option_names, option_values, parse_train_args, tyro_parse
 from fastafd.errors import RunStopped, Stopped, UserError
 
-__all__ = ["PROG", "check_options", "main", "option_names", "tyro_parse"]
+__all__ = ["PROG", "check_options", "main", "option_names", "option_values", "parse_train_args", "tyro_parse"]
 
 
 # -- commands -------------------------------------------------------------------------------------
 
 
-def train_help() -> str:
-    from fastafd.methods import registry
-
-    return (
-        f"Train peers with one of the methods ({', '.join(registry.names())}; `{PROG} methods` describes them). "
-        f"--recipe NAME picks the defaults (`{PROG} recipes` lists them; default: demo); "
-        "--data DIR is short for --data.root DIR; --profile START END is short for --log.profile START END; "
-        "every other option below overrides one config field."
-    )
-
-
 def cmd_train(argv: Sequence[str]) -> int:
-    from fastafd import recipes
-    from fastafd.config import TrainConfig
-
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
-    pre.add_argument("--recipe", default="demo")
-    pre.add_argument("--data", default=None)
-    pre.add_argument("--profile", nargs=2, default=None, metavar=("START", "END"))
-    try:
-        known, rest = pre.parse_known_args(list(argv))
-    except argparse.ArgumentError as e:
-        raise UserError(f"{e} (see `{PROG} train --help`)") from None
-    base = recipes.get(known.recipe)
-    if known.data is not None:
-        if given := option_values(rest, "data.root"):
-            raise UserError(f"--data {known.data} and --data.root {given[0]} both name the dataset folder: pass one of them")
-        rest = ["--data.root", known.data, *rest]
-    if known.profile is not None:
-        if option_values(rest, "log.profile"):
-            raise UserError("--profile and --log.profile both give the profiled steps: pass one of them")
-        rest = ["--log.profile", *known.profile, *rest]
-    if any(not v.strip() for v in option_values(rest, "out")):
-        raise UserError("--out is empty (it would write the run into the current folder): give the run folder, e.g. --out runs/my-run, "
-                        "or leave --out out for runs/<recipe>-<date>-<time>")
-    check_options(rest, option_names(TrainConfig), "train")
-    cfg = tyro_parse(TrainConfig, rest, default=base, prog=f"{PROG} train", description=train_help())
-    cfg.recipe = known.recipe
+    cfg = parse_train_args(argv)
 
     from fastafd.trainer import train
 
@@ -173,6 +136,18 @@ def cmd_data(argv: Sequence[str]) -> int:
     return run(argv)
 
 
+def cmd_sweep(argv: Sequence[str]) -> int:
+    from fastafd.sweep import cmd_sweep as run
+
+    return run(argv)
+
+
+def cmd_report(argv: Sequence[str]) -> int:
+    from fastafd.report import cmd_report as run
+
+    return run(argv)
+
+
 def cmd_bench(argv: Sequence[str]) -> int:
     from fastafd.bench import cmd_bench as run
 
@@ -187,6 +162,8 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "data": (cmd_data, "pack a folder into webdataset shards; verify a dataset"),
     "plot": (cmd_plot, "write PNG training curves of one or more runs"),
     "export": (cmd_export, "export one trained peer as a timm state dict"),
+    "sweep": (cmd_sweep, "train a grid of recipes x seeds (local or Slurm array); `sweep status DIR` shows its cells"),
+    "report": (cmd_report, "tables of a sweep's results: mean +- std over seeds per method and pair (Markdown, CSV, JSON, PNG)"),
     "bench": (cmd_bench, "throughput benchmarks (fastafd bench step)"),
 }
 

@@ -220,3 +220,45 @@ def line_chart(path: Path, series: Mapping[str, tuple[Sequence[float], Sequence[
     ax.grid(alpha=0.3)
     _legend(ax)
     return _save(fig, Path(path))
+
+
+@dataclass
+class BarPanel:
+    """One panel of :func:`grouped_bar_chart`: a group of bars per label, one bar per series, with error bars."""
+
+    title: str
+    groups: Sequence[str]
+    """The x labels (e.g. the methods)."""
+    series: Mapping[str, tuple[Sequence[float | None], Sequence[float | None]]]
+    """``{series label: (values, errors)}``, one value per group; None draws no bar (no finished run)."""
+    ylabel: str = ""
+
+
+def grouped_bar_chart(path: Path, panels: Sequence[BarPanel], *, title: str = "", ylim: tuple[float, float] | None = None) -> Path:
+    """Panels side by side (wrapping after 2), each grouped bars with +-error whiskers (e.g. top-1 per method and peer,
+    mean +- std over seeds; ``fastafd report``); writes ``path``."""
+    Figure = _mpl()
+    cols = min(len(panels), 2) or 1
+    rows = (len(panels) + cols - 1) // cols or 1
+    widest = max((len(p.groups) * max(len(p.series), 1) for p in panels), default=1)
+    fig = Figure(figsize=(max(6.0, 0.45 * widest + 2.5) * cols, 4.6 * rows), layout="constrained")
+    for i, panel in enumerate(panels):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        n = max(len(panel.series), 1)
+        width = 0.8 / n
+        for j, ((label, (values, errors)), color) in enumerate(zip(panel.series.items(), _colors(n), strict=True)):
+            xs = [g + (j - (n - 1) / 2) * width for g in range(len(panel.groups))]
+            keep = [(x, v, e or 0.0) for x, v, e in zip(xs, values, errors, strict=True) if v is not None]
+            if keep:
+                ax.bar([k[0] for k in keep], [k[1] for k in keep], width=width, yerr=[k[2] for k in keep], capsize=3, color=color, label=label)
+        ax.set_xticks(range(len(panel.groups)), panel.groups, rotation=20 if len(panel.groups) > 3 else 0,
+                      ha="right" if len(panel.groups) > 3 else "center")
+        ax.set(title=panel.title, ylabel=panel.ylabel)
+        if ylim is not None:
+            ax.set_ylim(*ylim)
+        ax.grid(axis="y", alpha=0.3)
+        if ax.containers:
+            ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    if title:
+        fig.suptitle(title)
+    return _save(fig, Path(path))

@@ -66,6 +66,24 @@ def demo() -> TrainConfig:
     )
 
 
+def _demo(peers: tuple[str, ...], method: str) -> TrainConfig:
+    """The demo recipe with other peers and another method (the demo-size comparisons of the claims sweep)."""
+    cfg = demo()
+    cfg.model = replace(cfg.model, peers=peers)
+    cfg.method = replace(cfg.method, name=method)  # type: ignore[arg-type]
+    return cfg
+
+
+_DEMO_PAIRS = {
+    "resnet8": ("cifar_resnet8", "cifar_resnet8"),
+    # small/large pair: ResNet-8 and ResNet-20 (same widths, 20 layers instead of 8; claims 1 and 2 at demo size)
+    "resnet8_resnet20": ("cifar_resnet8", "cifar_resnet20"),
+    # cyclic scheme with three peers (claim 4)
+    "resnet8_k3": ("cifar_resnet8", "cifar_resnet8", "cifar_resnet8"),
+}
+"""Pairs on the built-in demo data with a recipe for every registered method: ``demo_<pair>_<method>``."""
+
+
 # -- CIFAR-100 (paper, Tables 1-4) ------------------------------------------------------------------
 
 
@@ -112,13 +130,17 @@ _CIFAR_PAIRS = {
     "resnet32_k3": ("cifar_resnet32", "cifar_resnet32", "cifar_resnet32"),
     "wrn16_2_k3": ("cifar_wrn16_2", "cifar_wrn16_2", "cifar_wrn16_2"),
 }
-_COMPARED = ("resnet32", "resnet32_resnet110", "wrn16_2_wrn28_4")
+_COMPARED = ("resnet32", "resnet32_resnet110", "wrn16_2_wrn28_4", "resnet32_k3")
 """CIFAR pairs with a recipe for every registered method (the paper's comparison tables); the others have AFD only."""
 
 
 def _method_doc(method: str) -> str:
     return registry.get(method).summary
 
+
+for _pair, _peers in _DEMO_PAIRS.items():
+    for _m in registry.names():
+        _register(f"demo_{_pair}_{_m}", _demo, _peers, _m, f"Demo data, {' + '.join(_peers)}: {_method_doc(_m)}.")
 
 for _pair, _peers in _CIFAR_PAIRS.items():
     for _m in registry.names() if _pair in _COMPARED else ("afd",):

@@ -23,6 +23,7 @@ import json
 import os
 import socket
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,7 +50,7 @@ class RunLock:
             while True:
                 fd = self._open()
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    _flock_retrying(fd)
                 except BlockingIOError:
                     os.close(fd)
                     raise UserError(
@@ -134,6 +135,48 @@ class RunLock:
             return f"host {info['host']}, pid {info['pid']}, started {info['started']}"
         except (OSError, ValueError, KeyError, TypeError):
             return "holder not recorded yet"
+
+
+PROBE_RETRY_S = 0.25
+"""How long :meth:`RunLock.acquire` keeps trying a lock that is taken before it refuses the run: :func:`holder`
+takes a shared lock for the microseconds of its probe, and a run starting in that instant must not be refused."""
+
+
+def _flock_retrying(fd: int) -> None:
+    """``flock(LOCK_EX | LOCK_NB)``, tried again for :data:`PROBE_RETRY_S` while it is taken; BlockingIOError after."""
+    deadline = time.monotonic() + PROBE_RETRY_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
+
+
+def holder(run_dir: Path) -> str | None:
+    """Who holds the lock of ``run_dir`` (``host H, pid P, started T``), or None when no run holds it.
+
+    A probe, for ``fastafd sweep status`` and the sweep executors: a shared, non-blocking ``flock`` on the
+    lock file, released at once. It sees a holder on another node too (on NFS the lock is the server's),
+    which reading ``/proc/locks`` would not; a run that starts during the probe retries
+    (:data:`PROBE_RETRY_S`) instead of being refused. Nothing is created: no lock file, no folder.
+    """
+    path = Path(run_dir) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return RunLock(run_dir)._holder()
+    except OSError:  # no locks on this file system: nothing to learn
+        return None
+    finally:
+        os.close(fd)  # closing drops our shared lock, if we got it
+    return None
 
 
 def _why(e: OSError) -> str:

@@ -1,7 +1,6 @@
 """The real slurm/train.sbatch on a local 2-node Slurm cluster (skipped where Slurm cannot run)."""
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -20,7 +19,7 @@ TINY = ["--model.peers", "cifar_resnet8", "cifar_resnet8", "--data.format", "syn
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    state = Path(os.environ.get("FASTAFD_SLURM_DIR", "/tmp/fastafd-slurm"))  # one cluster per machine: fixed ports
+    state = sc.state_dir(tmp_path_factory)  # its own ports: starts beside other Slurm daemons
     env = sc.start(state)
     yield env
     sc.stop(state)
@@ -41,7 +40,7 @@ def test_two_node_job_trains_on_both_nodes(cluster, tmp_path):
     run = tmp_path / "run"
     job = sc.sbatch(job_env(cluster, tmp_path, run), "--nodes=2", str(SBATCH), *TINY, "--data.synthetic_samples", "512",
                     "--loop.epochs", "2", "--loop.max_steps_per_epoch", "5", "--loop.log_interval", "5", cwd=tmp_path)
-    info = sc.wait_done(cluster, job, timeout=180)
+    info = sc.wait_done(cluster, job, timeout=600, log=tmp_path / f"slurm-fastafd-{job}.out")  # bounded work: generous
     log = log_of(tmp_path, job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
     assert "run.sh: node 0/2" in log and "run.sh: node 1/2" in log  # one launcher per node, ranks from SLURM_NODEID
@@ -55,16 +54,17 @@ def test_preemption_signal_checkpoints_requeues_and_resumes(cluster, tmp_path):
     job = sc.sbatch(job_env(cluster, tmp_path, run), "--nodes=2", str(SBATCH), *TINY, "--data.synthetic_samples", "4096",
                     "--loop.epochs", "2", "--loop.max_steps_per_epoch", "120", "--loop.log_interval", "5",
                     "--checkpoint.every_steps", "0", cwd=tmp_path)
-    sc.wait_until(lambda: "epoch 1/2 step 10/" in log_of(tmp_path, job), 120, "training to reach step 10")
+    out = tmp_path / f"slurm-fastafd-{job}.out"
+    sc.wait_until(lambda: "epoch 1/2 step 10/" in log_of(tmp_path, job), 600, "training to reach step 10", explain=sc.explain_job(cluster, job, out))
     # what Slurm does --signal seconds before the time limit: SIGUSR1 to the job's tasks
     subprocess.run(["scancel", "--signal=USR1", job], env=cluster, check=True, timeout=30)
     def requeued():
         info = sc.job_info(cluster, job)
         return info.get("Restarts") == "1" and info.get("JobState") in ("PENDING", "RUNNING", "COMPLETED")
-    sc.wait_until(requeued, 120, "the job to requeue itself")
+    sc.wait_until(requeued, 300, "the job to requeue itself", explain=sc.explain_job(cluster, job, out))
     # a requeued job is held back by a begin time Slurm sets (about 2 min); release it now
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster, capture_output=True, timeout=30)
-    info = sc.wait_done(cluster, job, timeout=240)
+    info = sc.wait_done(cluster, job, timeout=600, log=out)
     log = log_of(tmp_path, job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
     assert f"Slurm job {job} requeued" in log, log[-3000:]

@@ -79,7 +79,8 @@ def test_full_afd_iteration_moves_every_group_and_reports_metrics():
 def test_every_method_trains_and_evaluates(method):
     cfg = tiny_config(PEERS, method=method)
     task, stages = tiny_task(cfg)
-    expected = {"independent": {"logit"}, "dml": {"logit"}, "kdcl": {"logit"}, "l1": {"logit"}, "l2": {"logit"}, "afd": {"logit", "disc", "feat"}}
+    expected = {"independent": {"logit"}, "dml": {"logit"}, "kdcl": {"logit"}, "l1": {"logit"}, "l2": {"logit"}, "afd": {"logit", "disc", "feat"},
+                "afd_shared": {"shared", "disc"}}
     assert set(stages) == expected[method]
     data = batches(4)
     losses0 = None

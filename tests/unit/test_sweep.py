@@ -1,0 +1,162 @@
+"""fastafd sweep without training: the plan (recipes x seeds, shared options), the manifest, cell states from files,
+the Slurm array pieces, and one-line refusals that write nothing."""
+
+import json
+import shlex
+
+import pytest
+
+from fastafd import cli, recipes, rundir, runlock
+from fastafd import sweep as sw
+from fastafd.errors import UserError
+from tests.battery.harness import Case, run_case
+
+TINY = ["--data.format", "synthetic", "--data.synthetic_samples", "64", "--data.batch_size", "16", "--loop.epochs", "2"]
+
+
+def test_patterns_expand_in_recipe_order_once_each():
+    known = list(recipes.RECIPES)
+    got = sw.expand_recipes(["cifar100_resnet32_resnet110_*", "cifar100_resnet32_resnet110_afd", "demo"], known)
+    assert got[-1] == "demo" and got.count("cifar100_resnet32_resnet110_afd") == 1
+    assert set(got[:-1]) == {r for r in known if r.startswith("cifar100_resnet32_resnet110_")}
+    assert [r for r in known if r in got[:-1]] == got[:-1]
+    with pytest.raises(UserError, match="matches no recipe: did you mean"):
+        sw.expand_recipes(["cifar100_resnt32_afd"], known)
+
+
+def test_the_paper_table_pattern_names_every_method_of_the_resnet32_pairs():
+    got = sw.expand_recipes(["cifar100_resnet32_*"], list(recipes.RECIPES))
+    assert {"cifar100_resnet32_independent", "cifar100_resnet32_dml", "cifar100_resnet32_l1", "cifar100_resnet32_afd",
+            "cifar100_resnet32_afd_shared", "cifar100_resnet32_resnet110_afd", "cifar100_resnet32_k3_independent"} <= set(got)
+
+
+def test_cells_are_recipes_times_seeds_with_the_shared_options_and_a_fixed_run_folder(tmp_path):
+    cells = sw.plan_cells(["demo_resnet8_afd", "demo_resnet8_dml"], (0, 3), TINY)
+    assert [c.name for c in cells] == ["demo_resnet8_afd-seed0", "demo_resnet8_afd-seed3", "demo_resnet8_dml-seed0", "demo_resnet8_dml-seed3"]
+    c = cells[1]
+    assert c.argv == ("--recipe", "demo_resnet8_afd", "--system.seed", "3", *TINY)
+    assert (c.method, c.peers, c.epochs, c.data) == ("afd", ("cifar_resnet8", "cifar_resnet8"), 2, "synthetic")
+    assert c.train_args(tmp_path)[-2:] == ["--out", str(tmp_path.resolve() / "runs" / c.name)]
+    assert shlex.split(c.command(tmp_path)) == ["fastafd", "train", *c.train_args(tmp_path)]
+    cfg = cli.parse_train_args(c.train_args(tmp_path))  # the exact command trains what the cell says
+    assert cfg.system.seed == 3 and cfg.recipe == "demo_resnet8_afd" and cfg.loop.epochs == 2
+
+
+def test_default_folder_depends_only_on_the_command():
+    assert str(sw.default_out(None, ["cifar100_resnet32_*"])) == "sweeps/cifar100_resnet32_all"
+    assert str(sw.default_out("claims-demo", [])) == "sweeps/claims-demo"
+
+
+def test_manifest_keeps_earlier_cells_first_adds_new_ones_and_refuses_other_options(tmp_path):
+    first = sw.plan_cells(["demo_resnet8_afd"], (0, 1), TINY)
+    m = sw.merge(None, first, overrides=TINY, grid=None, sweep=tmp_path, command="c1", executor="local")
+    more = sw.plan_cells(["demo_resnet8_afd"], (1, 2), TINY)
+    m2 = sw.merge(m, more, overrides=TINY, grid=None, sweep=tmp_path, command="c2", executor="local")
+    assert [c["name"] for c in m2["cells"]] == ["demo_resnet8_afd-seed0", "demo_resnet8_afd-seed1", "demo_resnet8_afd-seed2"]
+    assert [h["command"] for h in m2["history"]] == ["c1", "c2"] and m2["command"] == "c2"
+    assert m2["cells"][0]["command"].startswith("fastafd train --recipe demo_resnet8_afd --system.seed 0")
+    with pytest.raises(UserError, match="pass another --out"):
+        sw.merge(m, sw.plan_cells(["demo_resnet8_afd"], (0,), [*TINY, "--loop.epochs", "3"]), overrides=[*TINY, "--loop.epochs", "3"],
+                 grid=None, sweep=tmp_path, command="c3", executor="local")
+
+
+def test_array_spec_compresses_runs():
+    assert sw.array_spec([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert sw.array_spec([4]) == "4"
+
+
+def test_cell_file_round_trips_awkward_arguments_through_bash(tmp_path):
+    import subprocess
+
+    cell = sw.Cell("r-seed0", "r", 0, ("--recipe", "r", "--data", "/d/with space/$HOME'x"), "afd", ("a", "b"), 2, "demo")
+    path = tmp_path / "0.sh"
+    path.write_text(sw.cell_file(cell, tmp_path))
+    out = subprocess.run(["bash", "-c", f'source {shlex.quote(str(path))}; printf "%s\\n" "$CELL" "$RUN_DIR" "${{ARGS[@]}}"'],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == ["r-seed0", str(tmp_path.resolve() / "runs" / "r-seed0"), *cell.argv]
+
+
+def _fake_run(run, epochs):
+    run.mkdir(parents=True, exist_ok=True)
+    with open(run / rundir.METRICS_FILE, "w") as f:
+        for e in range(1, epochs + 1):
+            f.write(json.dumps({"epoch": e, "peers": [{"top1": 50.0}, {"top1": 51.0}], "ensemble_top1": 52.0}) + "\n")
+
+
+def test_cell_state_is_read_from_the_files(tmp_path):
+    cell = sw.plan_cells(["demo_resnet8_afd"], (0,), TINY)[0]
+    run = tmp_path / cell.run_dir
+    assert sw.cell_state(tmp_path, cell) == sw.CellState("pending", 0, "not started")
+    _fake_run(run, 1)
+    assert sw.cell_state(tmp_path, cell).state == "pending" and sw.cell_state(tmp_path, cell).epochs_done == 1
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / f"{cell.name}.log").write_text("epoch 1/2 ...\nfastafd: error: something broke: fix it\n")
+    sw.write_status(tmp_path, cell, {"exit": 1})
+    st = sw.cell_state(tmp_path, cell)
+    assert st.state == "failed" and "exit 1" in st.detail and "fastafd: error: something broke" in st.detail
+    assert sw.cell_state(tmp_path, cell, {cell.name: "job 7_0 PENDING"}).state == "pending"  # requeued: queued wins
+    with runlock.RunLock(run):
+        st = sw.cell_state(tmp_path, cell)
+        assert st.state == "running" and "pid" in st.detail
+    _fake_run(run, 2)
+    assert sw.cell_state(tmp_path, cell).state == "done"  # the last epoch, whatever was recorded before
+    sw.write_status(tmp_path, cell, {"exit": -9})
+    assert sw.cell_state(tmp_path, cell).state == "done"
+
+
+def test_exit_codes_in_words():
+    assert sw.describe_exit(-9) == "exit -9, killed by SIGKILL"
+    assert sw.describe_exit(143) == "exit 143, stopped on SIGTERM"
+    assert "mistake" in sw.describe_exit(2)
+
+
+BAD = [
+    Case("no-cells", lambda tmp: ["sweep", "--out", str(tmp / "s")], needle="--recipes NAME_OR_PATTERN"),
+    Case("pattern-matches-nothing", lambda tmp: ["sweep", "--recipes", "cifar100_resnt*", "--out", str(tmp / "s")], needle="matches no recipe"),
+    Case("grid-and-recipes", lambda tmp: ["sweep", "--grid", "claims-demo", "--recipes", "demo", "--out", str(tmp / "s")], needle="pass one of them"),
+    Case("unknown-grid", lambda tmp: ["sweep", "--grid", "claims", "--out", str(tmp / "s")], needle="unknown grid 'claims'"),
+    Case("seed-in-options", lambda tmp: ["sweep", "--recipes", "demo", "--out", str(tmp / "s"), "--", "--system.seed", "3"], needle="--seeds"),
+    Case("out-in-options", lambda tmp: ["sweep", "--recipes", "demo", "--out", str(tmp / "s"), "--", "--out", str(tmp / "r")], needle="set by the sweep"),
+    Case("bad-train-option", lambda tmp: ["sweep", "--recipes", "demo", "--out", str(tmp / "s"), "--", "--loop.epoch", "3"], needle="unknown option --loop.epoch"),
+    Case("bad-value", lambda tmp: ["sweep", "--recipes", "demo", "--out", str(tmp / "s"), "--", "--optim.lr", "nan"], needle="optim.lr"),
+    Case("dataset-missing", lambda tmp: ["sweep", "--recipes", "cifar100_resnet32_afd", "--out", str(tmp / "s")], needle="pass its folder after --"),
+    Case("dataset-not-there", lambda tmp: ["sweep", "--recipes", "cifar100_resnet32_afd", "--out", str(tmp / "s"), "--", "--data", str(tmp / "nope")],
+         needle="does not exist"),
+    Case("negative-seed", lambda tmp: ["sweep", "--recipes", "demo", "--seeds", "-1", "--out", str(tmp / "s")], needle="distinct seeds >= 0"),
+    Case("unknown-sweep-option", lambda tmp: ["sweep", "--recipe", "demo"], needle="--recipe"),
+    Case("status-of-nothing", lambda tmp: ["sweep", "status", str(tmp / "nope")], needle="pass a sweep folder"),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=str)
+def test_bad_sweep_commands_are_one_line_exit_2_and_write_nothing(case, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_case(case, tmp_path, capsys)
+
+
+def test_other_shared_options_on_an_existing_sweep_are_refused_and_leave_it_unchanged(tmp_path, capsys):
+    sweep = tmp_path / "s"
+    cells = sw.plan_cells(["demo_resnet8_afd"], (0,), TINY)
+    sweep.mkdir()
+    rundir.write_json(sweep / sw.MANIFEST, sw.merge(None, cells, overrides=TINY, grid=None, sweep=sweep, command="c", executor="local"))
+    case = Case("other-options", lambda tmp: ["sweep", "--recipes", "demo_resnet8_afd", "--out", str(sweep), "--", *TINY, "--loop.epochs", "3"],
+                needle="pass another --out")
+    run_case(case, tmp_path, capsys)
+
+
+def test_dry_run_prints_every_cell_command_and_the_sbatch_line(tmp_path, capsys):
+    sweep = tmp_path / "s"
+    code = cli.main(["sweep", "--recipes", "demo_resnet8_afd", "demo_resnet8_l1", "--seeds", "0", "1", "--out", str(sweep),
+                     "--executor", "slurm", "--gpus_per_node", "0", "--parallel", "3", "--dry-run", "--", *TINY])
+    out = capsys.readouterr().out
+    assert code == 0 and not sweep.exists()
+    assert out.count("fastafd train --recipe demo_resnet8_") == 4
+    assert "sbatch --parsable --array=0-3%3 " in out and "--nodes=1" in out and "gpus-per-node" not in out
+    assert out.rstrip().endswith("slurm/sweep.sbatch")
+
+
+def test_slurm_without_sbatch_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))
+    case = Case("no-sbatch", lambda tmp: ["sweep", "--recipes", "demo", "--out", str(tmp / "s"), "--executor", "slurm", "--", *TINY],
+                needle="needs sbatch on PATH")
+    run_case(case, tmp_path, capsys)
