@@ -73,3 +73,35 @@ def test_preemption_signal_checkpoints_requeues_and_resumes(cluster, tmp_path):
     assert f"resuming from {run}/checkpoints/" in log and f"at epoch 1, step {stop}" in log, log[-3000:]
     assert "(restart 1)" in log
     assert [(r["epoch"], r["step"]) for r in rundir.read_metrics(run)] == [(1, steps // 2), (2, steps)]
+
+
+def test_a_requeued_job_resumes_on_fewer_nodes(cluster, tmp_path):
+    """A 2-node job is preempted; while it waits, node2 is drained and the job shrunk to one node (what a user
+    does when the cluster lost nodes: scontrol update JobId=N NumNodes=1 NumTasks=1); it continues on node1 alone from the
+    2-process checkpoint and its epochs end where an uninterrupted run's do (the global batch is kept)."""
+    run = tmp_path / "run"
+    job = sc.sbatch(job_env(cluster, tmp_path, run), "--nodes=2", str(SBATCH), *TINY, "--data.synthetic_samples", "4096",
+                    "--loop.epochs", "2", "--loop.max_steps_per_epoch", "120", "--loop.log_interval", "5",
+                    "--checkpoint.every_steps", "0", cwd=tmp_path)
+    out = tmp_path / f"slurm-fastafd-{job}.out"
+    sc.wait_until(lambda: "epoch 1/2 step 10/" in log_of(tmp_path, job), 600, "training to reach step 10", explain=sc.explain_job(cluster, job, out))
+    subprocess.run(["scancel", "--signal=USR1", job], env=cluster, check=True, timeout=30)
+    sc.wait_until(lambda: sc.job_info(cluster, job).get("Restarts") == "1", 300, "the job to requeue itself",
+                  explain=sc.explain_job(cluster, job, out))
+    node2 = ["scontrol", "update", "NodeName=node2"]
+    try:
+        subprocess.run([*node2, "State=DRAIN", "Reason=fewer-nodes-test"], env=cluster, check=True, capture_output=True, timeout=30)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "NumNodes=1", "NumTasks=1"], env=cluster, check=True, capture_output=True, timeout=30)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster, capture_output=True, timeout=30)
+        info = sc.wait_done(cluster, job, timeout=600, log=out)
+    finally:
+        subprocess.run([*node2, "State=RESUME"], env=cluster, capture_output=True, timeout=30)
+    log = log_of(tmp_path, job)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    first, second = log.split("(restart 1)")
+    assert "run.sh: node 1/2" in first and "run.sh: node 1/2" not in second, log[-3000:]  # 2 nodes, then 1
+    assert second.split("\n")[0].startswith(" on node1;"), second[:300]
+    stop = int(log.split("stopped at step ")[1].split()[0])
+    assert f"at epoch 1, step {stop}; on 1 processes, written by 2" in second, second[-3000:]
+    assert [(r["epoch"], r["step"]) for r in rundir.read_metrics(run)] == [(1, 120), (2, 240)]
+    assert json.loads((run / rundir.ENV_FILE).read_text())["world_size"] == 1
