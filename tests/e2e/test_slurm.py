@@ -86,8 +86,10 @@ def test_a_requeued_job_resumes_on_fewer_nodes(cluster, tmp_path):
     out = tmp_path / f"slurm-fastafd-{job}.out"
     sc.wait_until(lambda: "epoch 1/2 step 10/" in log_of(tmp_path, job), 600, "training to reach step 10", explain=sc.explain_job(cluster, job, out))
     subprocess.run(["scancel", "--signal=USR1", job], env=cluster, check=True, timeout=30)
-    sc.wait_until(lambda: sc.job_info(cluster, job).get("Restarts") == "1", 300, "the job to requeue itself",
-                  explain=sc.explain_job(cluster, job, out))
+    def waiting():  # requeued and no longer completing: only a pending job takes the updates below
+        info = sc.job_info(cluster, job)
+        return info.get("Restarts") == "1" and info.get("JobState") == "PENDING"
+    sc.wait_until(waiting, 300, "the job to requeue itself", explain=sc.explain_job(cluster, job, out))
     node2 = ["scontrol", "update", "NodeName=node2"]
     try:
         subprocess.run([*node2, "State=DRAIN", "Reason=fewer-nodes-test"], env=cluster, check=True, capture_output=True, timeout=30)
