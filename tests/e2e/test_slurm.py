@@ -36,6 +36,18 @@ def log_of(tmp_path, job):
     return path.read_text() if path.exists() else ""
 
 
+def preempted_two_node_job(cluster, tmp_path, run):
+    """A 2-node job of 2 x 120 steps, sent SIGUSR1 once it reached step 10 (what Slurm does --signal
+    seconds before the time limit); its id and output file."""
+    job = sc.sbatch(job_env(cluster, tmp_path, run), "--nodes=2", str(SBATCH), *TINY, "--data.synthetic_samples", "4096",
+                    "--loop.epochs", "2", "--loop.max_steps_per_epoch", "120", "--loop.log_interval", "5",
+                    "--checkpoint.every_steps", "0", cwd=tmp_path)
+    out = tmp_path / f"slurm-fastafd-{job}.out"
+    sc.wait_until(lambda: "epoch 1/2 step 10/" in log_of(tmp_path, job), 600, "training to reach step 10", explain=sc.explain_job(cluster, job, out))
+    subprocess.run(["scancel", "--signal=USR1", job], env=cluster, check=True, timeout=30)
+    return job, out
+
+
 def test_two_node_job_trains_on_both_nodes(cluster, tmp_path):
     run = tmp_path / "run"
     job = sc.sbatch(job_env(cluster, tmp_path, run), "--nodes=2", str(SBATCH), *TINY, "--data.synthetic_samples", "512",
@@ -51,13 +63,7 @@ def test_two_node_job_trains_on_both_nodes(cluster, tmp_path):
 def test_preemption_signal_checkpoints_requeues_and_resumes(cluster, tmp_path):
     run = tmp_path / "run"
     steps = 2 * 120
-    job = sc.sbatch(job_env(cluster, tmp_path, run), "--nodes=2", str(SBATCH), *TINY, "--data.synthetic_samples", "4096",
-                    "--loop.epochs", "2", "--loop.max_steps_per_epoch", "120", "--loop.log_interval", "5",
-                    "--checkpoint.every_steps", "0", cwd=tmp_path)
-    out = tmp_path / f"slurm-fastafd-{job}.out"
-    sc.wait_until(lambda: "epoch 1/2 step 10/" in log_of(tmp_path, job), 600, "training to reach step 10", explain=sc.explain_job(cluster, job, out))
-    # what Slurm does --signal seconds before the time limit: SIGUSR1 to the job's tasks
-    subprocess.run(["scancel", "--signal=USR1", job], env=cluster, check=True, timeout=30)
+    job, out = preempted_two_node_job(cluster, tmp_path, run)
     def requeued():
         info = sc.job_info(cluster, job)
         return info.get("Restarts") == "1" and info.get("JobState") in ("PENDING", "RUNNING", "COMPLETED")
@@ -80,12 +86,7 @@ def test_a_requeued_job_resumes_on_fewer_nodes(cluster, tmp_path):
     does when the cluster lost nodes: scontrol update JobId=N NumNodes=1 NumTasks=1); it continues on node1 alone from the
     2-process checkpoint and its epochs end where an uninterrupted run's do (the global batch is kept)."""
     run = tmp_path / "run"
-    job = sc.sbatch(job_env(cluster, tmp_path, run), "--nodes=2", str(SBATCH), *TINY, "--data.synthetic_samples", "4096",
-                    "--loop.epochs", "2", "--loop.max_steps_per_epoch", "120", "--loop.log_interval", "5",
-                    "--checkpoint.every_steps", "0", cwd=tmp_path)
-    out = tmp_path / f"slurm-fastafd-{job}.out"
-    sc.wait_until(lambda: "epoch 1/2 step 10/" in log_of(tmp_path, job), 600, "training to reach step 10", explain=sc.explain_job(cluster, job, out))
-    subprocess.run(["scancel", "--signal=USR1", job], env=cluster, check=True, timeout=30)
+    job, out = preempted_two_node_job(cluster, tmp_path, run)
     def waiting():  # requeued and no longer completing: only a pending job takes the updates below
         info = sc.job_info(cluster, job)
         return info.get("Restarts") == "1" and info.get("JobState") == "PENDING"
