@@ -53,10 +53,6 @@ def test_a_two_cell_array_trains_both_cells_and_a_preempted_task_requeues_alone_
     assert submission["cells"] == {"0": f"{RECIPE}-seed0", "1": f"{RECIPE}-seed1"} and "--array=0-1 " in submission["command"]
     assert f"submitted job {job}: an array of 2 cells" in first.stdout
 
-    again = sweep(env, out)  # while its tasks are queued or running: nothing is submitted twice
-    assert again.returncode == 0 and "nothing to submit" in again.stdout, again.stdout + again.stderr
-    assert len((out / sw.SLURM / "jobs.jsonl").read_text().splitlines()) == 1
-
     task0 = f"{job}_0"
     explain = sc.explain_job(cluster, task0, out / sw.LOGS / f"{RECIPE}-seed0.log")
     sc.wait_until(lambda: "epoch 1/2 step 10/" in log(out, 0), 600, "cell 0 to reach step 10", explain=explain)
@@ -67,6 +63,11 @@ def test_a_two_cell_array_trains_both_cells_and_a_preempted_task_requeues_alone_
         return info.get("Restarts") == "1" and info.get("JobState") in ("PENDING", "RUNNING", "COMPLETED")
 
     sc.wait_until(requeued, 300, "array task 0 to requeue itself", explain=explain)
+    # the same command while task 0 is queued (task 1 running or done): nothing is submitted twice. Here, not
+    # before the preemption: a CLI start on a loaded machine can outlast a whole cell.
+    again = sweep(env, out)
+    assert again.returncode == 0 and "nothing to submit" in again.stdout, again.stdout + again.stderr
+    assert len((out / sw.SLURM / "jobs.jsonl").read_text().splitlines()) == 1
     status = subprocess.run([sys.executable, "-m", "fastafd.cli", "sweep", "status", str(out)], capture_output=True, text=True, env=env, timeout=120)
     assert status.returncode == 0 and f"{RECIPE}-seed0" in status.stdout, status.stderr
     subprocess.run(["scontrol", "update", f"JobId={task0}", "StartTime=now"], env=cluster, capture_output=True, timeout=30)
