@@ -70,6 +70,8 @@ class CellResult:
     """Column -> the top-1 of its last epoch (finished runs only)."""
     load: list[float] = field(default_factory=list)
     """1-minute load averages the local executor recorded at its start and end (how busy the machine was)."""
+    run: Path = Path()
+    """The cell's run folder."""
 
 
 @dataclass
@@ -128,7 +130,7 @@ def run_values(rows: Sequence[Mapping]) -> tuple[dict[str, float], dict[str, flo
 
 
 def _result(cell: sweeps.Cell, state: sweeps.CellState, run: Path, status: Mapping) -> CellResult:
-    result = CellResult(cell, state, load=[float(v) for v in (status.get("load_start"), status.get("load_end")) if isinstance(v, (int, float))])
+    result = CellResult(cell, state, run=Path(run), load=[float(v) for v in (status.get("load_start"), status.get("load_end")) if isinstance(v, (int, float))])
     if state.state == sweeps.DONE:
         try:
             result.best, result.final = run_values([r for r in rundir.read_metrics(run) if r["epoch"] <= cell.epochs])
@@ -188,7 +190,10 @@ def collect(dirs: Sequence[Path]) -> tuple[list[CellResult], list[str]]:
         else:
             what = "does not exist" if not d.exists() else "is neither a sweep folder, a run folder nor a folder of run folders"
             raise UserError(f"{d} {what}: pass folders written by `{PROG} sweep` or `{PROG} train`")
-    return results, grid_names
+    unique: dict[Path, CellResult] = {}  # a run reached twice (a sweep and its runs/ folder, a folder given twice) counts once
+    for r in results:
+        unique.setdefault(r.run.resolve(), r)
+    return list(unique.values()), grid_names
 
 
 def _stat(values: Sequence[float]) -> Stat:
@@ -207,13 +212,18 @@ def build_tables(results: Sequence[CellResult]) -> list[Table]:
     tables: dict[tuple, dict[str, list[CellResult]]] = {}
     for r in results:
         key = (r.cell.peers, r.cell.data, r.cell.epochs)
-        tables.setdefault(key, {}).setdefault(r.cell.recipe, []).append(r)
+        tables.setdefault(key, {}).setdefault((r.cell.recipe, r.cell.method), []).append(r)
     out = []
     for (peers, data, epochs), by_recipe in tables.items():
-        methods = [cells[0].cell.method for cells in by_recipe.values()]
+        methods = [method for _, method in by_recipe]
         rows = []
-        for recipe, cells in by_recipe.items():
-            method = cells[0].cell.method
+        for (recipe, method), cells in by_recipe.items():
+            seeds = [r.cell.seed for r in cells]
+            if len(set(seeds)) != len(seeds):
+                twice = sorted({x for x in seeds if seeds.count(x) > 1})
+                runs = ", ".join(str(r.run) for r in cells if r.cell.seed in twice)
+                raise UserError(f"{method} ({recipe}) on {' + '.join(peers)} has two runs with seed {twice[0]} ({runs}), "
+                                "which one mean would count twice: report them separately (one folder each)")
             label = method if methods.count(method) == 1 else f"{method} ({recipe})"
             rows.append(Row(label, method, recipe, sorted(cells, key=lambda r: r.cell.seed)))
         rows.sort(key=lambda r: (_ORDER.index(r.method) if r.method in _ORDER else len(_ORDER), r.label))

@@ -481,7 +481,8 @@ def array_spec(indexes: Sequence[int]) -> str:
 def cell_file(cell: Cell, sweep: Path) -> str:
     """What ``slurm/sweep.sbatch`` sources for its array task: the cell's name, run folder and train arguments."""
     run = Path(sweep).resolve() / cell.run_dir
-    return (f"# {cell.command(sweep)}\nCELL={shlex.quote(cell.name)}\nRUN_DIR={shlex.quote(str(run))}\n"
+    comment = cell.command(sweep).replace("\r", "\\r").replace("\n", "\\n")  # one comment line, whatever the arguments hold
+    return (f"# {comment}\nCELL={shlex.quote(cell.name)}\nRUN_DIR={shlex.quote(str(run))}\n"
             f"ARGS=({' '.join(shlex.quote(a) for a in cell.argv)})\n")
 
 
@@ -494,9 +495,11 @@ def sbatch_command(sweep: Path, indexes: Sequence[int], args: SweepArgs) -> list
     return [*cmd, *shlex.split(args.sbatch_args), str(ROOT / "slurm" / "sweep.sbatch")]
 
 
-def slurm_queue(sweep: Path) -> dict[str, str]:
+def slurm_queue(sweep: Path, strict: bool = False) -> dict[str, str]:
     """Cell name -> ``job <array job>_<index> <STATE>`` for the sweep's array tasks still in the Slurm queue
-    (``{}`` without submissions, without squeue, or when Slurm has forgotten the jobs)."""
+    (``{}`` without submissions, without squeue, or when Slurm has forgotten the jobs). ``strict`` (before a
+    submission): squeue failing otherwise (a busy controller) stops the command, since "not in the queue" would
+    submit queued cells again."""
     path = Path(sweep) / SLURM / "jobs.jsonl"
     if not path.is_file() or not shutil.which("squeue"):
         return {}
@@ -506,8 +509,14 @@ def slurm_queue(sweep: Path) -> dict[str, str]:
             job = json.loads(line)
             names = {int(i): n for i, n in job["cells"].items()}
             proc = subprocess.run(["squeue", "-h", "-r", "-j", str(job["job"]), "-o", "%i %T"], capture_output=True, text=True, timeout=30)
-        except (ValueError, KeyError, TypeError, OSError, subprocess.SubprocessError):
+        except (ValueError, KeyError, TypeError, OSError, subprocess.SubprocessError) as e:
+            if strict and isinstance(e, (OSError, subprocess.SubprocessError)):
+                raise RunStopped(f"squeue could not be asked about job {job.get('job')} ({e}): nothing submitted; "
+                                 "run the same command again when Slurm answers") from None
             continue
+        if strict and proc.returncode != 0 and "invalid job id" not in proc.stderr.lower():
+            raise RunStopped(f"squeue failed for job {job['job']} ({proc.stderr.strip() or f'exit {proc.returncode}'}): "
+                             "nothing submitted; run the same command again when Slurm answers")
         for entry in proc.stdout.splitlines() if proc.returncode == 0 else []:
             task, _, state = entry.partition(" ")
             job_id, _, index = task.partition("_")
@@ -527,7 +536,7 @@ def check_slurm() -> None:
 
 def submit_slurm(sweep: Path, cells: Sequence[Cell], args: SweepArgs) -> int:
     """One ``sbatch --array`` over the cells that are neither done, running nor already queued; returns 0."""
-    queued = slurm_queue(sweep)
+    queued = slurm_queue(sweep, strict=True)
     todo = []
     for i, cell in enumerate(cells):
         st = cell_state(sweep, cell, queued)
@@ -591,6 +600,10 @@ def cmd_sweep(argv: Sequence[str]) -> int:
         raise UserError("--out is empty: give the sweep folder, e.g. --out sweeps/my-sweep")
     if args.executor == "local" and (args.nodes != 1 or args.sbatch_args):
         raise UserError("--nodes and --sbatch_args are for --executor slurm")
+    try:
+        shlex.split(args.sbatch_args)
+    except ValueError as e:
+        raise UserError(f"--sbatch_args {args.sbatch_args!r}: {e}; quote it as one shell string, e.g. --sbatch_args='--partition gpu'") from None
     from fastafd import recipes as recipe_book
 
     names = list(grid.recipes) if grid else expand_recipes(args.recipes, list(recipe_book.RECIPES))
@@ -602,15 +615,21 @@ def cmd_sweep(argv: Sequence[str]) -> int:
     sweep = Path(args.out) if args.out is not None else default_out(args.grid, args.recipes)
     if sweep.exists() and not sweep.is_dir():
         raise UserError(f"--out {sweep} is a file: pass a folder for the sweep")
-    existing = load_manifest(sweep) if (sweep / MANIFEST).exists() else None
     command = shlex.join([PROG, "sweep", *argv])
-    manifest = merge(existing, cells, overrides=shared, grid=args.grid, sweep=sweep, command=command, executor=args.executor)
-    all_cells = cells_of(manifest)
+
+    def planned() -> tuple[dict, list[Cell], bool]:
+        existing = load_manifest(sweep) if (sweep / MANIFEST).exists() else None
+        manifest = merge(existing, cells, overrides=shared, grid=args.grid, sweep=sweep, command=command, executor=args.executor)
+        return manifest, cells_of(manifest), existing is not None
+
     if args.dry_run:
-        return _print_plan(sweep, all_cells, args, existing is not None)
+        _, all_cells, existing = planned()
+        return _print_plan(sweep, all_cells, args, existing)
+    planned()  # a manifest that does not fit is refused before anything is written
     if args.executor == "slurm":
         check_slurm()
     with runlock.RunLock(sweep):  # one sweep command per folder at a time (a cell has its own run lock)
+        manifest, all_cells, _ = planned()  # read again under the lock: another sweep command may have extended it
         rundir.write_json(sweep / MANIFEST, manifest)
         if args.executor == "slurm":
             return submit_slurm(sweep, all_cells, args)

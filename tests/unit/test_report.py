@@ -148,6 +148,35 @@ def test_run_folders_and_folders_of_runs_are_reported_too(tmp_path, capsys):
     assert "* `c`: **pending** (epoch 1/2): unfinished: epoch 1 of 2" in (tmp_path / "runs" / "report" / "report.md").read_text()
 
 
+def test_a_sweep_given_twice_counts_each_run_once(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    make_sweep(sweep, {k: v for k, v in RUNS.items() if k[0] == IND and len(v) == 2}, [IND], (0, 1, 2))
+    assert cli.main(["report", str(sweep), str(tmp_path / "." / "sweep"), "--png", "off"]) == 0
+    ind = _row(json.loads((sweep / "report" / "report.json").read_text()), IND)["stats"]["peer0"]["final"]
+    assert ind["n"] == 3 and ind["mean"] == pytest.approx(sum(hand([50, 52, 57])[:1]))
+
+
+def _run_folder(run, recipe, epochs, *options):
+    from fastafd.config import to_dict
+
+    write_metrics(run, epochs)
+    cfg = cli.parse_train_args(["--recipe", recipe, *options, *TINY])
+    (run / rundir.CONFIG_FILE).write_text(json.dumps(to_dict(cfg)))
+
+
+def test_runs_of_one_recipe_with_other_methods_are_rows_of_their_own_and_a_seed_twice_is_refused(tmp_path, capsys):
+    _run_folder(tmp_path / "runs" / "a", IND, [(10, 11, 12), (20, 21, 22)], "--method.name", "afd")
+    _run_folder(tmp_path / "runs" / "b", IND, [(30, 31, 32), (40, 41, 42)])
+    assert cli.main(["report", str(tmp_path / "runs"), "--png", "off"]) == 0
+    rows = json.loads((tmp_path / "runs" / "report" / "report.json").read_text())["tables"][0]["rows"]
+    assert sorted((r["method"], r["stats"]["peer0"]["final"]["mean"]) for r in rows) == [("afd", 20.0), ("independent", 40.0)]
+    capsys.readouterr()
+    _run_folder(tmp_path / "runs" / "c", IND, [(30, 31, 32), (44, 41, 42)])  # b again: same recipe, method and seed
+    assert cli.main(["report", str(tmp_path / "runs"), "--png", "off"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "two runs with seed 0" in err and "report them separately" in err
+
+
 def test_report_refuses_a_folder_that_is_not_a_sweep_or_run_in_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert cli.main(["report", str(tmp_path / "empty")]) == 2

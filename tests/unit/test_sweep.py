@@ -6,7 +6,7 @@ import shlex
 
 import pytest
 
-from fastafd import cli, recipes, rundir, runlock
+from fastafd import cli, errors, recipes, rundir, runlock
 from fastafd import sweep as sw
 from fastafd.errors import UserError
 from tests.battery.harness import Case, run_case
@@ -26,8 +26,12 @@ def test_patterns_expand_in_recipe_order_once_each():
 
 def test_the_paper_table_pattern_names_every_method_of_the_resnet32_pairs():
     got = sw.expand_recipes(["cifar100_resnet32_*"], list(recipes.RECIPES))
-    assert {"cifar100_resnet32_independent", "cifar100_resnet32_dml", "cifar100_resnet32_l1", "cifar100_resnet32_afd",
-            "cifar100_resnet32_afd_shared", "cifar100_resnet32_resnet110_afd", "cifar100_resnet32_k3_independent"} <= set(got)
+    from fastafd.methods import registry
+
+    methods = registry.names()
+    want = {f"cifar100_resnet32{pair}_{m}" for pair in ("", "_resnet110", "_k3") for m in methods}
+    assert len(methods) == 7 and set(got) == want | {"cifar100_resnet32_wrn28_4_afd", "cifar100_resnet32_vits8_afd"}
+    assert len(got) == 23  # the README's count
 
 
 def test_cells_are_recipes_times_seeds_with_the_shared_options_and_a_fixed_run_folder(tmp_path):
@@ -74,6 +78,36 @@ def test_cell_file_round_trips_awkward_arguments_through_bash(tmp_path):
     out = subprocess.run(["bash", "-c", f'source {shlex.quote(str(path))}; printf "%s\\n" "$CELL" "$RUN_DIR" "${{ARGS[@]}}"'],
                          capture_output=True, text=True, check=True).stdout.splitlines()
     assert out == ["r-seed0", str(tmp_path.resolve() / "runs" / "r-seed0"), *cell.argv]
+
+
+def test_a_newline_in_an_argument_stays_inside_the_cell_file_comment(tmp_path):
+    import subprocess
+
+    marker = tmp_path / "ran"
+    cell = sw.Cell("r-seed0", "r", 0, ("--recipe", "r", "--data", f"/d\ntouch {marker}"), "afd", ("a", "b"), 2, "demo")
+    path = tmp_path / "0.sh"
+    path.write_text(sw.cell_file(cell, tmp_path))
+    out = subprocess.run(["bash", "-c", f'source {shlex.quote(str(path))}; printf "%s\\0" "${{ARGS[@]}}"'],
+                         capture_output=True, text=True, check=True).stdout.split("\0")[:-1]
+    assert out == list(cell.argv) and not marker.exists()  # the argument intact, nothing of it run as a command
+
+
+def test_a_failing_squeue_stops_a_submission_instead_of_submitting_queued_cells_again(tmp_path, monkeypatch):
+    import subprocess
+
+    (tmp_path / sw.SLURM).mkdir()
+    (tmp_path / sw.SLURM / "jobs.jsonl").write_text(json.dumps({"job": "7", "cells": {"0": "r-seed0"}}) + "\n")
+    monkeypatch.setattr(sw.shutil, "which", lambda name: "/usr/bin/" + name)
+    answers = {"busy": subprocess.CompletedProcess([], 1, "", "slurm_load_jobs error: Socket timed out on send/recv operation"),
+               "gone": subprocess.CompletedProcess([], 1, "", "slurm_load_jobs error: Invalid job id specified")}
+    for case, answer in answers.items():
+        monkeypatch.setattr(sw.subprocess, "run", lambda *a, answer=answer, **k: answer)
+        assert sw.slurm_queue(tmp_path) == {}  # what status shows: not in the queue
+        if case == "busy":
+            with pytest.raises(errors.RunStopped, match="nothing submitted"):
+                sw.slurm_queue(tmp_path, strict=True)
+        else:
+            assert sw.slurm_queue(tmp_path, strict=True) == {}  # Slurm has forgotten the job: it is not queued
 
 
 def _fake_run(run, epochs):
@@ -125,6 +159,8 @@ BAD = [
     Case("negative-seed", lambda tmp: ["sweep", "--recipes", "demo", "--seeds", "-1", "--out", str(tmp / "s")], needle="distinct seeds >= 0"),
     Case("unknown-sweep-option", lambda tmp: ["sweep", "--recipe", "demo"], needle="--recipe"),
     Case("status-of-nothing", lambda tmp: ["sweep", "status", str(tmp / "nope")], needle="pass a sweep folder"),
+    Case("sbatch-args-unbalanced", lambda tmp: ["sweep", "--recipes", "demo", "--executor", "slurm", "--sbatch_args=--comment 'x",
+                                                "--out", str(tmp / "s"), "--dry_run"], needle="No closing quotation"),
 ]
 
 
