@@ -96,7 +96,12 @@ class RunLock:
         missing = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]
         try:
             for path in reversed(missing):
-                path.mkdir()
+                try:
+                    path.mkdir()
+                except FileExistsError:
+                    if path.is_dir():  # another run made it meanwhile (two runs started together): the lock decides
+                        continue
+                    raise
                 self._created.append(path)
         except (FileExistsError, NotADirectoryError):
             blocker = next((p for p in (self.run_dir, *self.run_dir.parents) if p.exists() and not p.is_dir()), path)

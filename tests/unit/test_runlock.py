@@ -64,3 +64,26 @@ def test_a_lock_held_longer_than_the_retry_window_is_still_refused(tmp_path):
         assert time.monotonic() - started < runlock.PROBE_RETRY_S + 1.0
     finally:
         holder.release()
+
+
+def test_a_folder_made_by_another_run_meanwhile_is_not_called_a_file(tmp_path, monkeypatch):
+    """Two runs started together: both see --out missing, the other one's mkdir wins; this one must go on to
+    the lock (which then names the holder), not report the new folder as a file."""
+    from pathlib import Path
+
+    run = tmp_path / "a" / "run"
+    real_mkdir = Path.mkdir
+
+    def raced(self, *args, **kwargs):
+        real_mkdir(self, *args, **kwargs)  # the other process
+        raise FileExistsError(17, "File exists", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", raced)
+    lock = runlock.RunLock(run)
+    lock.acquire()
+    monkeypatch.undo()
+    try:
+        assert run.is_dir() and (run / runlock.LOCK_FILE).exists()
+    finally:
+        lock.release()
+    assert run.is_dir()  # not ours to remove: another run made it
