@@ -16,6 +16,7 @@ bad file, and the previous good one is used.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -140,9 +141,10 @@ def write(run_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]],
         if code is None:
             raise
         kept = next((p.name for p in list_checkpoints(run_dir) if p != final), "none yet")
+        fix = "free space" if code in atomic.DISK_FULL else f"fix {root} ({atomic.os_error(code)})" if code != errno.EROFS else "fix the file system"
         raise RunStopped(
             f"{atomic.describe(code)} while writing checkpoint {final.name} into {root}: nothing half-written is left and the newest "
-            f"checkpoint, {kept}, is kept; free space (or fix the file system), then run the same command again to resume"
+            f"checkpoint, {kept}, is kept; {fix}, then run the same command again to resume"
         ) from None
     if metric is not None:
         _update_best(run_dir, final, metric)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tyro.conf import Positional
 
-from fastafd import atomic
+from fastafd import atomic, outputs
 from fastafd.args import PROG, check_options, option_names, option_values, parse_train_args, tyro_parse
 from fastafd.errors import RunStopped, Stopped, UserError
 
@@ -29,6 +29,7 @@ __all__ = ["PROG", "check_options", "main", "option_names", "option_values", "pa
 
 
 def cmd_train(argv: Sequence[str]) -> int:
+    outputs.refuse_empty(argv)
     cfg = parse_train_args(argv)
 
     from fastafd.trainer import train
@@ -93,12 +94,13 @@ class PlotArgs:
     """Run directories written by `fastafd train`."""
 
     out: Path | None = None
-    """Folder for the PNGs; default: <first run>/plots."""
+    """Folder for the PNGs (top1, losses, discriminator, throughput); default: <first run>/plots. Never over a file fastafd did not write."""
 
 
 def cmd_plot(argv: Sequence[str]) -> int:
     from fastafd.plot import plot_runs
 
+    outputs.refuse_empty(argv)
     args = tyro_parse(PlotArgs, argv, prog=f"{PROG} plot", description=PlotArgs.__doc__ or "")
     for path in plot_runs(args.runs, args.out):
         print(path)
@@ -116,7 +118,7 @@ class ExportArgs:
     """Index of the peer to export (0-based, in --model.peers order)."""
 
     out: Path = Path("peer.safetensors")
-    """Output file (.safetensors)."""
+    """Output file (.safetensors), or a folder for peer<K>.safetensors; an existing file is replaced only when fastafd wrote it."""
 
     checkpoint: str = "best"
     """Which weights: best (best.json: the best ensemble top-1 of the evaluated epochs; the newest if none), latest, or a checkpoint folder."""
@@ -125,6 +127,7 @@ class ExportArgs:
 def cmd_export(argv: Sequence[str]) -> int:
     from fastafd.export import export_peer
 
+    outputs.refuse_empty(argv)
     args = tyro_parse(ExportArgs, argv, prog=f"{PROG} export", description=ExportArgs.__doc__ or "")
     print(json.dumps(export_peer(args.run, args.peer, args.out, which=args.checkpoint), indent=2))
     return 0
@@ -149,6 +152,7 @@ def cmd_report(argv: Sequence[str]) -> int:
 
 
 def cmd_bench(argv: Sequence[str]) -> int:
+    outputs.refuse_empty(argv)
     from fastafd.bench import cmd_bench as run
 
     return run(argv)
