@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fastafd import atomic
+from fastafd import atomic, readback
 from fastafd.errors import RunStopped, UserError
 
 CKPT_DIR = "checkpoints"
@@ -179,8 +179,8 @@ def read_best(run_dir: Path) -> dict | None:
     if not best_file.is_file():
         return None
     try:
-        best = json.loads(best_file.read_text())
-    except (OSError, ValueError) as e:
+        best = readback.loads(readback.read_text(best_file))
+    except (readback.Damaged, ValueError) as e:
         best, why = None, f"not JSON ({e})"
     else:
         why = "not an object with a step-* name and a finite metric"
@@ -235,8 +235,8 @@ def verify(path: Path) -> None:
     if not manifest.is_file():
         raise CorruptCheckpoint(f"{manifest} is missing (the write did not finish)")
     try:
-        content = json.loads(manifest.read_text())
-    except (OSError, ValueError) as e:
+        content = readback.loads(readback.read_text(manifest))
+    except (readback.Damaged, ValueError) as e:
         raise CorruptCheckpoint(f"{manifest} is unreadable ({e})") from None
     files = content.get("files") if isinstance(content, dict) else None
     if not isinstance(files, dict):
@@ -309,8 +309,8 @@ def load(path: Path) -> Checkpoint:
     path = Path(path)
     verify(path)
     try:
-        state = json.loads((path / STATE).read_text())
-    except (OSError, ValueError) as e:
+        state = readback.loads(readback.read_text(path / STATE), nonfinite=True)  # a meter may hold a NaN loss
+    except (readback.Damaged, ValueError) as e:
         raise CorruptCheckpoint(f"{path / STATE} is not JSON ({e})") from None
     if isinstance(state, dict) and state.get("format") != FORMAT:
         raise CorruptCheckpoint(f"{path / STATE} has format {state.get('format')}, this fastafd reads {FORMAT}")
