@@ -212,7 +212,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"{PROG}: error: {atomic.describe(e.errno)}{where}: free space (or fix the file system), then run the same command "
                      "again (a run resumes from its last checkpoint)", 1)
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        from fastafd.errors import ERROR_DIR
+
+        if not os.environ.get(ERROR_DIR) and os.environ.get("RANK", "0") == "0":  # under fastafd.launch, the launcher says it once
+            print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     finally:
         _release_temp_files(mark)

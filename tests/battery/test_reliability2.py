@@ -7,6 +7,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -217,3 +220,101 @@ def test_a_permission_error_on_checkpoints_names_it_not_free_space(tmp_path, mon
     msg = str(e.value)
     assert "permission denied" in msg and "Permission denied" in msg and "free space" not in msg
     assert tree_digest([tmp_path]) == before
+
+
+# -- cases 2, 5, 6: the launcher (fast checks of each piece; the multi-process runs are in test_faults/test_launch) --------
+
+
+def test_a_lost_store_names_the_launcher_on_node_0_not_rank_0():
+    from fastafd.dist import PeerWatch
+
+    watch = object.__new__(PeerWatch)
+    watch.rank, watch.world_size = 1, 2
+    line = watch.describe(None, None, "for 61 s")
+    assert "the launcher on node 0 is gone" in line and "the last checkpoint is kept" in line
+    assert "rank 0" not in line and "\n" not in line
+
+
+def test_the_watchdogs_line_is_recorded_so_the_launcher_adds_none(tmp_path, monkeypatch, capsys):
+    from fastafd import dist, launch
+
+    monkeypatch.setenv("FASTAFD_ERROR_DIR", str(tmp_path))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
+    with pytest.raises(SystemExit):
+        dist._say("rank 0: rank 1 of 2 stopped (process died or hung, or node lost); no heartbeat for 9 s")
+    capsys.readouterr()
+
+    class Failure:
+        exitcode, pid, hostname = 1, 123, "h"
+
+    assert launch.report({0: Failure(), 1: Failure()}, tmp_path) == 1
+    assert capsys.readouterr().err == ""  # named once, by rank 0: no "rank 0 exited with code 1" after it
+
+
+def test_ctrl_c_under_the_launcher_is_said_once_by_the_launcher(tmp_path, monkeypatch, capsys):
+    from accelerate.commands import launch as accelerate_launch
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from fastafd import launch
+
+    monkeypatch.setattr(LocalElasticAgent, "_shutdown", LocalElasticAgent._shutdown)  # restored after the test
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "recipes", (lambda argv: interrupted(), ""))
+    monkeypatch.setenv("FASTAFD_ERROR_DIR", str(tmp_path))
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main(["recipes"]) == 130
+    assert capsys.readouterr().err == ""  # a rank under the launcher says nothing
+    monkeypatch.setattr(accelerate_launch, "launch_command", lambda args: (_ for _ in ()).throw(SignalException("SIGINT", signal.SIGINT)))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert launch.main(["x.py"]) == 130
+    assert capsys.readouterr().err == "fastafd: interrupted\n"
+
+
+def test_the_stop_grace_is_an_option_with_a_bound_and_a_stopped_rank_is_woken(tmp_path, monkeypatch, capsys):
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    from fastafd import launch
+
+    monkeypatch.setenv(launch.GRACE_ENV, "inf")
+    assert launch.main(["x.py"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["fastafd: error: FASTAFD_STOP_GRACE_S='inf' must be a number of seconds in [1, 3600], e.g. 30"]
+    monkeypatch.setattr(LocalElasticAgent, "_shutdown", LocalElasticAgent._shutdown)  # restored after the test
+    launch._set_grace(4)
+    stopped = subprocess.Popen(["sleep", "30"])
+    try:
+        os.kill(stopped.pid, signal.SIGSTOP)
+        closed = []
+
+        class PContext:
+            def pids(self):
+                return {0: stopped.pid}
+
+            def close(self, death_sig, timeout):
+                closed.append(timeout)
+
+        agent = object.__new__(LocalElasticAgent)
+        agent._worker_watchdog = agent._health_check_server = None
+        agent._pcontext = PContext()
+        agent._shutdown()
+        assert closed == [4]
+        state = Path(f"/proc/{stopped.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        assert state != "T"  # woken: it can act on the SIGTERM instead of being killed after the grace
+    finally:
+        stopped.kill()
+        stopped.wait()
+
+
+def test_an_error_folder_left_by_a_killed_launcher_is_removed_by_a_later_launch(tmp_path):
+    from fastafd import launch
+
+    old, new = tmp_path / "fastafd-errors-old", tmp_path / "fastafd-errors-new"
+    old.mkdir()
+    new.mkdir()
+    os.utime(old, (0, 0))
+    launch.clean_stale(tmp_path)
+    assert not old.exists() and new.exists()
