@@ -33,7 +33,6 @@ import ctypes
 import datetime as dt
 import fnmatch
 import functools
-import json
 import os
 import re
 import shlex
@@ -553,9 +552,12 @@ def slurm_queue(sweep: Path, strict: bool = False) -> dict[str, str]:
     if not path.is_file() or not shutil.which("squeue"):
         return {}
     out: dict[str, str] = {}
-    for line in path.read_text().splitlines():
+    try:
+        jobs = readback.read_jsonl(path).rows  # a damaged line is skipped
+    except readback.Damaged:
+        return {}
+    for job in jobs:
         try:
-            job = json.loads(line)
             names = {int(i): n for i, n in job["cells"].items()}
             proc = subprocess.run(["squeue", "-h", "-r", "-j", str(job["job"]), "-o", "%i %T"], capture_output=True, text=True, timeout=30)
         except (ValueError, KeyError, TypeError, OSError, subprocess.SubprocessError) as e:
