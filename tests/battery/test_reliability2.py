@@ -318,3 +318,15 @@ def test_an_error_folder_left_by_a_killed_launcher_is_removed_by_a_later_launch(
     os.utime(old, (0, 0))
     launch.clean_stale(tmp_path)
     assert not old.exists() and new.exists()
+
+
+def test_a_damaged_slurm_jobs_file_does_not_stop_sweep_status(sweep, tmp_path, capsys, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    (sweep / sw.SLURM).mkdir()
+    (sweep / sw.SLURM / "jobs.jsonl").write_bytes(b'{"job": 7, "cells": {"0": "x"}}\n\xff\xfe\n[1]\n')
+    assert cli.main(["sweep", "status", str(sweep)]) == 0
+    assert "Traceback" not in capsys.readouterr().err
