@@ -206,6 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Stopped as e:
         return _fail(f"{PROG}: {e}", e.exit_code)
     except OSError as e:
+        gone = Path(str(e.filename)).parent if e.errno == errno.ENOENT and e.filename else None
+        if gone is not None and not gone.exists():  # e.g. a run folder deleted while its run (a sweep's cell) trains
+            return _fail(f"{PROG}: error: {gone} disappeared while the command ran (deleted or moved): restore it, or run the same "
+                         "command again (a run resumes from its newest checkpoint, if one is left)", 1)
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
             raise
         where = f" writing {e.filename}" if e.filename else ""

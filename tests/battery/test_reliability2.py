@@ -330,3 +330,24 @@ def test_a_damaged_slurm_jobs_file_does_not_stop_sweep_status(sweep, tmp_path, c
     (sweep / sw.SLURM / "jobs.jsonl").write_bytes(b'{"job": 7, "cells": {"0": "x"}}\n\xff\xfe\n[1]\n')
     assert cli.main(["sweep", "status", str(sweep)]) == 0
     assert "Traceback" not in capsys.readouterr().err
+
+
+# -- case 10: a run folder deleted while its run trains --------------------------------------------------------------
+
+
+def test_a_folder_deleted_while_the_command_runs_is_one_line(tmp_path, capsys, monkeypatch):
+    gone = tmp_path / "sweep" / "runs" / "cell"
+
+    def deleted(argv):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(gone / rundir.METRICS_FILE))
+
+    monkeypatch.setitem(cli.COMMANDS, "recipes", (deleted, ""))
+    assert cli.main(["recipes"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"fastafd: error: {gone} disappeared while the command ran (deleted or moved): restore it, or run "
+                                        "the same command again (a run resumes from its newest checkpoint, if one is left)"]
+    # the sweep then names the cell's one line: its state is read from files that may be gone
+    cell = sw.plan_cells([IND], (0,), TINY)[0]
+    (tmp_path / "sweep").mkdir(exist_ok=True)
+    state = sw.cell_state(tmp_path / "sweep", cell)
+    assert state.state == sw.PENDING and state.detail == "not started"
