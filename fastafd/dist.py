@@ -121,16 +121,31 @@ def _all_reduce_mean_(tensors: Sequence[torch.Tensor]) -> None:
 
 def all_reduce_grads(params: Sequence[nn.Parameter], found_inf: torch.Tensor) -> None:
     """Average the gradients of ``params`` over all processes and OR the non-finite flag, in one
-    coalesced all-reduce (the flag rides along as the last element)."""
+    coalesced all-reduce (per parameter a "has a gradient" mark, then the flag, ride along at the end).
+
+    A parameter without a gradient on this rank counts as zero here, so every rank sends the same
+    elements in the same order; it gets the average if another rank had a gradient, and stays without
+    one if none had. Only a rank that lacks some gradient reads the marks back (a host sync)."""
     if not _distributed():
         return
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = _flatten_dense_tensors([*grads, found_inf.reshape(1).to(grads[0].dtype if grads else found_inf.dtype)])
+    params = [p for p in params if p.requires_grad]
+    missing = [i for i, p in enumerate(params) if p.grad is None]
+    dtype = params[0].dtype if params else found_inf.dtype
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    marks = torch.ones(len(params), dtype=dtype, device=found_inf.device)
+    if missing:
+        marks[missing] = 0
+    flat = _flatten_dense_tensors([*grads, marks, found_inf.reshape(1).to(dtype)])
     tdist.all_reduce(flat)
     found_inf.copy_((flat[-1] > 0).to(found_inf.dtype))
-    flat = flat[:-1] / tdist.get_world_size()
-    for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
-        g.copy_(synced)
+    n = len(params)
+    averaged = _unflatten_dense_tensors(flat[:-1 - n] / tdist.get_world_size(), grads)
+    anywhere = (flat[-1 - n:-1] > 0).tolist() if missing else None  # host read: only on a rank that lacks a gradient
+    for i, (p, synced) in enumerate(zip(params, averaged, strict=True)):
+        if p.grad is not None:
+            p.grad.copy_(synced)
+        elif anywhere is not None and anywhere[i]:
+            p.grad = torch.empty_like(p).copy_(synced)
 
 
 @torch.no_grad()

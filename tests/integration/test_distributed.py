@@ -25,10 +25,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(out: Path, processes: int) -> Path:
+def launch(out: Path, processes: int, worker: str = "dist_worker.py") -> Path:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
            "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(ROOT / "tests/integration/dist_worker.py"), str(out)]
+           str(ROOT / "tests/integration" / worker), str(out)]
     start = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -91,3 +91,29 @@ def test_batchnorm_buffers_are_averaged_and_parameters_agree_in_training_mode(tw
         mean = (r0["before"][k] + r1["before"][k]) / 2
         assert torch.equal(r0["after"][k], r1["after"][k]), k
         torch.testing.assert_close(r0["after"][k], mean, rtol=1e-6, atol=1e-7, msg=k)
+
+
+@pytest.fixture(scope="module")
+def unused_run(tmp_path_factory):
+    return launch(tmp_path_factory.mktemp("unused"), 2, "unused_worker.py")
+
+
+def test_a_parameter_without_gradient_on_one_rank_neither_hangs_nor_splits_the_ranks(unused_run):
+    """unused_worker.py: rank 1 skips a residual branch in some steps (with one parameter per bucket, the
+    overlapped sync's buckets would otherwise start in another order there: different buckets summed), a
+    layer no rank uses, and a timm peer with drop_path_rate > 0. Ranks agree exactly, the overlapped sync
+    equals the coalesced reference, and the layer nobody used keeps no gradient (weight decay untouched)."""
+    for model in ("branchy", "timm"):
+        runs = {sync: [load(unused_run / f"{model}.{sync}.rank{r}.pt") for r in range(2)] for sync in ("coalesced", "overlapped")}
+        for sync, (a, b) in runs.items():
+            for k in a:
+                assert torch.equal(a[k], b[k]), f"{model}/{sync}: {k} differs between ranks"
+        a, b = runs["coalesced"][0], runs["overlapped"][0]
+        worst = max(((a[k] - b[k]).abs().max().item(), k) for k in a)
+        assert worst[0] < 1e-6, f"{model}: overlapped vs coalesced differ by {worst[0]:.2e} in {worst[1]}"
+        if model == "branchy":
+            initial = load(unused_run / "branchy.initial.rank0.pt")
+            assert torch.equal(a["unused.weight"], initial["unused.weight"])
+            assert not torch.equal(a["branch.weight"], initial["branch.weight"])
+    launched = json.loads((unused_run / "launched.rank1.json").read_text())["overlapped"]
+    assert launched["during_backward"] > 0, launched  # the steps where rank 1 used every layer still overlapped
