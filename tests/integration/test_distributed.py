@@ -25,10 +25,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(out: Path, processes: int, worker: str = "dist_worker.py") -> Path:
+def launch(out: Path, processes: int) -> Path:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
            "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(ROOT / "tests/integration" / worker), str(out)]
+           str(ROOT / "tests/integration/dist_worker.py"), str(out)]
     start = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -93,13 +93,9 @@ def test_batchnorm_buffers_are_averaged_and_parameters_agree_in_training_mode(tw
         torch.testing.assert_close(r0["after"][k], mean, rtol=1e-6, atol=1e-7, msg=k)
 
 
-@pytest.fixture(scope="module")
-def unused_run(tmp_path_factory):
-    return launch(tmp_path_factory.mktemp("unused"), 2, "unused_worker.py")
-
-
-def test_a_parameter_without_gradient_on_one_rank_neither_hangs_nor_splits_the_ranks(unused_run):
-    """unused_worker.py: rank 1 skips a residual branch in some steps (with one parameter per bucket, the
+def test_a_parameter_without_gradient_on_one_rank_neither_hangs_nor_splits_the_ranks(two_process_run):
+    unused_run = two_process_run
+    """unused_worker.py, in the 2-process run: rank 1 skips a residual branch in some steps (with one parameter per bucket, the
     overlapped sync's buckets would otherwise start in another order there: different buckets summed), a
     layer no rank uses, and a timm peer with drop_path_rate > 0. Ranks agree exactly, the overlapped sync
     equals the coalesced reference, and the layer nobody used keeps no gradient (weight decay untouched)."""

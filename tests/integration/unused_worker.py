@@ -1,26 +1,19 @@
-"""Run by tests/integration/test_distributed.py under `accelerate launch` (2 CPU processes, gloo).
-
-Gradient syncs (``fastafd/comm.py``) when the ranks do not produce gradients for the same parameters:
-a residual branch that rank 1 skips in some steps (its gradient bucket never fills there), a layer no
+"""Part of tests/integration/dist_worker.py's 2-process run (gloo): gradient syncs (``fastafd/comm.py``)
+when the ranks do not produce gradients for the same parameters: a residual branch that rank 1 skips in some steps (its gradient bucket never fills there), a layer no
 rank uses, and a timm peer with stochastic depth (``drop_path_rate``, a different draw per rank). Each
 runs with the overlapped sync (one parameter per bucket, so the order of the bucket all-reduces
 matters) and with the coalesced reference; parameters go to OUT for the test to compare.
 """
 
 import json
-import sys
 from pathlib import Path
 
 import timm
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from fastafd import dist  # noqa: E402
-from fastafd.comm import CoalescedSync, OverlappedSync  # noqa: E402
-from fastafd.config import SystemConfig  # noqa: E402
-from fastafd.steps import Stage, StepGuard  # noqa: E402
+from fastafd.comm import CoalescedSync, OverlappedSync
+from fastafd.steps import Stage, StepGuard
 
 STEPS, WIDTH = 4, 16
 SKIPS = {1: {0, 2}}
@@ -45,7 +38,7 @@ class Branchy(nn.Module):
         return self.head(h).square().mean()
 
 
-def run(model: nn.Module, sync, loss_of, rank: int) -> dict:
+def run(model: nn.Module, sync, loss_of) -> dict:
     params = list(model.parameters())
     optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=0.1)  # a zero gradient would still move a parameter
     guard = StepGuard(CPU)
@@ -57,9 +50,8 @@ def run(model: nn.Module, sync, loss_of, rank: int) -> dict:
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
-def main(out: Path) -> None:
-    rt = dist.setup(SystemConfig(device="cpu", dist_timeout_s=30))
-    r = rt.rank
+def unused_parameters(rank: int, out: Path) -> None:
+    r = rank
     g = torch.Generator().manual_seed(1 + r)  # each rank its own data
     xs = [torch.randn(8, WIDTH, generator=g) for _ in range(STEPS)]
     images = [torch.randn(4, 3, 32, 32, generator=g) for _ in range(STEPS)]
@@ -70,7 +62,7 @@ def main(out: Path) -> None:
         torch.manual_seed(0)
         model = Branchy()
         sync = make()
-        result = run(model, sync, lambda step: model(xs[step], skip=step in SKIPS.get(r, ())), r)  # noqa: B023
+        result = run(model, sync, lambda step: model(xs[step], skip=step in SKIPS.get(r, ())))  # noqa: B023
         torch.save(result, out / f"branchy.{name}.rank{r}.pt")
         launched[name] = getattr(sync, "launched", None)
 
@@ -79,14 +71,8 @@ def main(out: Path) -> None:
         peer.train()
         torch.manual_seed(1000 * r + 1)  # a different stochastic-depth draw per rank, the same for both syncs
         sync = make() if name == "coalesced" else OverlappedSync(bucket_mb=0.05)
-        result = run(peer, sync, lambda step: nn.functional.cross_entropy(peer(images[step]), labels[step]), r)  # noqa: B023
+        result = run(peer, sync, lambda step: nn.functional.cross_entropy(peer(images[step]), labels[step]))  # noqa: B023
         torch.save(result, out / f"timm.{name}.rank{r}.pt")
     torch.manual_seed(0)
     torch.save({k: v.detach().clone() for k, v in Branchy().named_parameters()}, out / f"branchy.initial.rank{r}.pt")
     (out / f"launched.rank{r}.json").write_text(json.dumps(launched))
-    rt.accelerator.wait_for_everyone()
-    rt.accelerator.end_training()
-
-
-if __name__ == "__main__":
-    main(Path(sys.argv[1]))
