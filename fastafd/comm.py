@@ -188,7 +188,7 @@ class OverlappedSync:
         last = plan.buckets[-1]
         last.flat[-1] = found_inf.to(last.flat.dtype)  # the flag rides along with the last bucket
         if not all(local):
-            plan.marks.copy_(torch.tensor(local, dtype=plan.marks.dtype), non_blocking=True)
+            plan.marks.copy_(torch.tensor(local, dtype=plan.marks.dtype))
         else:
             plan.marks.fill_(1)
         while plan.next < len(plan.buckets):  # those the hooks did not start, in plan order, the last one last
