@@ -11,14 +11,22 @@ a :class:`GradSync`:
   about the order backward produces them; each ``p.grad`` a view of its bucket with the parameter's
   own strides, so channels-last parameters keep channels-last gradients, as the fused optimizers
   need), and a post-accumulate-grad hook starts a bucket's all-reduce as soon as its last gradient is
-  accumulated, while backward goes on with the earlier layers (DDP's scheme). The bucket holding the
-  first parameters is reduced last, when the backward ends, with the stage's non-finite flag riding
-  along as one extra element. Gradients are divided by the number of processes before the sum
-  (``ReduceOp.AVG`` is NCCL-only), in the reduction's own buffer.
+  accumulated, while backward goes on with the earlier layers (DDP's scheme). Buckets start in one
+  fixed order on every rank, as DDP's reducer does: bucket i only after buckets 0..i-1 have started
+  (a full bucket waits for an earlier one that is still filling), so a parameter that one rank leaves
+  without a gradient (a data-dependent branch, stochastic depth) cannot swap the order of the
+  collectives between ranks; buckets that never fill start when the backward ends, in order. The
+  bucket holding the first parameters is reduced last, when the backward ends, with one "has a
+  gradient" mark per parameter and the stage's non-finite flag riding along. Gradients are divided by
+  the number of processes before the sum (``ReduceOp.AVG`` is NCCL-only), in the reduction's own
+  buffer.
   ``system.grad_compression=bf16`` all-reduces a bf16 copy of each bucket (half the bytes, for thin
   fabrics; rounding of the averaged gradient to bf16), off by default.
 
-In both, a rank's non-finite loss reaches every rank through the flag, and the gradients are checked
+In both, a parameter without a gradient on some ranks counts as a zero gradient there, and gets the
+average on every rank; one without a gradient on every rank keeps none (the optimizer skips it). Only
+a rank that lacks some gradient reads the marks back to the host (a sync, in that case only). A rank's
+non-finite loss reaches every rank through the flag, and the gradients are checked
 (and unscaled, fp16) after the reduction, so every rank checks the same values and takes the same
 decision without another collective.
 """
@@ -95,6 +103,10 @@ class _Plan:
     buckets: list[_Bucket]
     views: list[tuple[nn.Parameter, Tensor]]
     route: dict[int, _Bucket]
+    marks: Tensor
+    """In the last bucket, before the flag: one element per parameter (plan order), 1 if it has a gradient."""
+    next: int = 0
+    """The first bucket not started yet: buckets start in plan order."""
 
 
 class OverlappedSync:
@@ -106,6 +118,7 @@ class OverlappedSync:
         self._plans: dict[int, _Plan] = {}
         self._hooked: set[int] = set()
         self._route: dict[int, _Bucket] = {}
+        self._active: _Plan | None = None
         self._world = tdist.get_world_size() if _distributed() else 1
         self.launched = {"during_backward": 0, "after_backward": 0}
         """Bucket all-reduces started by the hooks while backward ran, and those started when it ended."""
@@ -130,7 +143,7 @@ class OverlappedSync:
             last = i == len(groups) - 1
             dtype = group[0].dtype
             assert all(p.dtype == dtype and p.device == group[0].device for p in group), "a bucket holds one dtype and device"
-            flat = torch.zeros(sum(p.numel() for p in group) + (1 if last else 0), dtype=dtype, device=group[0].device)
+            flat = torch.zeros(sum(p.numel() for p in group) + (len(params) + 1 if last else 0), dtype=dtype, device=group[0].device)
             bucket = _Bucket(flat, group, last)
             offset = 0
             for p in group:
@@ -142,7 +155,8 @@ class OverlappedSync:
             if id(p) not in self._hooked:
                 p.register_post_accumulate_grad_hook(self._on_grad)
                 self._hooked.add(id(p))
-        plan = self._plans[id(stage)] = _Plan(buckets, views, route)
+        marks = buckets[-1].flat[-1 - len(params):-1]
+        plan = self._plans[id(stage)] = _Plan(buckets, views, route, marks)
         return plan
 
     # -- the three calls -----------------------------------------------------------------------------
@@ -154,7 +168,8 @@ class OverlappedSync:
             b.pending, b.work, b.wire, b.ready = len(b.params), None, None, set()
         for p, view in plan.views:
             p.grad = view
-        self._route = plan.route
+        plan.next = 0
+        self._route, self._active = plan.route, plan
 
     def take(self, stage: Stage, grads: Sequence[Tensor | None]) -> None:
         plan = self._plan(stage)
@@ -169,22 +184,27 @@ class OverlappedSync:
     def reduce(self, stage: Stage, found_inf: Tensor) -> None:
         plan = self._plan(stage)
         self._route = {}
-        for b in plan.buckets:
-            if b.last:
-                b.flat[-1] = found_inf.to(b.flat.dtype)  # the flag rides along with the last bucket
-            if b.work is None:
-                self._launch(b)
-                self.launched["after_backward"] += 1
+        local = [id(p) in b.ready for b in plan.buckets for p in b.params]  # plan order, as the marks
+        last = plan.buckets[-1]
+        last.flat[-1] = found_inf.to(last.flat.dtype)  # the flag rides along with the last bucket
+        if not all(local):
+            plan.marks.copy_(torch.tensor(local, dtype=plan.marks.dtype))
+        else:
+            plan.marks.fill_(1)
+        while plan.next < len(plan.buckets):  # those the hooks did not start, in plan order, the last one last
+            self._launch(plan.buckets[plan.next])
+            plan.next += 1
+            self.launched["after_backward"] += 1
         for b in plan.buckets:
             if b.work:
                 b.work.wait()
             if b.wire is not None and b.wire is not b.flat:
                 b.flat.copy_(b.wire)
-        last = plan.buckets[-1]
         found_inf.copy_((last.flat[-1] > 0).to(found_inf.dtype))
-        for b in plan.buckets:  # a parameter no backward reached keeps no gradient (as in the reference path)
-            for p in b.params:
-                if id(p) not in b.ready:
+        if not all(local):  # a parameter no backward reached on any rank keeps no gradient (as in the reference path)
+            anywhere = (plan.marks > 0).tolist()  # host read: only on a rank that lacks a gradient
+            for (p, _), used in zip(plan.views, anywhere, strict=True):
+                if not used:
                     p.grad = None
 
     # -- hooks ---------------------------------------------------------------------------------------
@@ -195,8 +215,13 @@ class OverlappedSync:
             return
         bucket.ready.add(id(p))
         bucket.pending -= 1
-        if bucket.pending == 0 and not bucket.last:
-            self._launch(bucket)
+        plan = self._active
+        while plan.next < len(plan.buckets):  # start every full bucket whose predecessors have all started
+            b = plan.buckets[plan.next]
+            if b.pending or b.last:
+                break
+            self._launch(b)
+            plan.next += 1
             self.launched["during_backward"] += 1
 
     def _launch(self, bucket: _Bucket) -> None:

@@ -372,7 +372,12 @@ class SystemConfig:
     peer_timeout_s: float = 60.0
     """Seconds without a heartbeat from another rank (its process died, hung or was stopped, or its node was lost) before every other rank exits with one line naming it (a watchdog thread; works on NCCL, where collectives with a dead peer never raise). Range: 0.01 to 86400; finite (inf would switch the watchdog off)."""
 
+    wait_timeout_s: float = 3600.0
+    """Seconds a rank waits for another rank's long one-sided work (each node's first process opening the data, rank 0 writing a checkpoint) before it stops with one line naming what it waited for; these waits poll the rendezvous store instead of a collective, so dist_timeout_s does not cut them short, and a waiting rank says what it waits for every minute."""
+
     def __post_init__(self) -> None:
+        if not 0 < self.wait_timeout_s < float("inf"):
+            raise UserError(f"system.wait_timeout_s={self.wait_timeout_s} must be a finite number of seconds > 0, e.g. 3600")
         if self.dist_timeout_s < 1:
             raise UserError(f"system.dist_timeout_s={self.dist_timeout_s} must be >= 1, e.g. 600")
         if not self.bucket_mb > 0:

@@ -4,9 +4,10 @@ fastafd uses accelerate for launching, the process group, device placement and c
 does not hand its modules to ``accelerator.prepare``: an AFD iteration runs three optimizer stages
 over different parameter subsets and two forward passes of the feature extractors, which DDP's
 one-forward-one-backward reducer can only follow with ``find_unused_parameters``. Instead each
-stage averages exactly its own gradients (:func:`all_reduce_grads`, one coalesced all-reduce per
-stage), and BatchNorm running statistics are averaged over processes before every evaluation and
-checkpoint (:func:`average_buffers`), so every rank holds the same model.
+stage averages exactly its own gradients (:mod:`fastafd.comm`: by default in buckets whose
+all-reduces start during the backward, in a fixed order; :func:`all_reduce_grads` is the coalesced
+reference), and BatchNorm running statistics are averaged over processes before every evaluation
+and checkpoint (:func:`average_buffers`), so every rank holds the same model.
 
 Failures: every rank beats a heartbeat in the rendezvous store and watches the others'
 (:class:`PeerWatch`, a thread): a rank that dies, hangs as a whole process or loses its node makes
@@ -15,10 +16,18 @@ alike (on NCCL a collective with a dead peer never raises). The process group al
 (``system.dist_timeout_s``), and on gloo a peer that dies is seen at once (its sockets close).
 Under ``accelerate launch`` on one node, torchrun's agent also watches its children: when one dies
 it stops the others.
+
+Long one-sided work (each node's first process opening the data, rank 0 writing a checkpoint) is
+not waited for in a collective, which the process-group timeout would abort: the waiting ranks poll
+a key in the rendezvous store that the working rank sets when done (or sets to its error), within
+their own bound (``system.wait_timeout_s``), and say once a minute what they wait for
+(:func:`local_main_first`, :func:`rank0_first`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import sys
 import threading
@@ -34,7 +43,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from fastafd.config import SystemConfig
-from fastafd.errors import UserError, record_error
+from fastafd.errors import RunStopped, UserError, record_error
 
 T = TypeVar("T")
 
@@ -112,16 +121,31 @@ def _all_reduce_mean_(tensors: Sequence[torch.Tensor]) -> None:
 
 def all_reduce_grads(params: Sequence[nn.Parameter], found_inf: torch.Tensor) -> None:
     """Average the gradients of ``params`` over all processes and OR the non-finite flag, in one
-    coalesced all-reduce (the flag rides along as the last element)."""
+    coalesced all-reduce (per parameter a "has a gradient" mark, then the flag, ride along at the end).
+
+    A parameter without a gradient on this rank counts as zero here, so every rank sends the same
+    elements in the same order; it gets the average if another rank had a gradient, and stays without
+    one if none had. Only a rank that lacks some gradient reads the marks back (a host sync)."""
     if not _distributed():
         return
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = _flatten_dense_tensors([*grads, found_inf.reshape(1).to(grads[0].dtype if grads else found_inf.dtype)])
+    params = [p for p in params if p.requires_grad]
+    missing = [i for i, p in enumerate(params) if p.grad is None]
+    dtype = params[0].dtype if params else found_inf.dtype
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    marks = torch.ones(len(params), dtype=dtype, device=found_inf.device)
+    if missing:
+        marks[missing] = 0
+    flat = _flatten_dense_tensors([*grads, marks, found_inf.reshape(1).to(dtype)])
     tdist.all_reduce(flat)
     found_inf.copy_((flat[-1] > 0).to(found_inf.dtype))
-    flat = flat[:-1] / tdist.get_world_size()
-    for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
-        g.copy_(synced)
+    n = len(params)
+    averaged = _unflatten_dense_tensors(flat[:-1 - n] / tdist.get_world_size(), grads)
+    anywhere = (flat[-1 - n:-1] > 0).tolist() if missing else None  # host read: only on a rank that lacks a gradient
+    for i, (p, synced) in enumerate(zip(params, averaged, strict=True)):
+        if p.grad is not None:
+            p.grad.copy_(synced)
+        elif anywhere is not None and anywhere[i]:
+            p.grad = torch.empty_like(p).copy_(synced)
 
 
 @torch.no_grad()
@@ -145,6 +169,9 @@ def all_reduce_sum(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 HEARTBEAT_S = float(os.environ.get("FASTAFD_HEARTBEAT_S", "2"))
 """Seconds between two heartbeats of a rank in the rendezvous store (``FASTAFD_HEARTBEAT_S``)."""
 
+WAIT_SAY_S = float(os.environ.get("FASTAFD_WAIT_SAY_S", "60"))
+"""A rank waiting on another says what for every this many seconds (``FASTAFD_WAIT_SAY_S``)."""
+
 DONE = 1 << 40
 """Added to a rank's heartbeat count when it finishes training normally: the others stop watching it."""
 FAILED = 1 << 50
@@ -167,17 +194,39 @@ def launcher_gone(silent_for: str = "") -> str:
     return f"the launcher on node 0 is gone{since}; the last checkpoint is kept: run the same command again to resume"
 
 
+def _waiting(rank: int, what: str, waited_s: float) -> None:
+    """The line a waiting rank prints every :data:`WAIT_SAY_S` seconds."""
+    sys.stderr.write(f"fastafd: rank {rank}: waiting for {what} ({_minutes(waited_s)})\n")
+    sys.stderr.flush()
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def _default_store():
+    from torch.distributed.distributed_c10d import _get_default_store  # the rendezvous store
+
+    return _get_default_store()
+
+
 class PeerWatch:
     """A heartbeat per rank in the rendezvous store, and a watchdog thread on every rank that reads them.
 
-    A daemon thread increments ``fastafd/beat/<rank>`` every period and reads every rank's count. A
-    rank whose count has not moved for ``timeout_s`` is dead, stopped or hung as a whole process
-    (SIGSTOP, a node lost): the watchdog prints one line naming it and exits this process with code 1.
-    That works whatever the main thread is blocked in: on NCCL a collective with a dead peer does not
-    raise, it blocks until the process-group timeout, after which NCCL's own watchdog aborts the
-    process without a Python exception, so without this thread the survivors would say nothing for
-    ``system.dist_timeout_s`` and then die silently. A rank that stops with an error marks itself
-    (:data:`FAILED`) so that the others exit at once; one that finishes marks itself :data:`DONE`.
+    A daemon thread increments ``fastafd/beat/<rank>`` every period and reads every rank's count. First
+    the ranks meet: the thread waits until every rank has beaten once (one non-blocking ``check`` of all
+    keys per period), so ranks that reach the watch at different times (rank 0 creating the run folder,
+    every rank hashing a large checkpoint) are not judged meanwhile; a rank still absent
+    ``start_timeout_s`` after this one arrived is named as one that never started. Then a rank whose
+    count has not moved for ``timeout_s``, counted from the first read after the meeting, is dead,
+    stopped or hung as a whole process (SIGSTOP, a node lost): the watchdog prints one line naming it
+    and exits this process with code 1. Reads never block (every key exists once the ranks have met),
+    and the clock is read after each read returns. That works whatever the main thread is blocked in:
+    on NCCL a collective with a dead peer does not raise, it blocks until the process-group timeout,
+    after which NCCL's own watchdog aborts the process without a Python exception, so without this
+    thread the survivors would say nothing for ``system.dist_timeout_s`` and then die silently. A rank
+    that stops with an error marks itself (:data:`FAILED`) so that the others exit at once; one that
+    finishes marks itself :data:`DONE`.
 
     The heartbeat runs in the training process itself, so a busy rank (a long checkpoint write, a
     cold compile, a slow evaluation) keeps beating; only a process that no longer runs at all stops.
@@ -187,15 +236,15 @@ class PeerWatch:
     ranks (W = 512: 26 s) to keep the store's load bounded, and the timeout is at least three periods.
     """
 
-    def __init__(self, rank: int, world_size: int, *, timeout_s: float, period_s: float | None = None,
-                 on_lost: Callable[[str], None] = _say) -> None:
-        from torch.distributed.distributed_c10d import _get_default_store  # the rendezvous store
-
+    def __init__(self, rank: int, world_size: int, *, timeout_s: float, start_timeout_s: float | None = None,
+                 period_s: float | None = None, on_lost: Callable[[str], None] = _say, store: object = None) -> None:
         self.rank, self.world_size = rank, world_size
         self.period_s = max(HEARTBEAT_S if period_s is None else period_s, world_size**2 / 10_000)
         self.timeout_s = max(float(timeout_s), 3 * self.period_s)
+        self.start_timeout_s = max(self.timeout_s if start_timeout_s is None else float(start_timeout_s), 3 * self.period_s)
         self._on_lost = on_lost
-        self._store = _get_default_store()
+        self._store = store if store is not None else _default_store()
+        self._keys = [self._key(r) for r in range(world_size)]
         self._stop = threading.Event()
         self._lock = threading.Lock()  # close() and the watchdog's verdict exclude each other
         self._closed = False
@@ -210,25 +259,69 @@ class PeerWatch:
         self._store.add(self._key(self.rank), amount)
 
     def _counts(self) -> list[int]:
-        keys = [self._key(r) for r in range(self.world_size)]
-        return [int(v) for v in self._store.multi_get(keys)]
+        """Every rank's count, 0 for a rank that has not beaten yet (never blocks: ``multi_get`` only once
+        every key exists)."""
+        if self._store.check(self._keys):
+            return [int(v) for v in self._store.multi_get(self._keys)]
+        return [int(self._store.get(k)) if self._store.check([k]) else 0 for k in self._keys]
 
     def _run(self) -> None:
-        seen: list[int] | None = None
-        moved = [time.monotonic()] * self.world_size
-        store_ok = time.monotonic()
-        while not self._stop.wait(self.period_s):
+        if self._meet():
+            self._watch()
+
+    def _meet(self) -> bool:
+        """Wait until every rank has beaten once; False if the watch ended meanwhile (closed, or a verdict)."""
+        arrived = said = store_ok = time.monotonic()
+        while True:
+            try:
+                if self._store.check(self._keys):
+                    return True
+                self._beat()
+                store_ok = time.monotonic()
+            except Exception:  # the store is gone: node 0's launcher (or rank 0 hosting it) failed
+                if (now := time.monotonic()) - store_ok > self.timeout_s:
+                    self._verdict(self.describe(None, None, f"for {now - store_ok:.0f} s"))
+                    return False
             now = time.monotonic()
+            if now - arrived > self.start_timeout_s:
+                try:
+                    missing = [r for r, c in enumerate(self._counts()) if c == 0]
+                except Exception:
+                    missing = []
+                if missing:
+                    self._verdict(self.describe(None, missing, f"in the {now - arrived:.0f} s since rank {self.rank} arrived",
+                                                what="never started training"))
+                    return False
+            elif now - said >= WAIT_SAY_S:
+                said = now
+                with contextlib.suppress(Exception):
+                    missing = [r for r, c in enumerate(self._counts()) if c == 0]
+                    more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+                    _waiting(self.rank, f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing[:8]))}{more} to reach the training loop",
+                             now - arrived)
+            if self._stop.wait(self.period_s):
+                return False
+
+    def _watch(self) -> None:
+        """Judge each rank from the first read after the meeting: silent for ``timeout_s`` is lost."""
+        seen: list[int] | None = None
+        moved: list[float] = []
+        store_ok = time.monotonic()
+        while True:
             try:
                 self._beat()
                 counts = self._counts()
             except Exception:  # the store is gone: node 0's launcher (or rank 0 hosting it) failed
-                if now - store_ok > self.timeout_s:
+                if (now := time.monotonic()) - store_ok > self.timeout_s:
                     self._verdict(self.describe(None, None, f"for {now - store_ok:.0f} s"))
                     return
+                if self._stop.wait(self.period_s):
+                    return
                 continue
-            store_ok = now
-            if seen is not None:
+            now = store_ok = time.monotonic()  # after the read: a slow read never ages a rank
+            if seen is None:
+                moved = [now] * self.world_size
+            else:
                 moved = [now if c != s else m for c, s, m in zip(counts, seen, moved, strict=True)]
             seen = counts
             failed = [r for r, c in enumerate(counts) if r != self.rank and c >= FAILED]
@@ -242,6 +335,8 @@ class PeerWatch:
             if lost:
                 self._verdict(self.describe(None, lost, f"for {now - min(moved[r] for r in lost):.0f} s"))
                 return
+            if self._stop.wait(self.period_s):
+                return
 
     def _verdict(self, line: str) -> None:
         with self._lock:
@@ -249,7 +344,8 @@ class PeerWatch:
                 self._on_lost(line)
 
     def failed_ranks(self) -> list[int] | None:
-        """Ranks that stopped (marked failed, or no heartbeat for three periods); None if the store is unreachable."""
+        """Ranks that stopped (marked failed, or no heartbeat for three periods, or never started); None if
+        the store is unreachable."""
         try:
             before = self._counts()
             if any(c >= FAILED for r, c in enumerate(before) if r != self.rank):
@@ -294,45 +390,117 @@ class PeerWatch:
             pass
 
 
-def peer_watch(rt: Runtime, timeout_s: float) -> PeerWatch | None:
+def peer_watch(rt: Runtime, timeout_s: float, start_timeout_s: float | None = None) -> PeerWatch | None:
     """A :class:`PeerWatch` when several processes train, else None."""
-    return PeerWatch(rt.rank, rt.world_size, timeout_s=timeout_s) if _distributed() else None
+    return PeerWatch(rt.rank, rt.world_size, timeout_s=timeout_s, start_timeout_s=start_timeout_s) if _distributed() else None
 
 
-def local_main_first(rt: Runtime, fn: Callable[[], T]) -> T:
-    """``fn()`` on each node's local main process first (it may download or generate data), then on the others.
+# -- waiting for one rank's long work, on the store --------------------------------------------------
 
-    Unlike accelerate's ``local_main_process_first`` (a barrier), a failure on a local main is not left
-    to the waiting ranks as a transport error and a traceback each: every rank learns it through one
-    ``all_gather_object`` and raises it as its own one-line :class:`UserError` (the launcher prints only
-    rank 0's), so a bad ``--data`` gives one line however many processes run.
+_WAITS = itertools.count()
+"""Every rank calls the waits below in the same order: the n-th call of each uses keys ``fastafd/wait/<n>/...``."""
+_MAIN = 1 << 20
+"""``arrived`` counter: each rank adds 1, a node's first process adds this too (so the count of nodes rides along)."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+
+
+def _wait_until(ready: Callable[[], bool], *, rank: int, what: Callable[[], str], timeout_s: float) -> None:
+    """Poll ``ready()`` (store reads that return at once) until it is true; say what for every
+    :data:`WAIT_SAY_S` seconds; :class:`RunStopped` after ``timeout_s``."""
+    start = said = time.monotonic()
+    pause = 0.01
+    while not ready():
+        now = time.monotonic()
+        if now - start > timeout_s:
+            raise RunStopped(
+                f"rank {rank}: waited {now - start:.0f} s for {what()} (system.wait_timeout_s={timeout_s:g}); see that rank's log; "
+                "if it is only slow (a cold shared filesystem, a large checkpoint), raise --system.wait_timeout_s"
+            )
+        if now - said >= WAIT_SAY_S:
+            said = now
+            _waiting(rank, what(), now - start)
+        time.sleep(pause)
+        pause = min(pause * 2, 0.5)
+
+
+def local_main_first(rt: Runtime, fn: Callable[[], T], *, timeout_s: float = 3600.0) -> T:
+    """``fn()`` on each node's local main process first (it may download, generate or scan data), then on the others.
+
+    The others wait on the rendezvous store, not in a collective: a data scan longer than the
+    process-group timeout (``system.dist_timeout_s``; ImageNet on a cold shared filesystem) does not abort
+    them; they wait up to ``timeout_s`` (``system.wait_timeout_s``) and say once a minute what for. Unlike
+    accelerate's ``local_main_process_first`` (a barrier), a failure on a local main is not left to the
+    waiting ranks as a transport error and a traceback each: every waiting rank raises it as its own
+    one-line :class:`UserError` (the launcher prints only rank 0's), so a bad ``--data`` gives one line
+    however many processes run.
     """
     if not _distributed():
         return fn()
-    error: str | None = None
-    result = None
-    if rt.local_rank == 0:
+    from fastafd import faults
+
+    store, ns = _default_store(), f"fastafd/wait/{next(_WAITS)}"
+    main = rt.local_rank == 0
+    store.add(f"{ns}/arrived", 1 + (_MAIN if main else 0))
+    if main:
+        error: str | None = None
         try:
-            result = fn()
+            faults.point("data")  # tests: a slow data scan
+            return fn()
         except UserError as e:
             error = str(e)
             raise
         except Exception as e:
-            error = f"rank {rt.rank} failed to open the data ({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}): see its log"
+            error = f"rank {rt.rank} failed to open the data ({_first_line(e)}): see its log"
             raise
         finally:
-            _share_error(error)
-        return result  # type: ignore[return-value]
-    errors = _share_error(None)
-    if (first := next((e for e in errors if e), None)) is not None:
-        raise UserError(first)
+            if error is not None:
+                store.compare_set(f"{ns}/error", "", error)  # the first error is the one every rank reports
+            store.set(f"{ns}/done/{rt.rank}", "")
+            store.add(f"{ns}/finished", 1)
+    my_main = rt.rank - rt.local_rank  # torchrun numbers the processes of a node consecutively
+
+    def ready() -> bool:
+        arrived = store.add(f"{ns}/arrived", 0)
+        return arrived % _MAIN == rt.world_size and store.add(f"{ns}/finished", 0) == arrived // _MAIN
+
+    def what() -> str:
+        if store.check([f"{ns}/done/{my_main}"]):
+            return "the first process of every other node to open the data"
+        return f"rank {my_main} to open the data"
+
+    _wait_until(ready, rank=rt.rank, what=what, timeout_s=timeout_s)
+    if store.check([f"{ns}/error"]):
+        raise UserError(store.get(f"{ns}/error").decode())
     return fn()
 
 
-def _share_error(error: str | None) -> list[str | None]:
-    out: list = [None] * tdist.get_world_size()
-    tdist.all_gather_object(out, error)
-    return out
+def rank0_first(rt: Runtime, fn: Callable[[], T], *, what: str, timeout_s: float = 3600.0) -> T | None:
+    """``fn()`` on rank 0 while the others wait for it on the rendezvous store (not in a barrier, whose
+    process-group timeout a multi-GB checkpoint write could exceed): up to ``timeout_s``, saying once a
+    minute that they wait for rank 0 to ``what``. If rank 0's ``fn`` raises, the others raise
+    :class:`RunStopped` naming it. Returns ``fn()`` on rank 0, None elsewhere."""
+    if not _distributed():
+        return fn()
+    store, key = _default_store(), f"fastafd/wait/{next(_WAITS)}"
+    if rt.rank == 0:
+        error = "?"
+        try:
+            result = fn()
+            error = ""
+            return result
+        except BaseException as e:
+            error = _first_line(e)
+            raise
+        finally:
+            store.set(key, error)
+    _wait_until(lambda: store.check([key]), rank=rt.rank, what=lambda: f"rank 0 to {what}", timeout_s=timeout_s)
+    if error := store.get(key).decode():
+        raise RunStopped(f"rank {rt.rank}: rank 0 failed to {what} ({error}): see its log")
+    return None
 
 
 def all_reduce_max(value: float, device: torch.device) -> float:

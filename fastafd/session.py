@@ -66,7 +66,7 @@ def build_session(cfg: TrainConfig, *, train: bool = True) -> Session:
     train_loader, val_loader, dataset = dist.local_main_first(runtime, lambda: build_data(
         cfg.data, rank=runtime.rank, world_size=runtime.world_size, local_rank=runtime.local_rank, device=runtime.device,
         seed=cfg.system.seed, channels_last=runtime.channels_last, dtype=image_dtype, train=train,
-    ))
+    ), timeout_s=cfg.system.wait_timeout_s)
     if train and runtime.is_main and (warning := small_batch_warning(cfg.data.batch_size, runtime.world_size)):
         observe.warn(warning)
     if cfg.model.num_classes and cfg.model.num_classes != dataset.num_classes:

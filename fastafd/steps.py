@@ -43,14 +43,30 @@ class StepGuard:
         self.count = torch.zeros((), device=device, dtype=torch.float32)
         """Iterations finished (kept on the device so that no step number crosses to it per step)."""
         self.scaler = torch.amp.GradScaler(device.type) if fp16 else None
+        self.host_reads = device.type == "cpu"
+        """Read the flag on the host to restore only when needed (CPU: synchronous, so free); else restore
+        with device-side selects, a few launches whatever the number of buffers."""
         self._buffers = list(buffers)
-        self._saved = [torch.empty_like(b) for b in self._buffers]
+        # per dtype: 1-D views of the buffers, and two flat tensors (the saved copy, the select's output) split
+        # into matching parts, all made once: each call below is then a fixed number of ops, however many buffers
+        self._flat: list[Tensor] = []
+        self._saved: list[Tensor] = []
+        self._chosen: list[Tensor] = []
+        self._gather: list[tuple[list[Tensor], Tensor, Tensor]] = []
+        for dtype in dict.fromkeys(b.dtype for b in self._buffers):
+            flat = [b.view(-1) for b in self._buffers if b.dtype == dtype]  # views: a non-contiguous buffer raises here
+            sizes = [v.numel() for v in flat]
+            saved, chosen = (torch.empty(sum(sizes), dtype=dtype, device=flat[0].device) for _ in range(2))
+            self._flat += flat
+            self._saved += saved.split(sizes)
+            self._chosen += chosen.split(sizes)
+            self._gather.append((flat, saved, chosen))
 
     def begin(self) -> None:
         """Start an iteration: clear the flag, remember the BatchNorm statistics."""
         self.found_inf.zero_()
         if self._buffers:
-            torch._foreach_copy_(self._saved, self._buffers)
+            torch._foreach_copy_(self._saved, self._flat)
 
     def check(self, loss: Tensor) -> None:
         """Raise the flag if ``loss`` is NaN or infinite (device-side)."""
@@ -93,13 +109,15 @@ class StepGuard:
     def end(self) -> None:
         """Finish an iteration: restore BatchNorm statistics if it was skipped, count, update the scale."""
         if self._buffers:
-            if self.device.type == "cpu":  # synchronous: restore only when needed
+            if self.host_reads:  # synchronous: restore only when needed
                 if bool(self.found_inf):
-                    torch._foreach_copy_(self._buffers, self._saved)
-            else:
-                keep = self.found_inf > 0
-                for buf, saved in zip(self._buffers, self._saved, strict=True):
-                    buf.copy_(torch.where(keep, saved, buf))
+                    torch._foreach_copy_(self._flat, self._saved)
+            else:  # per dtype one gather and one exact select (NaN-safe, integers too), then one copy back
+                skipped = self.found_inf > 0
+                for flat, saved, chosen in self._gather:
+                    torch.cat(flat, out=chosen)
+                    torch.where(skipped, saved, chosen, out=chosen)
+                torch._foreach_copy_(self._flat, self._chosen)
         self.count += 1
         self.skipped += self.found_inf
         self.streak.copy_((self.streak + 1) * self.found_inf)

@@ -75,7 +75,9 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path | None:
     )
     observe.set_nvtx(runtime.device.type == "cuda")
     run = _Run(session, stages, run_dir, observers, steps_per_epoch, preempt.Preemption(runtime.world_size), started)
-    watch, first_epoch = dist.peer_watch(runtime, cfg.system.peer_timeout_s), pos.epoch
+    # a rank that has not reached the loop when the others' first collective is about to time out is named
+    watch = dist.peer_watch(runtime, cfg.system.peer_timeout_s, start_timeout_s=0.9 * cfg.system.dist_timeout_s)
+    first_epoch = pos.epoch
     try:
         for epoch in range(pos.epoch, cfg.loop.epochs + 1):
             if epoch > first_epoch and (signum := run.preempt.should_stop(runtime.device)):  # the last epoch's checkpoint is written
@@ -215,9 +217,9 @@ class _Run:
             dist.average_buffers(session.task)
             tensors, saved = state.capture(session.task, self.stages, session.train_loader, meter, pos, to_dict(session.config), runtime.device)
             saved["data"] = dataset_record(session.dataset)  # a resume compares it with its own data (class count, training set)
-            if runtime.is_main:
-                checkpoint.write(self.run_dir, pos.step, tensors, saved, keep=session.config.checkpoint.keep, metric=metric)
-            runtime.accelerator.wait_for_everyone()
+            dist.rank0_first(runtime, lambda: checkpoint.write(self.run_dir, pos.step, tensors, saved, keep=session.config.checkpoint.keep,
+                                                               metric=metric),
+                             what=f"write the checkpoint of step {pos.step}", timeout_s=session.config.system.wait_timeout_s)
         return True
 
     def _withhold(self) -> str | None:

@@ -76,6 +76,21 @@ def test_two_processes_train_and_only_rank_0_writes(tmp_path):
     assert proc.stderr.count("fastafd: warning: 8 images per process (16 over 2 processes): BatchNorm statistics are per process") == 1
 
 
+def test_slow_one_sided_work_longer_than_the_process_group_timeout_does_not_stop_the_run(tmp_path):
+    """Rank 0 scans the data and writes the checkpoint slower than --system.dist_timeout_s: rank 1 waits for
+    it on the store (not in a collective that times out), says what it waits for, and the run ends well."""
+    out = tmp_path / "run"
+    proc = subprocess.run([str(RUN_SH), *TINY, "--loop.epochs", "1", "--loop.max_steps_per_epoch", "2", "--system.dist_timeout_s", "4",
+                           "--out", str(out)],
+                          env=env(tmp_path, NPROC=2, FASTAFD_FAULT="sleep@data=1,sleep@checkpoint=1", FASTAFD_FAULT_SLEEP_S=7,
+                                  FASTAFD_WAIT_SAY_S=2),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["step"] for r in rundir.read_metrics(out)] == [2]
+    assert "fastafd: rank 1: waiting for rank 0 to open the data (" in proc.stderr, proc.stderr[-3000:]
+    assert "fastafd: rank 1: waiting for rank 0 to write the checkpoint of step 2 (" in proc.stderr, proc.stderr[-3000:]
+
+
 def _two_nodes(tmp_path, fault: str, *extra: str) -> tuple[list[subprocess.Popen], list]:
     """Two nodes (one launcher each, as on a cluster); rank 1 gets ``FASTAFD_FAULT=fault``."""
     knobs = dict(NNODES=2, NPROC=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port(), FASTAFD_HEARTBEAT_S=1)

@@ -4,7 +4,8 @@ Every rank trains tiny tasks on its share of each global batch through fastafd's
 (``dist.setup``) and both gradient syncs (``fastafd/comm.py``: the coalesced all-reduce after each
 backward, and the bucketed one overlapped with it, with buckets small enough to make several per
 stage); rank 0 also trains the same tasks in one process on the whole global batch (no process
-group). Parameters are written to OUT for the test to compare.
+group). Parameters are written to OUT for the test to compare. The 2-process run also trains with
+parameters that one rank leaves without gradient (:mod:`tests.integration.unused_worker`).
 """
 
 import json
@@ -23,6 +24,7 @@ from fastafd.config import SystemConfig  # noqa: E402
 from fastafd.methods import Numerics, build_task  # noqa: E402
 from fastafd.optim import build_stages  # noqa: E402
 from tests.helpers import batches, iterate, tiny_config  # noqa: E402
+from tests.integration.unused_worker import unused_parameters  # noqa: E402
 
 GLOBAL_BATCH, STEPS = 12, 3  # 12: divisible by 2 and 3 processes
 CPU = torch.device("cpu")
@@ -85,6 +87,8 @@ def main(out: Path) -> None:
     after = {k: v.clone() for k, v in task.named_buffers() if v.is_floating_point()}
     params = {k: v.detach() for k, v in task.named_parameters()}
     torch.save({"before": before, "after": after, "params": params}, out / f"bn_train.rank{r}.pt")
+    if n == 2:
+        unused_parameters(r, out)  # ranks that leave different parameters without gradient
     rt.accelerator.wait_for_everyone()
     rt.accelerator.end_training()
 

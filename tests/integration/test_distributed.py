@@ -91,3 +91,25 @@ def test_batchnorm_buffers_are_averaged_and_parameters_agree_in_training_mode(tw
         mean = (r0["before"][k] + r1["before"][k]) / 2
         assert torch.equal(r0["after"][k], r1["after"][k]), k
         torch.testing.assert_close(r0["after"][k], mean, rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_a_parameter_without_gradient_on_one_rank_neither_hangs_nor_splits_the_ranks(two_process_run):
+    unused_run = two_process_run
+    """unused_worker.py, in the 2-process run: rank 1 skips a residual branch in some steps (with one parameter per bucket, the
+    overlapped sync's buckets would otherwise start in another order there: different buckets summed), a
+    layer no rank uses, and a timm peer with drop_path_rate > 0. Ranks agree exactly, the overlapped sync
+    equals the coalesced reference, and the layer nobody used keeps no gradient (weight decay untouched)."""
+    for model in ("branchy", "timm"):
+        runs = {sync: [load(unused_run / f"{model}.{sync}.rank{r}.pt") for r in range(2)] for sync in ("coalesced", "overlapped")}
+        for sync, (a, b) in runs.items():
+            for k in a:
+                assert torch.equal(a[k], b[k]), f"{model}/{sync}: {k} differs between ranks"
+        a, b = runs["coalesced"][0], runs["overlapped"][0]
+        worst = max(((a[k] - b[k]).abs().max().item(), k) for k in a)
+        assert worst[0] < 1e-6, f"{model}: overlapped vs coalesced differ by {worst[0]:.2e} in {worst[1]}"
+        if model == "branchy":
+            initial = load(unused_run / "branchy.initial.rank0.pt")
+            assert torch.equal(a["unused.weight"], initial["unused.weight"])
+            assert not torch.equal(a["branch.weight"], initial["branch.weight"])
+    launched = json.loads((unused_run / "launched.rank1.json").read_text())["overlapped"]
+    assert launched["during_backward"] > 0, launched  # the steps where rank 1 used every layer still overlapped

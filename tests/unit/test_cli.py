@@ -31,6 +31,7 @@ def test_option_names_cover_nested_fields_and_bool_negations():
         (["--loop.epochs", "abc"], "--loop.epochs"),
         (["--method.name", "kd"], "invalid choice 'kd'"),
         (["--loop.epochs", "0"], "loop.epochs=0 must be >= 1"),
+        (["--system.wait_timeout_s", "inf"], "system.wait_timeout_s=inf must be a finite number of seconds > 0"),
         (["--method.name", "afd", "--model.peers", "resnet18"], "method afd distills between peers but model.peers has 1"),
         (["--recipe", "imagenet_resnet19_afd"], "unknown recipe 'imagenet_resnet19_afd': did you mean imagenet_resnet18_afd"),
         (["--recipe", "imagenet_resnet18_afd"], "pass --data DIR"),
