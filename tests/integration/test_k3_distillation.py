@@ -49,7 +49,12 @@ def final_top1(method: str, **method_kw) -> float:
 
 
 def test_three_peer_dml_is_not_far_below_independent_training():
-    independent, dml = final_top1("independent"), final_top1("dml")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the numbers above were measured with one thread
+    try:
+        independent, dml = final_top1("independent"), final_top1("dml")
+    finally:
+        torch.set_num_threads(threads)
     assert dml > independent - 3.0, f"K = 3 dml {dml:.1f} against independent {independent:.1f}"
 
 
