@@ -104,6 +104,12 @@ class MethodConfig:
     feature_weight: float = 1.0
     """Weight of the feature-map term: the generator loss for afd, the alignment loss for l1/l2 (ours: 1)."""
 
+    k_scheme: Literal["all", "ring"] = "all"
+    """Which peers teach peer k through the KL term (and l1/l2's alignment term) when K > 2: all, every other peer,
+    weight 1/(K-1) each (Deep Mutual Learning's rule); ring, peer k-1 alone (the AFD paper's cyclic scheme, our
+    reading; with K = 3 it loses 5-15 points to independent training, docs/method.md). The same for K = 2.
+    afd's discriminators stay a ring either way (D_k: teacher k-1)."""
+
     order: Literal["sequential", "simultaneous"] = "sequential"
     """afd: sequential re-runs the feature extractors after the logit step (the default of docs/method.md); simultaneous reuses one forward pass for both stages (faster, a deviation; see README)."""
 

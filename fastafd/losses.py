@@ -2,7 +2,8 @@
 
 Peer logits come stacked as one ``(K, B, C)`` tensor so that the losses of all K peers are one set
 of batched kernels instead of a Python loop over peers. ``teachers[k]`` is the index of the peer
-that teaches peer ``k`` (its predecessor in the cyclic scheme; the other peer when K = 2).
+that teaches peer ``k`` (its predecessor in the cyclic scheme; the other peer when K = 2);
+:func:`kl_to_peers` is the other rule (``method.k_scheme=all``): every other peer teaches, weight 1/(K-1) each.
 """
 
 from __future__ import annotations
@@ -30,6 +31,22 @@ def kl_to_teacher(logits: Tensor, teachers: Tensor, temperature: float) -> Tenso
     ``(K, B, C)`` logits and ``(K,)`` teacher indices -> ``(K,)`` batch means (sum over classes).
     """
     return kl_to_targets(logits, logits.index_select(0, teachers), temperature)
+
+
+def kl_to_peers(logits: Tensor, temperature: float) -> Tensor:
+    """Per-peer mean over the other peers ``j != k`` of ``T^2 * KL(softmax(z_j / T) || softmax(z_k / T))``,
+    teachers detached (Deep Mutual Learning's rule for K > 2: pairwise KL weighted 1/(K-1)).
+
+    ``(K, B, C)`` logits -> ``(K,)`` batch means (sum over classes); equals :func:`kl_to_teacher` for K = 2.
+    """
+    k = logits.shape[0]
+    t = temperature
+    student = F.log_softmax(_wide(logits) / t, dim=-1)  # (K, B, C)
+    teacher = student.detach()
+    # all K x K pairs at once: [j, k] = KL(teacher j || student k); the diagonal is exactly 0 and left out by the weights
+    pairs = F.kl_div(student.unsqueeze(0), teacher.unsqueeze(1), reduction="none", log_target=True).sum(dim=-1).mean(dim=-1)
+    off = 1.0 - torch.eye(k, dtype=pairs.dtype, device=pairs.device)
+    return (pairs * off).sum(dim=0) / (k - 1) * (t * t)
 
 
 def kl_to_targets(logits: Tensor, targets: Tensor, temperature: float) -> Tensor:

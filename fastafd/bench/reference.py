@@ -68,8 +68,9 @@ def feature_map(net, x):
 
 
 class ReferenceAFD:
-    def __init__(self, nets, shapes, *, temperature, sgd, adam):
+    def __init__(self, nets, shapes, *, temperature, sgd, adam, k_scheme="ring"):
         self.nets = nets
+        self.k_scheme = k_scheme  # the KL term's teachers: "ring" (k - 1) or "all" (every other net, 1/(K-1) each)
         self.k = len(nets)
         target = (max(s[0] for s in shapes), min(s[1] for s in shapes), min(s[2] for s in shapes))
         self.transfers = [RefTransfer(s, target) for s in shapes]
@@ -90,15 +91,21 @@ class ReferenceAFD:
         # network k learns from its predecessor; network 1 learns from network K
         return (k - 1) % self.k
 
+    def kl_teachers(self, k):
+        # docs/method.md, k_scheme: the ring's one teacher, or every other network
+        return [self.teacher(k)] if self.k_scheme == "ring" else [j for j in range(self.k) if j != k]
+
     def logit_loss(self, logits, y):
         total = 0.0
         for k in range(self.k):
-            j = self.teacher(k)
             ce = F.cross_entropy(logits[k], y)
-            p_j = F.softmax(logits[j].detach() / self.t, dim=1)
             log_p_k = F.log_softmax(logits[k] / self.t, dim=1)
-            kl = (p_j * (torch.log(p_j) - log_p_k)).sum(dim=1).mean()
-            total = total + ce + self.t**2 * kl
+            teachers = self.kl_teachers(k)
+            kl = 0.0
+            for j in teachers:
+                p_j = F.softmax(logits[j].detach() / self.t, dim=1)
+                kl = kl + (p_j * (torch.log(p_j) - log_p_k)).sum(dim=1).mean()
+            total = total + ce + self.t**2 * kl / len(teachers)
         return total
 
     def disc_step(self, maps):

@@ -1,4 +1,5 @@
-"""``l1`` / ``l2``: the logit loss plus direct feature-map alignment ``|T_k(F_k) - stopgrad(T_j(F_j))|^p``.
+"""``l1`` / ``l2``: the logit loss plus direct feature-map alignment ``|T_k(F_k) - stopgrad(T_j(F_j))|^p``
+(j: peer k's teachers of ``method.k_scheme``, averaged).
 
 The baseline the paper compares AFD with. One SGD stage trains the peers and the transfer layers.
 """
@@ -34,7 +35,8 @@ class Align(SingleStageTask):
             feats, logits = self.forward_peers(x)
             mapped = [t(f) for t, f in zip(self.transfers, feats, strict=True)]
         total, metrics = self.logit_loss(logits, y)
-        align = torch.stack([losses.feature_alignment(mapped[k], mapped[j], self.p) for k, j in enumerate(self.teacher_of)])
+        align = torch.stack([sum(losses.feature_alignment(mapped[k], mapped[j], self.p) for j in teachers) / len(teachers)
+                             for k, teachers in enumerate(self.distil_teachers)])
         metrics["align"] = align.detach()
         return total + self.cfg.feature_weight * align.sum(), metrics
 

@@ -48,7 +48,9 @@ class Task(nn.Module):
     and :meth:`eval_step`; everything that differs between methods lives in the subclasses, and the
     class attributes below are all that the rest of fastafd (config validation, help, display,
     resume rules) knows about a method (see :mod:`fastafd.methods.registry`).
-    Peer ``k`` is taught by peer ``teachers[k] = (k - 1) mod K`` (cyclic scheme; mutual for K = 2).
+    Peer ``k``'s discriminator (afd) uses peer ``teachers[k] = (k - 1) mod K`` (cyclic scheme; mutual for K = 2);
+    the KL term (and l1/l2's alignment) follows ``method.k_scheme``: every other peer, 1/(K-1) each (``all``), or
+    the same ring (``ring``, the paper's); :attr:`distil_teachers` lists peer k's teachers.
     """
 
     method: ClassVar[str]
@@ -84,6 +86,8 @@ class Task(nn.Module):
         k = len(peers)
         self.teacher_of = [(i - 1) % k for i in range(k)]
         self.register_buffer("teachers", torch.tensor(self.teacher_of), persistent=False)
+        self.distil_teachers = [[j for j in range(k) if j != i] for i in range(k)] if cfg.k_scheme == "all" else [[j] for j in self.teacher_of]
+        """Peer k's teachers in the KL (and alignment) term; equally weighted (``method.k_scheme``)."""
 
     @property
     def k(self) -> int:
@@ -141,12 +145,16 @@ class Task(nn.Module):
         return [f for f, _ in outs], torch.stack([z for _, z in outs])
 
     def logit_loss(self, logits: Tensor, y: Tensor, *, kl: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
-        """``sum_k CE(y, z_k) + kl_weight * T^2 KL(z_teacher(k) || z_k)``; the per-peer terms as metrics."""
+        """``sum_k CE(y, z_k) + kl_weight * T^2 KL(z_teacher(k) || z_k)`` (with ``k_scheme=all`` the KL to every other
+        peer, averaged); the per-peer terms as metrics."""
         ce = losses.cross_entropy(logits, y)
         metrics = {"ce": ce.detach()}
         total = ce.sum()
         if kl:
-            kl_term = losses.kl_to_teacher(logits, self.teachers, self.cfg.temperature)
+            if self.cfg.k_scheme == "all" and self.k > 2:
+                kl_term = losses.kl_to_peers(logits, self.cfg.temperature)
+            else:  # the ring; for K = 2 both rules are this one
+                kl_term = losses.kl_to_teacher(logits, self.teachers, self.cfg.temperature)
             total = total + self.cfg.kl_weight * kl_term.sum()
             metrics["kl"] = kl_term.detach()
         return total, metrics

@@ -80,13 +80,15 @@ class ReferenceShared:
             loss_d = loss_d + ((1 - self.discs[k](maps[j].detach())) ** 2).mean() + (self.discs[k](maps[k].detach()) ** 2).mean()
         loss_d.backward()
         self.opt_d.step()
-        # one loss, one optimizer: logit loss + generator loss through the updated discriminators
+        # one loss, one optimizer: logit loss + generator loss through the updated discriminators (D_k: a ring)
         loss = 0.0
         for k in range(self.k):
-            j = (k - 1) % self.k
-            p_j = torch.softmax(logits[j].detach() / self.t, dim=1)
             log_p_k = torch.log_softmax(logits[k] / self.t, dim=1)
-            kl = (p_j * (torch.log(p_j) - log_p_k)).sum(dim=1).mean()
+            others = [j for j in range(self.k) if j != k]  # k_scheme all (the default): every other peer, 1/(K-1) each
+            kl = 0.0
+            for j in others:
+                p_j = torch.softmax(logits[j].detach() / self.t, dim=1)
+                kl = kl + (p_j * (torch.log(p_j) - log_p_k)).sum(dim=1).mean() / len(others)
             loss = loss + torch.nn.functional.cross_entropy(logits[k], y) + self.t**2 * kl
             loss = loss + ((1 - self.discs[k](maps[k])) ** 2).mean()
         self.opt_shared.zero_grad()

@@ -25,15 +25,17 @@ to ~4e-8; every real update of these three iterations is 1e-3 or more."""
 
 
 @pytest.mark.parametrize(
-    "case, order", [(c, "sequential") for c in CASES] + [(c, "simultaneous") for c in ("k2_mismatched", "k3_cyclic", "k2_cnn_vit")]
+    "case, order, k_scheme",
+    [(c, "sequential", "all") for c in CASES] + [(c, "simultaneous", "all") for c in ("k2_mismatched", "k3_cyclic", "k2_cnn_vit")]
+    + [("k3_cyclic", "sequential", "ring")],  # the paper's KL ring (the discriminators are a ring in every case)
 )
-def test_afd_matches_reference_after_three_iterations(case, order):
+def test_afd_matches_reference_after_three_iterations(case, order, k_scheme):
     # float64 so that Adam's normalisation of tiny gradients cannot amplify float32 rounding noise
     torch.use_deterministic_algorithms(True)
     torch.set_default_dtype(torch.float64)
     try:
         peers, size = CASES[case]
-        cfg = tiny_config(peers, image_size=size, temperature=3.0, order=order)
+        cfg = tiny_config(peers, image_size=size, temperature=3.0, order=order, k_scheme=k_scheme)
         task, stages = tiny_task(cfg)
         ref = ReferenceAFD(
             [copy.deepcopy(p) for p in task.peers],
@@ -41,6 +43,7 @@ def test_afd_matches_reference_after_three_iterations(case, order):
             temperature=3.0,
             sgd=dict(lr=SGD.lr, momentum=SGD.momentum, weight_decay=SGD.weight_decay),
             adam=dict(lr=ADAM.lr, betas=ADAM.betas, weight_decay=ADAM.weight_decay),
+            k_scheme=k_scheme,
         )
         for mine, theirs in zip(task.transfers, ref.transfers):
             copy_into(theirs, mine)

@@ -36,6 +36,20 @@ def test_kl_is_zero_for_identical_peers():
     assert torch.allclose(losses.kl_to_teacher(logits, torch.tensor([1, 0]), 3.0), torch.zeros(2), atol=1e-6)
 
 
+def test_kl_to_peers_is_the_mean_over_the_other_peers_and_detaches_them():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 7, generator=g, requires_grad=True)
+    ring = lambda teachers: losses.kl_to_teacher(logits, torch.tensor(teachers), 3.0)  # noqa: E731
+    want = (ring([1, 2, 0]) + ring([2, 0, 1])) / 2  # each peer's two teachers, weight 1/2 each
+    got = losses.kl_to_peers(logits, 3.0)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(got, ring([2, 0, 1]), atol=1e-3)  # not the ring's k - 1 alone
+    got[0].backward()
+    assert logits.grad[1:].abs().sum() == 0 and logits.grad[0].abs().sum() > 0
+    two = logits[:2].detach()
+    assert torch.allclose(losses.kl_to_peers(two, 3.0), losses.kl_to_teacher(two, torch.tensor([1, 0]), 3.0), atol=1e-6)
+
+
 def test_lsgan_losses_hand_computed():
     d_real = torch.tensor([[0.5, 1.0], [0.0, 0.25]])
     d_fake = torch.tensor([[0.5, 0.0], [1.0, 0.5]])
