@@ -73,6 +73,10 @@ class MethodConfig:
     feature_weight: float = 1.0
     """Weight of the feature-map term: the generator loss for afd, the alignment loss for l1/l2 (ours: 1)."""
 
+    beta: float = 0.5
+    """cl: weight of each head's cross-entropy; 1 - beta weighs its T^2 KL to the other heads (paper: 0.5;
+    cl ignores kl_weight, and its recipes set the paper's temperature 2)."""
+
     order: Literal["sequential", "simultaneous"] = "sequential"
     """afd: sequential re-runs the feature extractors after the logit step (the default of docs/method.md); simultaneous reuses one forward pass for both stages (faster, a deviation; see README)."""
 
@@ -81,6 +85,7 @@ class MethodConfig:
         for name in ("kl_weight", "feature_weight"):
             value = getattr(self, name)
             _check(f"method.{name}", value, value >= 0, "a finite number >= 0, e.g. 1")
+        _check("method.beta", self.beta, 0 <= self.beta <= 1, "a weight in [0, 1], e.g. --method.beta 0.5")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Export one trained peer as a plain timm state dict (safetensors)."""
+"""Export one trained peer (ONE/CL: one branch with the trunk) as a plain timm state dict (safetensors)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from safetensors import SafetensorError
 
 from fastafd import atomic, checkpoint, rundir
 from fastafd.errors import UserError
+from fastafd.methods import registry
 from fastafd.models.peers import build_kwargs
 
 
@@ -39,8 +40,8 @@ def export_peer(run: Path, peer: int, out: Path, which: str = "best") -> dict:
     if not 0 <= peer < len(names):
         raise UserError(f"--peer {peer} is out of range: the run has {len(names)} peers (0..{len(names) - 1}: {', '.join(names)})")
     ckpt, why = checkpoint.choose(run, which)
-    prefix = f"peers.{peer}."
-    state = {k[len(prefix) :]: v for k, v in ckpt.tensors(checkpoint.MODEL).items() if k.startswith(prefix)}
+    # the task says what its deployable networks are (peer k; for ONE/CL: the trunk + branch k)
+    state = registry.get(cfg["method"]["name"]).deployable_state(ckpt.tensors(checkpoint.MODEL), peer)
     num_classes = int(json.loads((run / rundir.ENV_FILE).read_text())["dataset"]["num_classes"]) if not cfg["model"]["num_classes"] else int(cfg["model"]["num_classes"])
     name = names[peer]
     extra = build_kwargs(name, int(cfg["data"]["image_size"]))  # a transformer is built for the run's image size

@@ -21,7 +21,7 @@ from fastafd.errors import UserError
 if TYPE_CHECKING:
     from fastafd.methods.base import Task
 
-_INFRASTRUCTURE = ("base", "registry")
+_INFRASTRUCTURE = ("base", "branched", "registry")
 """Modules of this package that define no method."""
 
 _METHODS: dict[str, type[Task]] = {}
