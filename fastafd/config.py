@@ -74,8 +74,8 @@ class MethodConfig:
     """Weight of the feature-map term: the generator loss for afd, the alignment loss for l1/l2 (ours: 1)."""
 
     beta: float = 0.5
-    """cl: weight of each head's cross-entropy; 1 - beta weighs its T^2 KL to the other heads (paper: 0.5;
-    cl ignores kl_weight, and its recipes set the paper's temperature 2)."""
+    """cl: weight of each head's cross-entropy, 1 - beta that of its T^2 KL to the other heads (paper: 0.5;
+    cl uses this instead of kl_weight; its recipes set the paper's temperature, 2)."""
 
     order: Literal["sequential", "simultaneous"] = "sequential"
     """afd: sequential re-runs the feature extractors after the logit step (the default of docs/method.md); simultaneous reuses one forward pass for both stages (faster, a deviation; see README)."""

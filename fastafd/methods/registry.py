@@ -71,5 +71,6 @@ def describe() -> list[str]:
     out = []
     for name, cls in methods.items():
         optims = " + ".join(cls.optimizers)
-        out.append(f"{name:<{width}}  {cls.summary} [{optims}{'; K >= 2 peers' if cls.needs_pair else ''}]")
+        need = "; K >= 2 branches: --model.peers names one network K times" if cls.same_architecture else "; K >= 2 peers" if cls.needs_pair else ""
+        out.append(f"{name:<{width}}  {cls.summary} [{optims}{need}]")
     return out
