@@ -153,3 +153,22 @@ def test_cl_trunk_gradient_is_the_sum_of_the_heads_scaled_by_one_over_h(float64)
     task.zero_grad()
     task.forward_loss(x, y)[0].backward()
     torch.testing.assert_close(head, task.net.branches[0].fc.weight.grad)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["one", "cl"])
+def test_compiled_channels_last_step_matches_eager_and_bf16_stays_close(method):
+    cfg = tiny_config(("cifar_resnet8",) * 2, method=method)
+    data = batches(2)
+    runs = {}
+    for mode, kw in {"eager": {}, "compiled": dict(compile=True, channels_last=True), "bf16": dict(dtype=torch.bfloat16)}.items():
+        task, stages = tiny_task(cfg, **kw)
+        xs = [(x.contiguous(memory_format=torch.channels_last) if kw.get("channels_last") else x, y) for x, y in data]
+        runs[mode] = (task, iterate(task, stages, xs))
+    (eager, m_eager), (compiled, m_compiled), (bf16, m_bf16) = runs["eager"], runs["compiled"], runs["bf16"]
+    for key in m_eager:
+        torch.testing.assert_close(m_compiled[key], m_eager[key], rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(m_bf16[key], m_eager[key], rtol=3e-2, atol=2e-2)
+    for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=name)
+    assert not any(k.startswith("_orig_mod") or "._orig_mod." in k for k in compiled.state_dict())
