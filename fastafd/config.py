@@ -415,6 +415,7 @@ class TrainConfig:
                 f"method {self.method.name} distills between peers but model.peers has {self.model.k}: "
                 f"give K >= 2 names, e.g. --model.peers {self.model.peers[0]} {self.model.peers[0]}"
             )
+        registry.get(self.method.name).check(self)
 
 
 def to_dict(cfg: object) -> dict:

@@ -106,6 +106,11 @@ class Task(nn.Module):
         return task
 
     @classmethod
+    def check(cls, cfg: TrainConfig) -> None:
+        """Refuse, in one line (:class:`UserError`), a config this method cannot train (called by config
+        validation, before anything is built or written); K >= 2 for :attr:`needs_pair` is checked there."""
+
+    @classmethod
     def deployable_state(cls, state: Mapping[str, Tensor], k: int) -> dict[str, Tensor]:
         """Deployable network ``k`` (peer k) from the task's state dict, under the plain network's key names."""
         prefix = f"peers.{k}."

@@ -35,11 +35,16 @@ class BranchTask(SingleStageTask):
         self.teacher_of = []
 
     @classmethod
-    def build(cls, cfg: TrainConfig, num_classes: int, numerics: Numerics, device: torch.device, channels_last: bool) -> Task:
+    def check(cls, cfg: TrainConfig) -> None:
         names = list(cfg.model.peers)
         if len(set(names)) != 1:
             raise UserError(f"method {cfg.method.name} branches one network, but model.peers names {', '.join(sorted(set(names)))}: "
                             f"repeat one name once per branch, e.g. --model.peers {' '.join([names[0]] * 3)}")
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, num_classes: int, numerics: Numerics, device: torch.device, channels_last: bool) -> Task:
+        cls.check(cfg)
+        names = list(cfg.model.peers)
         bases = [create_peer(names[0], num_classes, image_size=cfg.data.image_size, drop_rate=cfg.model.drop_rate,
                              pretrained=cfg.model.pretrained) for _ in names]
         task = cls(BranchNet(bases, names[0]), cfg.method, numerics, names)

@@ -172,3 +172,14 @@ def test_compiled_channels_last_step_matches_eager_and_bf16_stays_close(method):
     for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=name)
     assert not any(k.startswith("_orig_mod") or "._orig_mod." in k for k in compiled.state_dict())
+    drift = max((a - b).abs().max().item() for a, b in zip(eager.parameters(), bf16.parameters(), strict=True))
+    assert drift < 5e-2  # bf16 autocast moved the parameters the same way, up to its rounding
+
+
+def test_mixed_networks_and_unsplittable_models_are_refused_in_one_line():
+    from fastafd.errors import UserError
+
+    with pytest.raises(UserError, match="branches one network, but model.peers names cifar_resnet20, cifar_resnet8"):
+        tiny_config(("cifar_resnet8", "cifar_resnet20"), method="one")
+    with pytest.raises(UserError, match="cannot be split into a shared trunk and branches"):
+        tiny_task(tiny_config(("convnext_atto",) * 2, method="cl"))
