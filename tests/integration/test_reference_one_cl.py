@@ -93,7 +93,7 @@ def float64():
     torch.set_default_dtype(torch.float32)
 
 
-@pytest.mark.parametrize("method, name", [("one", "cifar_resnet8"), ("cl", "cifar_resnet8"), ("one", "resnet10t"), ("cl", "resnet10t")])
+@pytest.mark.parametrize("method, name", [("one", "cifar_resnet8"), ("cl", "cifar_resnet8"), ("one", "resnet10t")])
 def test_matches_reference_after_three_iterations(method, name, float64):
     cfg = tiny_config((name,) * H, method=method, temperature=T)
     task, stages = tiny_task(cfg)
@@ -156,24 +156,37 @@ def test_cl_trunk_gradient_is_the_sum_of_the_heads_scaled_by_one_over_h(float64)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["one", "cl"])
-def test_compiled_channels_last_step_matches_eager_and_bf16_stays_close(method):
-    cfg = tiny_config(("cifar_resnet8",) * 2, method=method)
+def test_compiled_channels_last_step_matches_eager():
+    """CL: its rescaling is a custom autograd function inside the compiled unit (ONE's gate is plain modules)."""
+    cfg = tiny_config(("cifar_resnet8",) * 2, method="cl")
     data = batches(2)
-    runs = {}
-    for mode, kw in {"eager": {}, "compiled": dict(compile=True, channels_last=True), "bf16": dict(dtype=torch.bfloat16)}.items():
-        task, stages = tiny_task(cfg, **kw)
-        xs = [(x.contiguous(memory_format=torch.channels_last) if kw.get("channels_last") else x, y) for x, y in data]
-        runs[mode] = (task, iterate(task, stages, xs))
-    (eager, m_eager), (compiled, m_compiled), (bf16, m_bf16) = runs["eager"], runs["compiled"], runs["bf16"]
+    eager, m_eager = _trained(cfg, data)
+    compiled, m_compiled = _trained(cfg, data, compile=True, channels_last=True)
     for key in m_eager:
         torch.testing.assert_close(m_compiled[key], m_eager[key], rtol=1e-3, atol=1e-4)
-        torch.testing.assert_close(m_bf16[key], m_eager[key], rtol=3e-2, atol=2e-2)
     for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=name)
-    assert not any(k.startswith("_orig_mod") or "._orig_mod." in k for k in compiled.state_dict())
-    drift = max((a - b).abs().max().item() for a, b in zip(eager.parameters(), bf16.parameters(), strict=True))
-    assert drift < 5e-2  # bf16 autocast moved the parameters the same way, up to its rounding
+    assert not any("_orig_mod" in k for k in compiled.state_dict())
+
+
+@pytest.mark.parametrize("method", ["one", "cl"])
+def test_bf16_step_stays_within_bf16_rounding_of_fp32(method):
+    cfg = tiny_config(("cifar_resnet8",) * 2, method=method)
+    data = batches(1)
+    fp32, m32 = _trained(cfg, data)
+    bf16, m16 = _trained(cfg, data, dtype=torch.bfloat16)
+    for key in m32:
+        torch.testing.assert_close(m16[key], m32[key], rtol=3e-2, atol=2e-2)
+    drift = max((a - b).abs().max().item() for a, b in zip(fp32.parameters(), bf16.parameters(), strict=True))
+    moved = max((a - b).abs().max().item() for a, b in zip(fp32.parameters(), tiny_task(cfg)[0].parameters(), strict=True))
+    assert drift < 2e-2 and moved > 5 * drift  # it trained, and bf16 moved the parameters the same way
+
+
+def _trained(cfg, data, **kw):
+    task, stages = tiny_task(cfg, **kw)
+    if kw.get("channels_last"):
+        data = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in data]
+    return task, iterate(task, stages, data)
 
 
 def test_mixed_networks_and_unsplittable_models_are_refused_in_one_line():
