@@ -110,6 +110,10 @@ class MethodConfig:
     reading; with K = 3 it loses 5-15 points to independent training, docs/method.md). The same for K = 2.
     afd's discriminators stay a ring either way (D_k: teacher k-1)."""
 
+    beta: float = 0.5
+    """cl: weight of each head's cross-entropy, 1 - beta that of its T^2 KL to the other heads (paper: 0.5;
+    cl uses this instead of kl_weight; its recipes set the paper's temperature, 2)."""
+
     order: Literal["sequential", "simultaneous"] = "sequential"
     """afd: sequential re-runs the feature extractors after the logit step (the default of docs/method.md); simultaneous reuses one forward pass for both stages (faster, a deviation; see README)."""
 
@@ -118,6 +122,7 @@ class MethodConfig:
         for name in ("kl_weight", "feature_weight"):
             value = getattr(self, name)
             _check(f"method.{name}", value, value >= 0, "a finite number >= 0, e.g. 1")
+        _check("method.beta", self.beta, 0 <= self.beta <= 1, "a weight in [0, 1], e.g. --method.beta 0.5")
 
 
 @dataclass
@@ -453,6 +458,7 @@ class TrainConfig:
                 f"method {self.method.name} distills between peers but model.peers has {self.model.k}: "
                 f"give K >= 2 names, e.g. --model.peers {self.model.peers[0]} {self.model.peers[0]}"
             )
+        registry.get(self.method.name).check(self)
 
 
 def to_dict(cfg: object) -> dict:

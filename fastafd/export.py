@@ -1,4 +1,4 @@
-"""Export one trained peer as a plain timm state dict (safetensors)."""
+"""Export one trained peer (ONE/CL: one branch with the trunk) as a plain timm state dict (safetensors)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 from fastafd import checkpoint, outputs, readback, rundir
 from fastafd.errors import UserError
+from fastafd.methods import registry
 from fastafd.models.peers import build_kwargs
 
 
@@ -39,6 +40,7 @@ def export_peer(run: Path, peer: int, out: Path, which: str = "best") -> dict:
     cfg = readback.read_json(cfg_path)
     try:
         names = readback.strings(cfg["model"], "peers")
+        method = readback.string(cfg["method"], "name")
         num_classes = readback.integer(cfg["model"], "num_classes", 0, 10**9)
         image_size = readback.integer(cfg["data"], "image_size", 1, 10**6)
         if not num_classes:
@@ -50,8 +52,8 @@ def export_peer(run: Path, peer: int, out: Path, which: str = "best") -> dict:
     if not 0 <= peer < len(names):
         raise UserError(f"--peer {peer} is out of range: the run has {len(names)} peers (0..{len(names) - 1}: {', '.join(names)})")
     ckpt, why = checkpoint.choose(run, which)
-    prefix = f"peers.{peer}."
-    state = {k[len(prefix) :]: v for k, v in ckpt.tensors(checkpoint.MODEL).items() if k.startswith(prefix)}
+    # the task says what its deployable networks are (peer k; for ONE/CL: the trunk + branch k)
+    state = registry.get(method).deployable_state(ckpt.tensors(checkpoint.MODEL), peer)
     name = names[peer]
     extra = build_kwargs(name, image_size)  # a transformer is built for the run's image size
     meta = {"model": name, "num_classes": num_classes, "create_kwargs": extra, "checkpoint": str(ckpt.path), "step": ckpt.step,

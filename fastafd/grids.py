@@ -42,14 +42,20 @@ _CIFAR_CLAIMS = claims.paper_claims("cifar100_resnet32_resnet110", "cifar100_res
 _K3_DML = ("demo_resnet8_k3_dml", "cifar100_resnet32_k3_dml")
 """The K = 3 table's dml row (issue 27): the logit term alone next to independent and afd, no claim of its own."""
 
+_DEMO_BRANCHED = ("demo_resnet8_one", "demo_resnet8_cl")
+"""ONE and CL at demo size (three branches of ResNet-8): rows beside the claims' cells, no claim of their own."""
+_CIFAR_SAME_ARCHITECTURE = tuple(f"cifar100_{net}_{m}" for net in ("resnet32", "resnet110", "wrn16_2", "wrn28_4")
+                                 for m in ("independent", "dml", "one", "cl", "afd"))
+"""The paper's same-architecture table: vanilla, DML, ONE, CL, AFD for ResNet-32, ResNet-110, WRN-16-2, WRN-28-4."""
+
 GRIDS: dict[str, Grid] = {
     g.name: g
     for g in (
         Grid(
             name="claims-demo",
             summary="the four claims at demo size: ResNet-8 + ResNet-20, ResNet-8 pair, ResNet-8 x 3 on the built-in data, "
-                    "3 epochs, 3 seeds (30 cells; the 27 without K = 3 dml took 31 min on a shared 2-core CPU)",
-            recipes=claims.recipes_of(_DEMO_CLAIMS) + _K3_DML[:1],
+                    "3 epochs, 3 seeds, with the K = 3 dml row and ONE and CL rows (36 cells; the claims' 27 took 31 min on a shared 2-core CPU)",
+            recipes=claims.recipes_of(_DEMO_CLAIMS) + _K3_DML[:1] + _DEMO_BRANCHED,
             seeds=(0, 1, 2),
             overrides=("--loop.epochs", "3"),
             claims=_DEMO_CLAIMS,
@@ -61,8 +67,9 @@ GRIDS: dict[str, Grid] = {
         Grid(
             name="claims-cifar100",
             summary="the four claims at the paper's scale: ResNet-32 + ResNet-110, ResNet-32 pair, ResNet-32 x 3 on CIFAR-100, "
-                    "300 epochs, 5 seeds (pass --data DIR after --; a GPU cluster: --executor slurm)",
-            recipes=claims.recipes_of(_CIFAR_CLAIMS) + _K3_DML[1:],
+                    "300 epochs, 5 seeds, and the same-architecture table (vanilla, DML, ONE, CL, AFD on ResNet-32/110, WRN-16-2/28-4) "
+                    "(pass --data DIR after --; a GPU cluster: --executor slurm)",
+            recipes=tuple(dict.fromkeys(claims.recipes_of(_CIFAR_CLAIMS) + _K3_DML[1:] + _CIFAR_SAME_ARCHITECTURE)),
             seeds=(0, 1, 2, 3, 4),
             claims=_CIFAR_CLAIMS,
             scope="The paper's scale: CIFAR-100, 300 epochs, the mean of 5 runs per row (ResNet-32 / ResNet-110).",

@@ -70,8 +70,13 @@ def _demo(peers: tuple[str, ...], method: str) -> TrainConfig:
     """The demo recipe with other peers and another method (the demo-size comparisons of the claims sweep)."""
     cfg = demo()
     cfg.model = replace(cfg.model, peers=peers)
-    cfg.method = replace(cfg.method, name=method)  # type: ignore[arg-type]
+    cfg.method = _method(method)
     return cfg
+
+
+def _method(name: str) -> MethodConfig:
+    """The method's config as the recipes set it: its defaults, and the values its task asks for (CL: T = 2)."""
+    return MethodConfig(name=name, **registry.get(name).recipe_defaults)  # type: ignore[arg-type]
 
 
 _DEMO_PAIRS = {
@@ -95,7 +100,7 @@ def _cifar100(peers: tuple[str, ...], method: str) -> TrainConfig:
     """
     return TrainConfig(
         model=ModelConfig(peers=peers, num_classes=100),
-        method=MethodConfig(name=method),  # type: ignore[arg-type]
+        method=_method(method),
         data=DataConfig(format="cifar100", batch_size=128, image_size=32, crop_padding=4, mean=CIFAR_MEAN, std=CIFAR_STD),
         optim=OptimConfig(name="sgd", lr=0.1, lr_batch_ref=0, momentum=0.9, weight_decay=1e-4, milestones=(0.5, 0.75)),
         adv_optim=OptimConfig(name="adam", lr=2e-5, lr_batch_ref=0, weight_decay=0.1, milestones=(0.25, 0.5)),
@@ -134,17 +139,37 @@ _COMPARED = ("resnet32", "resnet32_resnet110", "wrn16_2_wrn28_4", "resnet32_k3")
 """CIFAR pairs with a recipe for every registered method (the paper's comparison tables); the others have AFD only."""
 
 
+_SAME_ARCHITECTURE = ("resnet32", "resnet110", "wrn16_2", "wrn28_4")
+"""The paper's same-architecture table (vanilla, DML, ONE, CL, AFD): each network's pair (and, for the
+multi-branch methods, three branches of it) has a recipe for each of those methods."""
+
+BRANCHES = 3
+"""Branches of the multi-branch methods' recipes (ONE's and CL's papers' default)."""
+
+
 def _method_doc(method: str) -> str:
     return registry.get(method).summary
 
 
+_PAIRED = tuple(m for m in registry.names() if not registry.get(m).same_architecture)
+"""Methods of peer networks; the others (one, cl) branch one network and get their own recipes below."""
+BRANCHED = tuple(m for m in registry.names() if registry.get(m).same_architecture)
+
 for _pair, _peers in _DEMO_PAIRS.items():
-    for _m in registry.names():
+    for _m in _PAIRED:
         _register(f"demo_{_pair}_{_m}", _demo, _peers, _m, f"Demo data, {' + '.join(_peers)}: {_method_doc(_m)}.")
+for _m in BRANCHED:
+    _register(f"demo_resnet8_{_m}", _demo, ("cifar_resnet8",) * BRANCHES, _m,
+              f"Demo data, cifar_resnet8 with {BRANCHES} branches: {_method_doc(_m)}.")
 
 for _pair, _peers in _CIFAR_PAIRS.items():
-    for _m in registry.names() if _pair in _COMPARED else ("afd",):
+    for _m in _PAIRED if _pair in _COMPARED else ("independent", "dml", "afd") if _pair in _SAME_ARCHITECTURE else ("afd",):
         _register(f"cifar100_{_pair}_{_m}", _cifar100, _peers, _m, f"CIFAR-100, {' + '.join(_peers)}: {_method_doc(_m)}.")
+for _pair in _SAME_ARCHITECTURE:
+    for _m in BRANCHED:
+        _net = _CIFAR_PAIRS[_pair][0]
+        _register(f"cifar100_{_pair}_{_m}", _cifar100, (_net,) * BRANCHES, _m,
+                  f"CIFAR-100, {_net} with {BRANCHES} branches: {_method_doc(_m)}.")
 
 
 # -- ImageNet (paper, Table 5; schedule ours, scaled from CIFAR) ----------------------------------
@@ -154,7 +179,7 @@ def _imagenet(peers: tuple[str, ...], method: str) -> TrainConfig:
     """90 epochs, batch 256; SGD lr 0.1 x batch/256, x0.1 at 1/3, 2/3, 8/9; Adam 2e-5, x0.1 at 1/4 and 1/2."""
     return TrainConfig(
         model=ModelConfig(peers=peers, num_classes=1000),
-        method=MethodConfig(name=method),  # type: ignore[arg-type]
+        method=_method(method),
         data=DataConfig(format="folder", batch_size=256, image_size=224),
         optim=sgd_logit_stage(),
         adv_optim=adam_feature_stage(),
@@ -162,8 +187,11 @@ def _imagenet(peers: tuple[str, ...], method: str) -> TrainConfig:
     )
 
 
-for _m in registry.names():
+for _m in _PAIRED:
     _register(f"imagenet_resnet18_{_m}", _imagenet, ("resnet18", "resnet18"), _m, f"ImageNet, resnet18 + resnet18: {_method_doc(_m)}.")
+for _m in BRANCHED:
+    _register(f"imagenet_resnet18_{_m}", _imagenet, ("resnet18",) * BRANCHES, _m,
+              f"ImageNet, resnet18 with {BRANCHES} branches: {_method_doc(_m)}.")
 for _big in ("resnet34", "resnet50"):
     for _m in ("afd", "l1"):
         _register(f"imagenet_resnet18_{_big}_{_m}", _imagenet, ("resnet18", _big), _m, f"ImageNet, resnet18 + {_big}: {_method_doc(_m)}.")

@@ -10,7 +10,10 @@ Variants, all on the same in-memory batch and the same peers:
   feature extractors (gradients dropped): the passes that AFD's simultaneous order cannot avoid
   (one forward, two backward), without its discriminators and second optimizer. AFD's cost above
   this is what the method's own parts (discriminators, Adam) add;
-* ``afd-sequential`` and ``afd-simultaneous``: fastafd's AFD in both orders.
+* ``afd-sequential`` and ``afd-simultaneous``: fastafd's AFD in both orders;
+* ``one`` and ``cl``: the multi-branch methods, one network with K branches on a shared trunk
+  (``--peers`` names the network K times), against ``independent``'s K whole networks: what the
+  shared trunk saves (their FLOP ratio beside it with ``--count_flops``).
 
 fastafd variants use the device's defaults (``system.*=auto``: bf16 + channels-last + compile on
 CUDA, fp32 + NCHW + eager on CPU) unless overridden. Each variant is warmed up first (its
@@ -35,7 +38,7 @@ from fastafd import outputs, rundir
 from fastafd.config import DataConfig, LoopConfig, MethodConfig, ModelConfig, SystemConfig, TrainConfig, adam_feature_stage, sgd_logit_stage
 from fastafd.errors import UserError
 
-VARIANTS = ("reference", "independent", "extra-backward", "afd-sequential", "afd-simultaneous")
+VARIANTS = ("reference", "independent", "extra-backward", "afd-sequential", "afd-simultaneous", "one", "cl")
 
 
 @dataclass
@@ -172,6 +175,8 @@ def _build(args: StepBenchArgs, variant: str, device: torch.device):
         step, channels_last = _fastafd_step(args, "independent", "sequential", device, extra_backward=True)
     elif variant in ("afd-sequential", "afd-simultaneous"):
         step, channels_last = _fastafd_step(args, "afd", variant.split("-")[1], device)
+    elif variant in ("one", "cl"):
+        step, channels_last = _fastafd_step(args, variant, "sequential", device)
     else:
         raise UserError(f"unknown variant '{variant}': choose from {', '.join(VARIANTS)}")
     return step, channels_last
@@ -245,7 +250,7 @@ def run(args: StepBenchArgs) -> dict:
     if "independent" in by:
         # cost of distillation: time per image relative to independent training of the same peers
         ratios.update({f"cost {v} vs independent": by["independent"] / by[v]
-                       for v in by if v.startswith("afd") or v == "extra-backward"})
+                       for v in by if v.startswith("afd") or v in ("extra-backward", "one", "cl")})
     if "extra-backward" in by and "afd-simultaneous" in by:
         ratios["cost afd-simultaneous vs extra-backward"] = by["extra-backward"] / by["afd-simultaneous"]
     flops = {r.variant: r.gflop_per_step for r in results if r.gflop_per_step}

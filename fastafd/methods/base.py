@@ -11,11 +11,11 @@ import torch
 from torch import Tensor, nn
 
 from fastafd import losses, metrics
-from fastafd.models.peers import features_and_logits
+from fastafd.models.peers import create_peer, feature_shape, features_and_logits
 from fastafd.steps import Stage
 
 if TYPE_CHECKING:
-    from fastafd.config import MethodConfig
+    from fastafd.config import MethodConfig, TrainConfig
 
 OptimKey = Literal["optim", "adv_optim"]
 
@@ -44,6 +44,9 @@ class Numerics:
 class Task(nn.Module):
     """Owns the trainable parts of one method and runs one training iteration.
 
+    :meth:`build` is the construction seam: it makes the task of a config (the default builds K
+    standalone peers; a multi-branch method builds its own networks). :meth:`deployable_state` says
+    what the deployable networks are (export), :meth:`ensemble` how they vote (evaluation).
     The trainer only calls :meth:`stages` (to build optimizers), :meth:`compile`, :meth:`train_step`
     and :meth:`eval_step`; everything that differs between methods lives in the subclasses, and the
     class attributes below are all that the rest of fastafd (config validation, help, display,
@@ -65,6 +68,11 @@ class Task(nn.Module):
     """Per-peer training metrics shown in the progress output and the epoch summary, in this order."""
     eval_keys: ClassVar[tuple[str, ...]] = ()
     """Per-peer evaluation extras of :meth:`eval_extras` (TensorBoard ``val/<key>/<peer>``, ``metrics.jsonl``)."""
+    same_architecture: ClassVar[bool] = False
+    """Whether every name in ``model.peers`` must be the same network (the multi-branch methods: one
+    network with K branches); the recipes pair such a method only with same-network peers."""
+    recipe_defaults: ClassVar[dict[str, float]] = {}
+    """``method.*`` values the recipes set for this method (CL: its paper's temperature)."""
     compile_units: ClassVar[tuple[str, ...]] = ()
     """Methods of the task that :meth:`compile` replaces by their ``torch.compile`` d version (each a
     forward + loss: the unit of compile); the stages' backward and optimizer steps stay eager."""
@@ -88,6 +96,29 @@ class Task(nn.Module):
         self.register_buffer("teachers", torch.tensor(self.teacher_of), persistent=False)
         self.distil_teachers = [[j for j in range(k) if j != i] for i in range(k)] if cfg.k_scheme == "all" else [[j] for j in self.teacher_of]
         """Peer k's teachers in the KL (and alignment) term; equally weighted (``method.k_scheme``)."""
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, num_classes: int, numerics: Numerics, device: torch.device, channels_last: bool) -> Task:
+        """The task of ``cfg`` (uncompiled: the caller calls :meth:`compile` when the run compiles; the caller
+        seeds). The default creates the K peers as standalone networks and measures their feature maps."""
+        size = cfg.data.image_size
+        peers = [create_peer(name, num_classes, image_size=size, drop_rate=cfg.model.drop_rate, pretrained=cfg.model.pretrained)
+                 for name in cfg.model.peers]
+        shapes = [feature_shape(p, size, name) for p, name in zip(peers, cfg.model.peers, strict=True)]
+        task = cls(peers, shapes, cfg.method, numerics, names=list(cfg.model.peers))
+        task.to(device=device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        return task
+
+    @classmethod
+    def check(cls, cfg: TrainConfig) -> None:
+        """Refuse, in one line (:class:`UserError`), a config this method cannot train (called by config
+        validation, before anything is built or written); K >= 2 for :attr:`needs_pair` is checked there."""
+
+    @classmethod
+    def deployable_state(cls, state: Mapping[str, Tensor], k: int) -> dict[str, Tensor]:
+        """Deployable network ``k`` (peer k) from the task's state dict, under the plain network's key names."""
+        prefix = f"peers.{k}."
+        return {key[len(prefix):]: v for key, v in state.items() if key.startswith(prefix)}
 
     @property
     def k(self) -> int:
@@ -121,14 +152,18 @@ class Task(nn.Module):
         """Sums over the batch: ``correct`` (K, 2) top-1/top-5 hits per peer, ``ensemble`` (2,), ``count``."""
         with self.numerics.autocast():
             feats, logits = self.forward_peers(x)
-        probs = logits.float().softmax(dim=-1).mean(dim=0)
         out = {
             "correct": metrics.topk_correct(logits, y),
-            "ensemble": metrics.topk_correct(probs, y),
+            "ensemble": metrics.topk_correct(self.ensemble(feats, logits), y),
             "count": torch.full((), y.shape[0], device=y.device),  # filled on the device: no host-to-device copy
         }
         out.update(self.eval_extras(feats))
         return out
+
+    def ensemble(self, feats: list[Tensor], logits: Tensor) -> Tensor:
+        """The ensemble's class scores ``(B, classes)`` from the ``(K, B, classes)`` logits: the mean of the
+        deployable networks' probabilities (ONE: its gate-weighted logits)."""
+        return logits.float().softmax(dim=-1).mean(dim=0)
 
     def eval_extras(self, feats: list[Tensor]) -> dict[str, Tensor]:
         """Method-specific evaluation sums (AFD: discriminator outputs)."""

@@ -21,7 +21,7 @@ from fastafd.errors import UserError
 if TYPE_CHECKING:
     from fastafd.methods.base import Task
 
-_INFRASTRUCTURE = ("base", "registry")
+_INFRASTRUCTURE = ("base", "branched", "registry")
 """Modules of this package that define no method."""
 
 _METHODS: dict[str, type[Task]] = {}
@@ -71,5 +71,6 @@ def describe() -> list[str]:
     out = []
     for name, cls in methods.items():
         optims = " + ".join(cls.optimizers)
-        out.append(f"{name:<{width}}  {cls.summary} [{optims}{'; K >= 2 peers' if cls.needs_pair else ''}]")
+        need = "; K >= 2 branches: --model.peers names one network K times" if cls.same_architecture else "; K >= 2 peers" if cls.needs_pair else ""
+        out.append(f"{name:<{width}}  {cls.summary} [{optims}{need}]")
     return out

@@ -29,7 +29,8 @@ def test_bench_step_writes_all_variants(tmp_path, capsys):
             "--warmup", "1", "--steps", "1", "--repeats", "2", "--out", str(tmp_path), "--name", "t", "--count_flops"]  # fmt: skip
     assert cli.main(args) == 0
     report = json.loads((tmp_path / "step-t.json").read_text())
-    assert [r["variant"] for r in report["results"]] == ["reference", "independent", "extra-backward", "afd-sequential", "afd-simultaneous"]
+    assert [r["variant"] for r in report["results"]] == ["reference", "independent", "extra-backward", "afd-sequential", "afd-simultaneous",
+                                                         "one", "cl"]
     assert all(r["img_per_s_median"] > 0 and len(r["windows"]) == 2 for r in report["results"])
     assert {"afd-sequential/reference", "cost afd-simultaneous vs independent", "cost extra-backward vs independent",
             "cost afd-simultaneous vs extra-backward"} <= set(report["ratios"])
@@ -38,6 +39,9 @@ def test_bench_step_writes_all_variants(tmp_path, capsys):
     # one extra backward of the extractors costs less than a forward + backward; AFD adds discriminators on top
     assert 1 < report["ratios"]["FLOP extra-backward vs independent"] < 2
     assert flops["afd-sequential"] > flops["afd-simultaneous"] > flops["extra-backward"] > flops["independent"] > 0
+    # ONE and CL: two branches on one shared trunk (ResNet-8's first two of three stages) compute less than two networks
+    assert 0.5 < report["ratios"]["FLOP one vs independent"] < 0.9 and 0.5 < report["ratios"]["FLOP cl vs independent"] < 0.9
+    assert {"cost one vs independent", "cost cl vs independent"} <= set(report["ratios"])
     md = (tmp_path / "step-t.md").read_text()
     assert "| afd-simultaneous |" in md and "fastafd bench step" in md
     assert "| reference |" in capsys.readouterr().out

@@ -35,6 +35,8 @@ VARIANTS = {
     "l2": dict(method="l2"),
     "afd": dict(method="afd"),
     "afd_simultaneous": dict(method="afd", order="simultaneous"),
+    "one": dict(method="one"),  # two branches on a shared trunk, and the gate
+    "cl": dict(method="cl"),  # the trunk's gradient rescaled in backward
 }
 
 

@@ -28,10 +28,12 @@ def test_the_paper_table_pattern_names_every_method_of_the_resnet32_pairs():
     got = sw.expand_recipes(["cifar100_resnet32_*"], list(recipes.RECIPES))
     from fastafd.methods import registry
 
-    methods = registry.names()
-    want = {f"cifar100_resnet32{pair}_{m}" for pair in ("", "_resnet110", "_k3") for m in methods}
-    assert len(methods) == 7 and set(got) == want | {"cifar100_resnet32_wrn28_4_afd", "cifar100_resnet32_vits8_afd"}
-    assert len(got) == 23  # the README's count
+    paired = [m for m in registry.names() if not registry.get(m).same_architecture]
+    branched = {f"cifar100_resnet32_{m}" for m in registry.names() if registry.get(m).same_architecture}  # one, cl: 3 branches
+    want = {f"cifar100_resnet32{pair}_{m}" for pair in ("", "_resnet110", "_k3") for m in paired}
+    assert len(paired) == 7 and branched == {"cifar100_resnet32_one", "cifar100_resnet32_cl"}
+    assert set(got) == want | branched | {"cifar100_resnet32_wrn28_4_afd", "cifar100_resnet32_vits8_afd"}
+    assert len(got) == 25  # the README's count
 
 
 def test_cells_are_recipes_times_seeds_with_the_shared_options_and_a_fixed_run_folder(tmp_path):
