@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
+from fastafd import methods
 from fastafd.config import (
     DataConfig,
     LoopConfig,
@@ -43,6 +44,7 @@ def get(name: str) -> TrainConfig:
         raise UserError(f"unknown recipe '{name}': {hint}")
     cfg = RECIPES[name]()
     cfg.recipe = name
+    methods.validate(cfg)
     return cfg
 
 
@@ -95,7 +97,7 @@ def _cifar100(peers: tuple[str, ...], method: str) -> TrainConfig:
     """
     return TrainConfig(
         model=ModelConfig(peers=peers, num_classes=100),
-        method=MethodConfig(name=method),  # type: ignore[arg-type]
+        method=MethodConfig(name=method),
         data=DataConfig(format="cifar100", batch_size=128, image_size=32, crop_padding=4, mean=CIFAR_MEAN, std=CIFAR_STD),
         optim=OptimConfig(name="sgd", lr=0.1, lr_batch_ref=0, momentum=0.9, weight_decay=1e-4, milestones=(0.5, 0.75)),
         adv_optim=OptimConfig(name="adam", lr=2e-5, lr_batch_ref=0, weight_decay=0.1, milestones=(0.25, 0.5)),
@@ -154,7 +156,7 @@ def _imagenet(peers: tuple[str, ...], method: str) -> TrainConfig:
     """90 epochs, batch 256; SGD lr 0.1 x batch/256, x0.1 at 1/3, 2/3, 8/9; Adam 2e-5, x0.1 at 1/4 and 1/2."""
     return TrainConfig(
         model=ModelConfig(peers=peers, num_classes=1000),
-        method=MethodConfig(name=method),  # type: ignore[arg-type]
+        method=MethodConfig(name=method),
         data=DataConfig(format="folder", batch_size=256, image_size=224),
         optim=sgd_logit_stage(),
         adv_optim=adam_feature_stage(),

@@ -1,5 +1,6 @@
 """The methods: one task module each (``dml.py``: independent and dml; ``kdcl.py``; ``align.py``: l1 and l2;
-``afd.py``), registered in :mod:`fastafd.methods.registry`; :func:`build_task` makes the task of a config."""
+``afd.py``; ``afd_shared.py``), registered in :mod:`fastafd.methods.registry`; :func:`validate` checks a config's
+method; :func:`build_task` makes the task of a config."""
 
 from __future__ import annotations
 
@@ -9,17 +10,19 @@ import torch
 
 from fastafd.methods import registry
 from fastafd.methods.base import Numerics, StageSpec, Task
+from fastafd.methods.registry import validate
 from fastafd.models.peers import create_peer, feature_shape
 
 if TYPE_CHECKING:
     from fastafd.config import TrainConfig
 
-__all__ = ["Numerics", "StageSpec", "Task", "build_task", "registry"]
+__all__ = ["Numerics", "StageSpec", "Task", "build_task", "registry", "validate"]
 
 
 def build_task(cfg: TrainConfig, num_classes: int, numerics: Numerics, device: torch.device, channels_last: bool) -> Task:
     """Create the K peers (seeded by the caller), measure their feature maps, and wrap them in the method's task
     (uncompiled: the caller calls :meth:`Task.compile` when the run compiles)."""
+    validate(cfg)
     size = cfg.data.image_size
     peers = [create_peer(name, num_classes, image_size=size, drop_rate=cfg.model.drop_rate, pretrained=cfg.model.pretrained)
              for name in cfg.model.peers]

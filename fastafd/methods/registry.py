@@ -3,7 +3,7 @@
 A method is a :class:`~fastafd.methods.base.Task` subclass registered with :func:`register`; its
 class attributes say everything the rest of fastafd needs (the name, a one-line summary, whether it
 needs two or more peers, which optimizer configs its stages use, which losses to display, its
-evaluation extras). Config validation (``method.name``, K >= 2), the CLI help, ``fastafd methods``,
+evaluation extras). Config validation (:func:`validate`: ``method.name``, K >= 2), the CLI choices and help, ``fastafd methods``,
 the recipes and the config reference read them from here. Adding a method is one module under
 ``fastafd/methods/`` that defines its task with ``@register`` (every module of the package is
 imported on first use of the registry), and its tests.
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from fastafd.errors import UserError
 
 if TYPE_CHECKING:
+    from fastafd.config import TrainConfig
     from fastafd.methods.base import Task
 
 _INFRASTRUCTURE = ("base", "registry")
@@ -62,6 +63,18 @@ def get(name: str) -> type[Task]:
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise UserError(f"unknown method '{name}': {hint}choose from {', '.join(methods)} (`fastafd methods` describes them)")
     return methods[name]
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check what config cannot check alone (it does not know the methods): ``method.name`` is registered, and a
+    method that distills between peers has K >= 2 of them. A one-line :class:`UserError` otherwise. Called by the
+    argument parser, the recipes and task construction."""
+    cls = get(cfg.method.name)
+    if cls.needs_pair and cfg.model.k < 2:
+        raise UserError(
+            f"method {cfg.method.name} distills between peers but model.peers has {cfg.model.k}: "
+            f"give K >= 2 names, e.g. --model.peers {cfg.model.peers[0]} {cfg.model.peers[0]}"
+        )
 
 
 def describe() -> list[str]:
