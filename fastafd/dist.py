@@ -4,8 +4,7 @@ fastafd uses accelerate for launching, the process group, device placement and c
 does not hand its modules to ``accelerator.prepare``: an AFD iteration runs three optimizer stages
 over different parameter subsets and two forward passes of the feature extractors, which DDP's
 one-forward-one-backward reducer can only follow with ``find_unused_parameters``. Instead each
-stage averages exactly its own gradients (:func:`all_reduce_grads`, one coalesced all-reduce per
-stage), and BatchNorm running statistics are averaged over processes before every evaluation and
+stage averages exactly its own gradients (:mod:`fastafd.comm`, which holds every gradient collective), and BatchNorm running statistics are averaged over processes before every evaluation and
 checkpoint (:func:`average_buffers`), so every rank holds the same model.
 
 Failures: every rank beats a heartbeat in the rendezvous store and watches the others'
@@ -23,7 +22,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeVar
@@ -31,8 +30,9 @@ from typing import TypeVar
 import torch
 import torch.distributed as tdist
 from torch import nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from fastafd.comm import all_reduce_mean_
+from fastafd.comm import distributed as _distributed
 from fastafd.config import SystemConfig
 from fastafd.errors import UserError
 
@@ -95,39 +95,10 @@ def resolve_numerics(cfg: SystemConfig, device: torch.device) -> tuple[torch.dty
     return _DTYPES[precision], channels_last, compile_
 
 
-def _distributed() -> bool:
-    return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
-
-
-def _all_reduce_mean_(tensors: Sequence[torch.Tensor]) -> None:
-    """Average ``tensors`` in place over all processes with one coalesced all-reduce."""
-    if not tensors or not _distributed():
-        return
-    flat = _flatten_dense_tensors(tensors)
-    tdist.all_reduce(flat)
-    flat /= tdist.get_world_size()
-    for t, synced in zip(tensors, _unflatten_dense_tensors(flat, tensors), strict=True):
-        t.copy_(synced)
-
-
-def all_reduce_grads(params: Sequence[nn.Parameter], found_inf: torch.Tensor) -> None:
-    """Average the gradients of ``params`` over all processes and OR the non-finite flag, in one
-    coalesced all-reduce (the flag rides along as the last element)."""
-    if not _distributed():
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = _flatten_dense_tensors([*grads, found_inf.reshape(1).to(grads[0].dtype if grads else found_inf.dtype)])
-    tdist.all_reduce(flat)
-    found_inf.copy_((flat[-1] > 0).to(found_inf.dtype))
-    flat = flat[:-1] / tdist.get_world_size()
-    for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
-        g.copy_(synced)
-
-
 @torch.no_grad()
 def average_buffers(module: nn.Module) -> None:
     """Average floating-point buffers (BatchNorm running statistics) over processes."""
-    _all_reduce_mean_([b for b in module.buffers() if b.is_floating_point()])
+    all_reduce_mean_([b for b in module.buffers() if b.is_floating_point()])
 
 
 def all_reduce_sum(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
