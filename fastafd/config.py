@@ -28,6 +28,15 @@ def _check(name: str, value: float, ok: bool, want: str) -> None:
         raise UserError(f"{name}={value} must be {want}")
 
 
+class DataFormatName(str):
+    """The name of a registered dataset format, or auto: a ``str`` that config does not check.
+    :mod:`fastafd.data.registry` reads it; the command line offers its names as choices (:mod:`fastafd.args`)."""
+
+
+class VerifiableFormat(DataFormatName):
+    """A dataset format that ``fastafd data verify`` checks (one with files), or auto."""
+
+
 @dataclass
 class ModelConfig:
     """The peer networks."""
@@ -162,7 +171,7 @@ class DataConfig:
     """Dataset folder (ImageNet layout: train/<class>/*.JPEG and val/<class>/*.JPEG). None: the
     built-in demo data, generated on first use into the cache folder. Also given as --data DIR."""
 
-    format: Literal["auto", "folder", "shards", "cifar100", "synthetic"] = "auto"
+    format: DataFormatName = DataFormatName("auto")
     """auto: detected from root (the built-in demo data when root is None); folder: ImageNet-layout
     folder; shards: the output of `fastafd data pack` (webdataset tars + DALI indexes +
     classes.json); cifar100: the `cifar-100-python` archive folder (fine labels); synthetic: random
@@ -215,6 +224,7 @@ class DataConfig:
     """Synthetic format: number of classes."""
 
     def __post_init__(self) -> None:
+        self.format = DataFormatName(self.format)
         self.scale = tuple(self.scale)
         self.ratio = tuple(self.ratio)
         self.mean = tuple(self.mean)

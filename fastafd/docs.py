@@ -82,6 +82,10 @@ def _type(hint: object) -> str:
         from fastafd.methods import registry
 
         return " | ".join(registry.names())
+    if hint is config.DataFormatName:
+        from fastafd.data import registry as formats
+
+        return " | ".join(("auto", *formats.names()))
     if typing.get_origin(hint) is typing.Literal:
         return " | ".join(str(a) for a in typing.get_args(hint))
     text = str(hint) if not isinstance(hint, type) else hint.__name__
