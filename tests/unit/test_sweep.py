@@ -6,7 +6,7 @@ import shlex
 
 import pytest
 
-from fastafd import cli, errors, recipes, rundir, runlock
+from fastafd import args, cli, errors, recipes, rundir, runlock
 from fastafd import sweep as sw
 from fastafd.errors import UserError
 from tests.battery.harness import Case, run_case
@@ -42,7 +42,7 @@ def test_cells_are_recipes_times_seeds_with_the_shared_options_and_a_fixed_run_f
     assert (c.method, c.peers, c.epochs, c.data) == ("afd", ("cifar_resnet8", "cifar_resnet8"), 2, "synthetic")
     assert c.train_args(tmp_path)[-2:] == ["--out", str(tmp_path.resolve() / "runs" / c.name)]
     assert shlex.split(c.command(tmp_path)) == ["fastafd", "train", *c.train_args(tmp_path)]
-    cfg = cli.parse_train_args(c.train_args(tmp_path))  # the exact command trains what the cell says
+    cfg = args.parse_train_args(c.train_args(tmp_path))  # the exact command trains what the cell says
     assert cfg.system.seed == 3 and cfg.recipe == "demo_resnet8_afd" and cfg.loop.epochs == 2
 
 
