@@ -6,7 +6,9 @@ needs two or more peers, which optimizer configs its stages use, which losses to
 evaluation extras). Config validation (:func:`validate`: ``method.name``, K >= 2), the CLI choices and help, ``fastafd methods``,
 the recipes and the config reference read them from here. Adding a method is one module under
 ``fastafd/methods/`` that defines its task with ``@register`` (every module of the package is
-imported on first use of the registry), and its tests.
+imported on first use of the registry), and its tests. A method defined outside fastafd is a module that
+does the same, named in the ``fastafd.methods`` entry point group of its package (``[project.entry-points."fastafd.methods"]
+name = "module"``): the registry imports it with fastafd's own, so the CLI, the recipes, sweeps and reports see it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import pkgutil
+from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
 from fastafd.errors import UserError
@@ -21,6 +24,9 @@ from fastafd.errors import UserError
 if TYPE_CHECKING:
     from fastafd.config import TrainConfig
     from fastafd.methods.base import Task
+
+ENTRY_POINTS = "fastafd.methods"
+"""Entry point group of methods defined by other packages (each entry: a module that registers its task)."""
 
 _INFRASTRUCTURE = ("base", "registry")
 """Modules of this package that define no method."""
@@ -47,6 +53,8 @@ def _load() -> dict[str, type[Task]]:
         for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
             if info.name not in _INFRASTRUCTURE:
                 importlib.import_module(f"fastafd.methods.{info.name}")
+        for ep in entry_points(group=ENTRY_POINTS):
+            importlib.import_module(ep.value)
     return dict(sorted(_METHODS.items()))
 
 
