@@ -1,4 +1,4 @@
-"""What many test files share: the ``fastafd`` command as a child process and its environment (``cli``), a free
+"""What many test files share: the ``fastafd`` command as a child process and its environment (``fastafd_cli``), a free
 TCP port (``free_port``), and the deterministic float64 set-up of the reference tests (``float64``)."""
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ class Cli:
 
 
 @pytest.fixture(scope="session")
-def cli() -> Cli:
+def fastafd_cli() -> Cli:
+    """The ``fastafd`` command as a child process (:class:`Cli`: ``run``, ``popen``, ``env``)."""
     return Cli()
 
 

@@ -53,13 +53,13 @@ print(json.dumps(out))
 '''
 
 
-def test_a_method_registered_from_a_temporary_module_is_seen_by_every_command(tmp_path, cli):
+def test_a_method_registered_from_a_temporary_module_is_seen_by_every_command(tmp_path, fastafd_cli):
     site = tmp_path / "site"
     (site / "plugmethod-0.1.dist-info").mkdir(parents=True)
     (site / "plugmethod.py").write_text(textwrap.dedent(PLUGIN))
     (site / "plugmethod-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: plugmethod\nVersion: 0.1\n")
     (site / "plugmethod-0.1.dist-info" / "entry_points.txt").write_text("[fastafd.methods]\nplugtest = plugmethod\n")
-    env = cli.env(tmp_path / "cache", COLUMNS=200)
+    env = fastafd_cli.env(tmp_path / "cache", COLUMNS=200)
     env["PYTHONPATH"] = f"{site}:{env['PYTHONPATH']}"
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), *TINY], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
