@@ -30,8 +30,8 @@ def test_the_paper_table_pattern_names_every_method_of_the_resnet32_pairs():
 
     methods = registry.names()
     want = {f"cifar100_resnet32{pair}_{m}" for pair in ("", "_resnet110", "_k3") for m in methods}
-    assert len(methods) == 7 and set(got) == want | {"cifar100_resnet32_wrn28_4_afd", "cifar100_resnet32_vits8_afd"}
-    assert len(got) == 23  # the README's count
+    assert set(got) == want | {"cifar100_resnet32_wrn28_4_afd", "cifar100_resnet32_vits8_afd"}
+    assert len(got) == 3 * len(methods) + 2  # the README's count (23 with its 7 methods)
 
 
 def test_cells_are_recipes_times_seeds_with_the_shared_options_and_a_fixed_run_folder(tmp_path):
