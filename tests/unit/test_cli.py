@@ -114,8 +114,8 @@ def test_help_documents_every_field():
         assert f"--{name}" in out, name
 
 
-def test_no_traceback_through_the_console_script(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fastafd.cli", "train", "--data", str(tmp_path / "nope")], capture_output=True, text=True)
+def test_no_traceback_through_the_console_script(tmp_path, fastafd_cli):
+    proc = fastafd_cli.run(["train", "--data", tmp_path / "nope"], check=False)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
