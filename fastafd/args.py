@@ -86,16 +86,51 @@ def _one_line(text: str) -> str:
     return " ".join(lines) or text.strip()
 
 
+def _registered_names() -> object:
+    """tyro's rules for the config fields that name a registry entry (config declares them as ``str`` subclasses
+    and does not import the registries): their choices come from the registry, read when such a field is parsed."""
+    from tyro.constructors import ConstructorRegistry, PrimitiveConstructorSpec, PrimitiveTypeInfo
+
+    from fastafd.config import DataFormatName, MethodName, VerifiableFormat
+
+    def methods() -> tuple[str, ...]:
+        from fastafd.methods import registry
+
+        return registry.names()
+
+    def formats(verifiable: bool) -> tuple[str, ...]:
+        from fastafd.data import registry
+
+        return ("auto", *registry.names(verifiable=verifiable))
+
+    choices = {MethodName: methods, DataFormatName: lambda: formats(False), VerifiableFormat: lambda: formats(True)}
+    rules = ConstructorRegistry()
+
+    @rules.primitive_rule
+    def _registered(info: PrimitiveTypeInfo) -> PrimitiveConstructorSpec | None:
+        kind = info.type
+        if kind not in choices:
+            return None
+        names = choices[kind]()
+        return PrimitiveConstructorSpec(
+            nargs=1, metavar="{" + ",".join(names) + "}", instance_from_str=lambda a: kind(a[0]),
+            is_instance=lambda x: isinstance(x, str), str_from_instance=lambda x: [str(x)], choices=names,
+        )
+
+    return rules
+
+
 def tyro_parse(cls: type, args: Sequence[str], *, default: object | None = None, prog: str, description: str) -> object:
     """Parse ``args`` into ``cls`` with tyro; its error boxes become one-line :class:`UserError` s."""
     import tyro
 
+    kw = dict(default=default, prog=prog, description=description, use_underscores=True, registry=_registered_names())
     if any(a in ("-h", "--help") for a in args):
-        return tyro.cli(cls, args=list(args), default=default, prog=prog, description=description, use_underscores=True)
+        return tyro.cli(cls, args=list(args), **kw)
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(err):
-            return tyro.cli(cls, args=list(args), default=default, prog=prog, description=description, use_underscores=True)
+            return tyro.cli(cls, args=list(args), **kw)
     except SystemExit as e:
         if e.code:
             raise UserError(f"{_one_line(err.getvalue())} (see `{prog} --help`)") from None
@@ -121,7 +156,7 @@ def parse_train_args(argv: Sequence[str]) -> TrainConfig:
     ``--profile START END`` are short forms, every other option overrides one field. Also what
     ``fastafd sweep`` checks each cell with before it writes anything, so that a cell's command
     cannot fail on its options later."""
-    from fastafd import recipes
+    from fastafd import methods, recipes
     from fastafd.config import TrainConfig
 
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
@@ -147,4 +182,5 @@ def parse_train_args(argv: Sequence[str]) -> TrainConfig:
     check_options(rest, option_names(TrainConfig), "train")
     cfg = tyro_parse(TrainConfig, rest, default=base, prog=f"{PROG} train", description=train_help())
     cfg.recipe = known.recipe
+    methods.validate(cfg)
     return cfg

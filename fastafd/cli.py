@@ -19,10 +19,10 @@ from pathlib import Path
 from tyro.conf import Positional
 
 from fastafd import atomic, outputs
-from fastafd.args import PROG, check_options, option_names, option_values, parse_train_args, tyro_parse
+from fastafd.args import PROG, parse_train_args, tyro_parse
 from fastafd.errors import RunStopped, Stopped, UserError
 
-__all__ = ["PROG", "check_options", "main", "option_names", "option_values", "parse_train_args", "tyro_parse"]
+__all__ = ["main"]
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -134,7 +134,7 @@ def cmd_export(argv: Sequence[str]) -> int:
 
 
 def cmd_data(argv: Sequence[str]) -> int:
-    from fastafd.data.commands import cmd_data as run
+    from fastafd.data_commands import cmd_data as run
 
     return run(argv)
 

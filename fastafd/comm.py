@@ -1,4 +1,6 @@
-"""Gradient averaging over processes, per optimizer stage: after the backward, or overlapped with it.
+"""Gradient averaging over processes, per optimizer stage: after the backward, or overlapped with it. Every
+collective on gradients and model state lives here (:func:`all_reduce_grads`, :func:`all_reduce_mean_`), with
+the one test they start with (:func:`distributed`); :mod:`fastafd.dist` sets up the processes.
 
 fastafd has no DDP wrapper (an AFD iteration runs three stages over different parameter sets; see
 :mod:`fastafd.dist`), so each :class:`~fastafd.steps.Stage` averages exactly its own gradients through
@@ -40,6 +42,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 import torch.distributed as tdist
 from torch import Tensor, nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 if TYPE_CHECKING:
     from fastafd.steps import Stage
@@ -58,8 +61,49 @@ class GradSync(Protocol):
         """After the backward: average the gradients over processes and OR ``found_inf`` into every rank's."""
 
 
-def _distributed() -> bool:
+def distributed() -> bool:
+    """More than one process in an initialized process group (the one test every collective starts with)."""
     return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
+
+
+def all_reduce_mean_(tensors: Sequence[Tensor]) -> None:
+    """Average ``tensors`` in place over all processes with one coalesced all-reduce."""
+    if not tensors or not distributed():
+        return
+    flat = _flatten_dense_tensors(tensors)
+    tdist.all_reduce(flat)
+    flat /= tdist.get_world_size()
+    for t, synced in zip(tensors, _unflatten_dense_tensors(flat, tensors), strict=True):
+        t.copy_(synced)
+
+
+def all_reduce_grads(params: Sequence[nn.Parameter], found_inf: torch.Tensor) -> None:
+    """Average the gradients of ``params`` over all processes and OR the non-finite flag, in one
+    coalesced all-reduce (per parameter a "has a gradient" mark, then the flag, ride along at the end).
+
+    A parameter without a gradient on this rank counts as zero here, so every rank sends the same
+    elements in the same order; it gets the average if another rank had a gradient, and stays without
+    one if none had. Only a rank that lacks some gradient reads the marks back (a host sync)."""
+    if not distributed():
+        return
+    params = [p for p in params if p.requires_grad]
+    missing = [i for i, p in enumerate(params) if p.grad is None]
+    dtype = params[0].dtype if params else found_inf.dtype
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    marks = torch.ones(len(params), dtype=dtype, device=found_inf.device)
+    if missing:
+        marks[missing] = 0
+    flat = _flatten_dense_tensors([*grads, marks, found_inf.reshape(1).to(dtype)])
+    tdist.all_reduce(flat)
+    found_inf.copy_((flat[-1] > 0).to(found_inf.dtype))
+    n = len(params)
+    averaged = _unflatten_dense_tensors(flat[:-1 - n] / tdist.get_world_size(), grads)
+    anywhere = (flat[-1 - n:-1] > 0).tolist() if missing else None  # host read: only on a rank that lacks a gradient
+    for i, (p, synced) in enumerate(zip(params, averaged, strict=True)):
+        if p.grad is not None:
+            p.grad.copy_(synced)
+        elif anywhere is not None and anywhere[i]:
+            p.grad = torch.empty_like(p).copy_(synced)
 
 
 class LocalSync:
@@ -80,8 +124,6 @@ class CoalescedSync(LocalSync):
     """All of a stage's gradients and the flag in one all-reduce, after the backward (the reference path)."""
 
     def reduce(self, stage: Stage, found_inf: Tensor) -> None:
-        from fastafd.dist import all_reduce_grads
-
         all_reduce_grads(stage.params, found_inf)
 
 
@@ -119,7 +161,7 @@ class OverlappedSync:
         self._hooked: set[int] = set()
         self._route: dict[int, _Bucket] = {}
         self._active: _Plan | None = None
-        self._world = tdist.get_world_size() if _distributed() else 1
+        self._world = tdist.get_world_size() if distributed() else 1
         self.launched = {"during_backward": 0, "after_backward": 0}
         """Bucket all-reduces started by the hooks while backward ran, and those started when it ended."""
 

@@ -14,9 +14,12 @@ from pathlib import Path
 from typing import Literal
 
 from fastafd.errors import UserError
-from fastafd.methods import registry
 
-MethodName = Literal[registry.names()]  # type: ignore[valid-type]  # the registered methods (fastafd/methods/)
+
+class MethodName(str):
+    """The name of a registered method: a ``str`` that config does not check (config is a leaf and does not know
+    which methods exist). :func:`fastafd.methods.validate` checks it; the command line offers the registry's
+    names as choices (:mod:`fastafd.args`)."""
 
 
 INT_RANGE = (-(2**53), 2**53)
@@ -56,6 +59,15 @@ def _check(name: str, value: float, ok: bool, want: str) -> None:
         raise UserError(f"{name}={value} must be {want}")
 
 
+class DataFormatName(str):
+    """The name of a registered dataset format, or auto: a ``str`` that config does not check.
+    :mod:`fastafd.data.registry` reads it; the command line offers its names as choices (:mod:`fastafd.args`)."""
+
+
+class VerifiableFormat(DataFormatName):
+    """A dataset format that ``fastafd data verify`` checks (one with files), or auto."""
+
+
 @dataclass
 class ModelConfig:
     """The peer networks."""
@@ -91,7 +103,7 @@ class ModelConfig:
 class MethodConfig:
     """The distillation method and its loss weights."""
 
-    name: MethodName = "afd"
+    name: MethodName = MethodName("afd")
     """The method (`fastafd methods` describes each): afd is the paper's; the others are the baselines it
     compares with and further online methods, all trained by the same loop."""
 
@@ -118,6 +130,7 @@ class MethodConfig:
     """afd: sequential re-runs the feature extractors after the logit step (the default of docs/method.md); simultaneous reuses one forward pass for both stages (faster, a deviation; see README)."""
 
     def __post_init__(self) -> None:
+        self.name = MethodName(self.name)
         _check("method.temperature", self.temperature, self.temperature > 0, "a finite number > 0, e.g. --method.temperature 3")
         for name in ("kl_weight", "feature_weight"):
             value = getattr(self, name)
@@ -200,7 +213,7 @@ class DataConfig:
     """Dataset folder (ImageNet layout: train/<class>/*.JPEG and val/<class>/*.JPEG). None: the
     built-in demo data, generated on first use into the cache folder. Also given as --data DIR."""
 
-    format: Literal["auto", "folder", "shards", "cifar100", "synthetic"] = "auto"
+    format: DataFormatName = DataFormatName("auto")
     """auto: detected from root (the built-in demo data when root is None); folder: ImageNet-layout
     folder; shards: the output of `fastafd data pack` (webdataset tars + DALI indexes +
     classes.json); cifar100: the `cifar-100-python` archive folder (fine labels); synthetic: random
@@ -253,6 +266,7 @@ class DataConfig:
     """Synthetic format: number of classes."""
 
     def __post_init__(self) -> None:
+        self.format = DataFormatName(self.format)
         self.scale = tuple(self.scale)
         self.ratio = tuple(self.ratio)
         self.mean = tuple(self.mean)
@@ -453,12 +467,6 @@ class TrainConfig:
         self.optim.check("optim")
         self.adv_optim.check("adv_optim")
         check_bounds(self)
-        if registry.get(self.method.name).needs_pair and self.model.k < 2:
-            raise UserError(
-                f"method {self.method.name} distills between peers but model.peers has {self.model.k}: "
-                f"give K >= 2 names, e.g. --model.peers {self.model.peers[0]} {self.model.peers[0]}"
-            )
-        registry.get(self.method.name).check(self)
 
 
 def to_dict(cfg: object) -> dict:

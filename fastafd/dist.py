@@ -4,7 +4,7 @@ fastafd uses accelerate for launching, the process group, device placement and c
 does not hand its modules to ``accelerator.prepare``: an AFD iteration runs three optimizer stages
 over different parameter subsets and two forward passes of the feature extractors, which DDP's
 one-forward-one-backward reducer can only follow with ``find_unused_parameters``. Instead each
-stage averages exactly its own gradients (:mod:`fastafd.comm`: by default in buckets whose
+stage averages exactly its own gradients (:mod:`fastafd.comm`, which holds every gradient collective: by default in buckets whose
 all-reduces start during the backward, in a fixed order; :func:`all_reduce_grads` is the coalesced
 reference), and BatchNorm running statistics are averaged over processes before every evaluation
 and checkpoint (:func:`average_buffers`), so every rank holds the same model.
@@ -32,7 +32,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeVar
@@ -40,8 +40,9 @@ from typing import TypeVar
 import torch
 import torch.distributed as tdist
 from torch import nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from fastafd.comm import all_reduce_mean_
+from fastafd.comm import distributed as _distributed
 from fastafd.config import SystemConfig
 from fastafd.errors import RunStopped, UserError, record_error
 
@@ -104,54 +105,10 @@ def resolve_numerics(cfg: SystemConfig, device: torch.device) -> tuple[torch.dty
     return _DTYPES[precision], channels_last, compile_
 
 
-def _distributed() -> bool:
-    return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
-
-
-def _all_reduce_mean_(tensors: Sequence[torch.Tensor]) -> None:
-    """Average ``tensors`` in place over all processes with one coalesced all-reduce."""
-    if not tensors or not _distributed():
-        return
-    flat = _flatten_dense_tensors(tensors)
-    tdist.all_reduce(flat)
-    flat /= tdist.get_world_size()
-    for t, synced in zip(tensors, _unflatten_dense_tensors(flat, tensors), strict=True):
-        t.copy_(synced)
-
-
-def all_reduce_grads(params: Sequence[nn.Parameter], found_inf: torch.Tensor) -> None:
-    """Average the gradients of ``params`` over all processes and OR the non-finite flag, in one
-    coalesced all-reduce (per parameter a "has a gradient" mark, then the flag, ride along at the end).
-
-    A parameter without a gradient on this rank counts as zero here, so every rank sends the same
-    elements in the same order; it gets the average if another rank had a gradient, and stays without
-    one if none had. Only a rank that lacks some gradient reads the marks back (a host sync)."""
-    if not _distributed():
-        return
-    params = [p for p in params if p.requires_grad]
-    missing = [i for i, p in enumerate(params) if p.grad is None]
-    dtype = params[0].dtype if params else found_inf.dtype
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    marks = torch.ones(len(params), dtype=dtype, device=found_inf.device)
-    if missing:
-        marks[missing] = 0
-    flat = _flatten_dense_tensors([*grads, marks, found_inf.reshape(1).to(dtype)])
-    tdist.all_reduce(flat)
-    found_inf.copy_((flat[-1] > 0).to(found_inf.dtype))
-    n = len(params)
-    averaged = _unflatten_dense_tensors(flat[:-1 - n] / tdist.get_world_size(), grads)
-    anywhere = (flat[-1 - n:-1] > 0).tolist() if missing else None  # host read: only on a rank that lacks a gradient
-    for i, (p, synced) in enumerate(zip(params, averaged, strict=True)):
-        if p.grad is not None:
-            p.grad.copy_(synced)
-        elif anywhere is not None and anywhere[i]:
-            p.grad = torch.empty_like(p).copy_(synced)
-
-
 @torch.no_grad()
 def average_buffers(module: nn.Module) -> None:
     """Average floating-point buffers (BatchNorm running statistics) over processes."""
-    _all_reduce_mean_([b for b in module.buffers() if b.is_floating_point()])
+    all_reduce_mean_([b for b in module.buffers() if b.is_floating_point()])
 
 
 def all_reduce_sum(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -78,6 +78,14 @@ def _show(value: object) -> str:
 
 
 def _type(hint: object) -> str:
+    if hint is config.MethodName:
+        from fastafd.methods import registry
+
+        return " | ".join(registry.names())
+    if hint is config.DataFormatName:
+        from fastafd.data import registry as formats
+
+        return " | ".join(("auto", *formats.names()))
     if typing.get_origin(hint) is typing.Literal:
         return " | ".join(str(a) for a in typing.get_args(hint))
     text = str(hint) if not isinstance(hint, type) else hint.__name__

@@ -41,8 +41,9 @@ def build_optimizer(
     params: Sequence[nn.Parameter], cfg: OptimConfig, lr: float, device: torch.device, impl: str = "auto"
 ) -> torch.optim.Optimizer:
     """SGD / Adam / AdamW. ``auto``: torch's fused kernels on CUDA and CPU (on CUDA they also skip a
-    flagged step on the device, see ``StepGuard``; on a 2-core CPU they made Adam 3.7x and SGD 3x
-    faster than foreach for two ResNet-18s), the multi-tensor (foreach) implementation elsewhere."""
+    flagged step on the device, see ``StepGuard``; on a 2-core CPU they made Adam 6.3x and SGD 2.6x
+    faster than foreach for two ResNet-18s: benchmarks/results/optimizers.md), the multi-tensor (foreach)
+    implementation elsewhere."""
     groups = param_groups(params, cfg)
     if impl == "apex":
         apex = _apex_optimizers()

@@ -20,11 +20,12 @@ from fastafd import atomic, outputs, readback, rundir
 from fastafd.errors import UserError
 from fastafd.observe import require
 
+FIGURES = ("top1", "losses", "discriminator", "throughput")
+"""The PNGs ``fastafd plot`` writes (``<name>.png``); discriminator only when a run has discriminators."""
+
 PEER_STYLES = ("--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)))
 LOSSES = {"train_ce": "cross-entropy", "train_kl": "T^2 KL to the teacher peer", "train_g_loss": "adversarial feature loss (generator)",
           "train_d_loss": "discriminator loss", "train_align": "feature alignment loss (l1/l2)"}
-FIGURES = ("top1", "losses", "discriminator", "throughput")
-"""The PNGs ``fastafd plot`` writes (``<name>.png``); discriminator only when a run has discriminators."""
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
+from fastafd import methods
 from fastafd.config import (
     DataConfig,
     LoopConfig,
@@ -21,11 +22,10 @@ from fastafd.config import (
 )
 from fastafd.errors import UserError
 from fastafd.methods import registry
+from fastafd.models.cifar import CIFAR100_MEAN, CIFAR100_STD
 
 RECIPES: dict[str, Callable[[], TrainConfig]] = {}
 
-CIFAR_MEAN = (0.5071, 0.4865, 0.4409)
-CIFAR_STD = (0.2673, 0.2564, 0.2762)
 
 
 def recipe(fn: Callable[[], TrainConfig]) -> Callable[[], TrainConfig]:
@@ -43,6 +43,7 @@ def get(name: str) -> TrainConfig:
         raise UserError(f"unknown recipe '{name}': {hint}")
     cfg = RECIPES[name]()
     cfg.recipe = name
+    methods.validate(cfg)
     return cfg
 
 
@@ -101,7 +102,7 @@ def _cifar100(peers: tuple[str, ...], method: str) -> TrainConfig:
     return TrainConfig(
         model=ModelConfig(peers=peers, num_classes=100),
         method=_method(method),
-        data=DataConfig(format="cifar100", batch_size=128, image_size=32, crop_padding=4, mean=CIFAR_MEAN, std=CIFAR_STD),
+        data=DataConfig(format="cifar100", batch_size=128, image_size=32, crop_padding=4, mean=CIFAR100_MEAN, std=CIFAR100_STD),
         optim=OptimConfig(name="sgd", lr=0.1, lr_batch_ref=0, momentum=0.9, weight_decay=1e-4, milestones=(0.5, 0.75)),
         adv_optim=OptimConfig(name="adam", lr=2e-5, lr_batch_ref=0, weight_decay=0.1, milestones=(0.25, 0.5)),
         loop=LoopConfig(epochs=300),

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as tdist
 
 from fastafd import checkpoint
+from fastafd.comm import distributed
 from fastafd.errors import UserError
 from fastafd.metrics import RunningMeans
 from fastafd.steps import Stages
@@ -87,7 +88,7 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 def _gather(obj: dict) -> list[dict]:
     """Every rank's ``obj`` on every rank (small JSON-ready dicts)."""
-    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+    if not distributed():
         return [obj]
     out: list = [None] * tdist.get_world_size()
     tdist.all_gather_object(out, obj)

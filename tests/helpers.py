@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from fastafd.config import DataConfig, LoopConfig, MethodConfig, ModelConfig, OptimConfig, TrainConfig
-from fastafd.methods import Numerics, build_task
+from fastafd.methods import Numerics, build_task, validate
 from fastafd.optim import build_stages
 
 SGD = OptimConfig(name="sgd", lr=0.1, lr_batch_ref=0, momentum=0.9, weight_decay=1e-4, milestones=(0.5,))
@@ -19,7 +19,8 @@ ADAM = OptimConfig(name="adam", lr=1e-3, lr_batch_ref=0, weight_decay=0.1, miles
 
 
 def tiny_config(peers, method="afd", image_size=32, batch=8, **method_kw) -> TrainConfig:
-    return TrainConfig(
+    """A tiny run's config, checked as the recipes check theirs (:func:`fastafd.methods.validate`)."""
+    cfg = TrainConfig(
         model=ModelConfig(peers=tuple(peers), num_classes=10),
         method=MethodConfig(name=method, **method_kw),
         data=DataConfig(format="synthetic", batch_size=batch, image_size=image_size),
@@ -27,6 +28,8 @@ def tiny_config(peers, method="afd", image_size=32, batch=8, **method_kw) -> Tra
         adv_optim=replace(ADAM),
         loop=LoopConfig(epochs=1),
     )
+    validate(cfg)
+    return cfg
 
 
 def tiny_task(cfg: TrainConfig, seed=0, compile=False, dtype=torch.float32, device="cpu", channels_last=False):

@@ -127,7 +127,7 @@ def _fastafd_step(args: StepBenchArgs, method: str, order: str, device: torch.de
 
     cfg = TrainConfig(
         model=ModelConfig(peers=args.peers, num_classes=1000),
-        method=MethodConfig(name=method, order=order),  # type: ignore[arg-type]
+        method=MethodConfig(name=method, order=order),
         data=DataConfig(format="synthetic", batch_size=args.batch_size, image_size=args.image_size),
         optim=sgd_logit_stage(),
         adv_optim=adam_feature_stage(),

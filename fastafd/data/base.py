@@ -32,6 +32,14 @@ class DataError(UserError):
     """An input file that cannot be used, met while reading (names the file when it can be found)."""
 
 
+class NotThisFormat(UserError):
+    """Raised by a format's reader when a folder it was handed is not of its kind; ``marker``: the file that
+    made ``data.format=auto`` take it for one (:func:`fastafd.data.registry.detected_as` then says how to
+    name the right format)."""
+
+    marker = ""
+
+
 class Loader(Protocol):
     """One rank's view of a split.
 

@@ -43,7 +43,7 @@ from __future__ import annotations
 import base64
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -372,10 +372,11 @@ def pipeline_base(cfg: DataConfig, *, rank: int, world_size: int, local_rank: in
 
 def build_dali_loaders(train: Split | ShardSplit | None, val: Split | ShardSplit, cfg: DataConfig, *, rank: int,
                        world_size: int, local_rank: int, device: torch.device, seed: int, channels_last: bool,
-                       train_batch: int, val_batch: int, verify_root: str,
+                       train_batch: int, val_batch: int, verify_root: str, reader: Callable[[Split | ShardSplit], Reader],
                        dtype: torch.dtype = torch.float32) -> tuple[TrainLoader | None, EvalLoader]:
     """Train (None when ``train`` is None: evaluation only) and validation loaders for one rank of a folder
-    (:class:`Split`) or shard dataset.
+    (:class:`Split`) or shard dataset; ``reader``: the DALI reader of a split (the format's, see
+    :mod:`fastafd.data.registry`).
 
     On CUDA the pipelines run on ``device`` (``local_rank`` when it has no index) and their outputs
     stay there; on CPU they are CPU-only pipelines (``device_id=None``).
@@ -384,7 +385,7 @@ def build_dali_loaders(train: Split | ShardSplit | None, val: Split | ShardSplit
                          channels_last=channels_last, dtype=dtype)
     check_split_sizes(train=(train.root, len(train)) if train is not None else None, val=(val.root, len(val)),
                       global_batch=world_size * train_batch, world_size=world_size)
-    wrap = ShardReader if isinstance(val, ShardSplit) else FolderReader
+    wrap = reader
     train_loader = None
     if train is not None:
         train_loader = TrainLoader(wrap(train), cfg, PipelineSettings(batch=train_batch, **base), device=device,

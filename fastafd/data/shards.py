@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastafd.data.base import DataError
+from fastafd.data.base import DataError, NotThisFormat
 from fastafd.data.folder import read_exclude, scan_folder
 from fastafd.errors import UserError
 from fastafd.progress import bar as progress_bar
@@ -51,7 +51,7 @@ def sample_key(rel: str) -> str:
     return re.sub(r"[.\s]", "_", stem if dot else rel)
 
 
-class NotShards(UserError):
+class NotShards(NotThisFormat):
     """A folder taken for shards (it holds :data:`CLASSES_FILE`) whose layout is not what pack writes."""
 
     marker = CLASSES_FILE

@@ -261,23 +261,11 @@ def verify_cifar(root: Path) -> Report:
 
 def verify(root: Path, *, fmt: str = "auto", workers: int = 0, progress: bool = True) -> Report:
     """Check the dataset at ``root`` in format ``fmt`` (auto: detected as training detects it)."""
-    from fastafd.data.cifar import find_archive
-    from fastafd.data.shards import is_shard_dir
+    from fastafd.data import registry
 
     root = Path(root).expanduser()
-    auto = fmt == "auto"
-    if auto:
-        fmt = "shards" if is_shard_dir(root) else "cifar100" if find_archive(root) is not None else "folder"
-    if fmt == "shards":
-        from fastafd.data.shards import NotShards
-
-        try:
-            return verify_shards(root, workers=workers, progress=progress)
-        except NotShards as exc:
-            if auto:
-                raise NotShards(f"{exc} ({root} was taken for shards because it holds {exc.marker}; if it is an "
-                                "image folder, pass --format folder)") from None
-            raise
-    if fmt == "cifar100":
-        return verify_cifar(root)
-    return verify_folder(root, workers=workers, progress=progress)
+    dataset_format = registry.detect(root) if fmt == "auto" else registry.get(fmt)
+    if dataset_format.verify is None:
+        raise UserError(f"--format {fmt} reads no files to verify: choose one of {', '.join(registry.names(verifiable=True))}")
+    with registry.detected_as(dataset_format, root, detected=fmt == "auto", option="--format"):
+        return dataset_format.verify(root, workers, progress)

@@ -3,10 +3,12 @@
 A method is a :class:`~fastafd.methods.base.Task` subclass registered with :func:`register`; its
 class attributes say everything the rest of fastafd needs (the name, a one-line summary, whether it
 needs two or more peers, which optimizer configs its stages use, which losses to display, its
-evaluation extras). Config validation (``method.name``, K >= 2), the CLI help, ``fastafd methods``,
+evaluation extras). Config validation (:func:`validate`: ``method.name``, K >= 2), the CLI choices and help, ``fastafd methods``,
 the recipes and the config reference read them from here. Adding a method is one module under
 ``fastafd/methods/`` that defines its task with ``@register`` (every module of the package is
-imported on first use of the registry), and its tests.
+imported on first use of the registry), and its tests. A method defined outside fastafd is a module that
+does the same, named in the ``fastafd.methods`` entry point group of its package (``[project.entry-points."fastafd.methods"]
+name = "module"``): the registry imports it with fastafd's own, so the CLI, the recipes, sweeps and reports see it.
 """
 
 from __future__ import annotations
@@ -14,12 +16,17 @@ from __future__ import annotations
 import difflib
 import importlib
 import pkgutil
+from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
 from fastafd.errors import UserError
 
 if TYPE_CHECKING:
+    from fastafd.config import TrainConfig
     from fastafd.methods.base import Task
+
+ENTRY_POINTS = "fastafd.methods"
+"""Entry point group of methods defined by other packages (each entry: a module that registers its task)."""
 
 _INFRASTRUCTURE = ("base", "branched", "registry")
 """Modules of this package that define no method."""
@@ -46,6 +53,8 @@ def _load() -> dict[str, type[Task]]:
         for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
             if info.name not in _INFRASTRUCTURE:
                 importlib.import_module(f"fastafd.methods.{info.name}")
+        for ep in entry_points(group=ENTRY_POINTS):
+            importlib.import_module(ep.value)
     return dict(sorted(_METHODS.items()))
 
 
@@ -62,6 +71,19 @@ def get(name: str) -> type[Task]:
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise UserError(f"unknown method '{name}': {hint}choose from {', '.join(methods)} (`fastafd methods` describes them)")
     return methods[name]
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check what config cannot check alone (it does not know the methods): ``method.name`` is registered, and a
+    method that distills between peers has K >= 2 of them. A one-line :class:`UserError` otherwise. Called by the
+    argument parser, the recipes and task construction."""
+    cls = get(cfg.method.name)
+    if cls.needs_pair and cfg.model.k < 2:
+        raise UserError(
+            f"method {cfg.method.name} distills between peers but model.peers has {cfg.model.k}: "
+            f"give K >= 2 names, e.g. --model.peers {cfg.model.peers[0]} {cfg.model.peers[0]}"
+        )
+    cls.check(cfg)  # what the method itself refuses (ONE/CL: branches of different networks)
 
 
 def describe() -> list[str]:

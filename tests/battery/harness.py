@@ -3,16 +3,14 @@ the command a user would type in it; the expectation is one line on stderr that 
 a given exit code, no traceback, and nothing written where the case says nothing may change.
 
 A case is a :class:`Case` row; ``run_case`` runs it through ``fastafd.cli.main`` in this process
-(fast: no interpreter start per case) and ``run_case_subprocess`` through ``python -m fastafd.cli``
-(the real exit code and stderr, for signals and launchers). Add a row to grow the battery.
+(fast: no interpreter start per case; the ``fastafd_cli`` fixture of tests/conftest.py runs the real
+command, for signals and launchers). Add a row to grow the battery.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,19 +78,6 @@ def run_case(case: Case, tmp_path: Path, capsys) -> str:
     code = cli.main(args)
     _, err = capsys.readouterr()
     line = assert_one_line(code, err, case)
-    assert tree_digest(case.frozen(tmp_path)) == before, f"{case.id}: something was written or changed"
-    for path in case.created(tmp_path):
-        assert not path.exists(), f"{case.id}: {path} was created"
-    return line
-
-
-def run_case_subprocess(case: Case, tmp_path: Path, env: dict | None = None, timeout: float = 600) -> str:
-    """Run ``case`` as ``python -m fastafd.cli ...``; returns the error line."""
-    args = case.build(tmp_path)
-    before = tree_digest(case.frozen(tmp_path))
-    proc = subprocess.run([sys.executable, "-m", "fastafd.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
-    line = assert_one_line(proc.returncode, proc.stderr, case)
     assert tree_digest(case.frozen(tmp_path)) == before, f"{case.id}: something was written or changed"
     for path in case.created(tmp_path):
         assert not path.exists(), f"{case.id}: {path} was created"

@@ -7,9 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,18 +25,6 @@ STOP_BOUND_S = 60
 """From SIGTERM to exit: one step (or one log interval), the checkpoint write and the interpreter's exit."""
 
 
-def _env(tmp_path: Path, **extra) -> dict:
-    venv_bin = str(Path(sys.executable).parent)  # launch/run.sh calls python3 from PATH
-    return {**os.environ, "FASTAFD_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "PYTHON": sys.executable,
-            "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""), **{k: str(v) for k, v in extra.items()}}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_for(path: Path, proc: subprocess.Popen, limit_s: float = 300) -> None:
     deadline = time.monotonic() + limit_s
     while not path.exists():
@@ -53,11 +39,11 @@ def _stopped_line(stderr: str) -> str:
     return lines[0]
 
 
-def test_sigterm_checkpoints_at_the_next_step_exits_143_and_the_same_command_resumes(tmp_path):
+def test_sigterm_checkpoints_at_the_next_step_exits_143_and_the_same_command_resumes(tmp_path, fastafd_cli):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "fastafd.cli", "train", "--out", str(out), *SYNTHETIC, "--data.synthetic_samples", "4096",
-           "--loop.epochs", "1", "--loop.log_interval", "1000"]
-    proc = subprocess.Popen(cmd, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = ["train", "--out", str(out), *SYNTHETIC, "--data.synthetic_samples", "4096", "--loop.epochs", "1", "--loop.log_interval", "1000"]
+    env = fastafd_cli.env(tmp_path / "cache", OMP_NUM_THREADS=1)
+    proc = fastafd_cli.popen(cmd, env)
     _wait_for(out / "startup.jsonl", proc)  # the first step is done
     os.kill(proc.pid, signal.SIGTERM)
     sent = time.monotonic()
@@ -70,21 +56,26 @@ def test_sigterm_checkpoints_at_the_next_step_exits_143_and_the_same_command_res
     assert step < 256  # stopped mid-epoch, at a step boundary: not at the end
     (ckpt,) = checkpoint.list_checkpoints(out)
     assert ckpt == checkpoint.step_dir(out, step)
-    resumed = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    resumed = fastafd_cli.run(cmd, env, check=False)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {ckpt} at epoch 1, step {step}" in resumed.stdout + resumed.stderr
     assert [r["step"] for r in rundir.read_metrics(out)] == [256]
 
 
-def _launch(tmp_path: Path, *args: str, **knobs) -> subprocess.Popen:
-    env = _env(tmp_path, CPU=1, MASTER_PORT=_free_port(), **knobs)
+@pytest.fixture
+def launch(fastafd_cli, free_port):
+    """``launch(tmp_path, *args, **knobs)``: launch/run.sh with ``knobs`` in its environment, in a session of its own."""
+    return lambda tmp_path, *args, **knobs: _launch(fastafd_cli.env(tmp_path / "cache", OMP_NUM_THREADS=1, CPU=1, MASTER_PORT=free_port(), **knobs), *args)
+
+
+def _launch(env: dict, *args: str) -> subprocess.Popen:
     return subprocess.Popen([str(ROOT / "launch/run.sh"), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
 
 @pytest.mark.distributed
-def test_a_user_error_under_the_launcher_is_one_line_from_rank_0_with_the_single_process_exit_code(tmp_path):
-    proc = _launch(tmp_path, *SYNTHETIC, "--data.batch_size", "15", "--out", str(tmp_path / "run"), NPROC=2)
+def test_a_user_error_under_the_launcher_is_one_line_from_rank_0_with_the_single_process_exit_code(tmp_path, launch):
+    proc = launch(tmp_path, *SYNTHETIC, "--data.batch_size", "15", "--out", str(tmp_path / "run"), NPROC=2)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 2, err[-3000:]
     lines = [line for line in err.splitlines() if line.strip()]
@@ -94,9 +85,9 @@ def test_a_user_error_under_the_launcher_is_one_line_from_rank_0_with_the_single
 
 
 @pytest.mark.distributed
-def test_sigterm_to_the_launcher_stops_every_rank_at_one_step_with_one_checkpoint(tmp_path):
+def test_sigterm_to_the_launcher_stops_every_rank_at_one_step_with_one_checkpoint(tmp_path, launch):
     out = tmp_path / "run"
-    proc = _launch(tmp_path, *SYNTHETIC, "--data.synthetic_samples", "8192", "--loop.epochs", "1", "--loop.log_interval", "2",
+    proc = launch(tmp_path, *SYNTHETIC, "--data.synthetic_samples", "8192", "--loop.epochs", "1", "--loop.log_interval", "2",
                    "--out", str(out), NPROC=2)
     _wait_for(out / "startup.jsonl", proc)
     os.killpg(proc.pid, signal.SIGTERM)  # what scancel does: the launcher and its workers

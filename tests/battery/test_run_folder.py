@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -38,15 +37,10 @@ TINY = [
 """2 epochs x 3 steps, a checkpoint after each step: step-1 ... step-6 (step-3 and step-6 at epoch ends)."""
 
 
-def env() -> dict:
-    """The environment of a ``python -m fastafd.cli`` child: this checkout first on its path."""
-    root = str(Path(__file__).resolve().parents[2])
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-
-
-def cli_process(args: list[str], **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "fastafd.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**env(), **kw.pop("extra_env", {})}, **kw)
+@pytest.fixture
+def cli_process(fastafd_cli):
+    """``cli_process(args, extra_env={})``: ``fastafd ARGS`` started as a child process of this checkout."""
+    return lambda args, extra_env=None, **kw: fastafd_cli.popen(args, fastafd_cli.env(**(extra_env or {})), **kw)
 
 
 def epochs(run: Path) -> list[int]:
@@ -207,7 +201,7 @@ def test_case(case, trained, tmp_path, capsys, monkeypatch):
 # -- one run per folder -----------------------------------------------------------------------------
 
 
-def test_two_runs_started_together_one_is_refused_naming_the_holder(tmp_path):
+def test_two_runs_started_together_one_is_refused_naming_the_holder(tmp_path, cli_process):
     run = tmp_path / "run"
     args = ["train", "--out", str(run), *TINY, "--loop.epochs", "4"]
     procs = [cli_process(args), cli_process(args)]
@@ -224,7 +218,7 @@ def test_two_runs_started_together_one_is_refused_naming_the_holder(tmp_path):
     assert not list((run / checkpoint.CKPT_DIR).glob(".tmp-*")) and not (run / runlock.LOCK_FILE).exists()
 
 
-def test_the_lock_of_a_sigkilled_run_is_taken_over(tmp_path):
+def test_the_lock_of_a_sigkilled_run_is_taken_over(tmp_path, cli_process):
     run = tmp_path / "run"
     killed = cli_process(["train", "--out", str(run), *TINY], extra_env={"FASTAFD_FAULT": "kill@step=4"})
     killed.communicate(timeout=600)
@@ -265,19 +259,18 @@ def test_a_failed_start_releases_the_lock_and_leaves_no_new_folder(tmp_path, cap
 
 
 @pytest.mark.distributed
-def test_a_held_lock_stops_every_rank_of_a_two_process_run_promptly(tmp_path):
+def test_a_held_lock_stops_every_rank_of_a_two_process_run_promptly(tmp_path, fastafd_cli, free_port):
     """Rank 0 takes the lock and tells the others: without that, rank 1 would train on and wait for it."""
     from tests.e2e.test_launch import RUN_SH
-    from tests.e2e.test_launch import env as launch_env
 
     run = tmp_path / "run"
     run.mkdir()
     lock = runlock.RunLock(run)
     lock.acquire()
     try:
-        proc = subprocess.run([str(RUN_SH), *TINY, "--out", str(run)], env={**launch_env(tmp_path, NPROC=2), "PYTHONPATH": env()["PYTHONPATH"],
-                                                                     "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])},
-                              capture_output=True, text=True, timeout=240)
+        env = fastafd_cli.env(tmp_path / "cache", NNODES=None, NODE_RANK=None, GPUS_PER_NODE=None, DRY_RUN=None, PRINT_ONLY=None,
+                              OMP_NUM_THREADS=1, CPU=1, MASTER_PORT=free_port(), NPROC=2)
+        proc = subprocess.run([str(RUN_SH), *TINY, "--out", str(run)], env=env, capture_output=True, text=True, timeout=240)
     finally:
         lock.release()
     assert proc.returncode != 0
@@ -372,7 +365,7 @@ def test_resume_fresh_on_a_folder_without_checkpoints_is_a_plain_start(tmp_path)
     assert epochs(run) == [1] and not [p for p in run.iterdir() if p.name.startswith("previous-")]
 
 
-def test_rows_of_a_run_killed_before_its_first_checkpoint_are_not_kept_twice(tmp_path):
+def test_rows_of_a_run_killed_before_its_first_checkpoint_are_not_kept_twice(tmp_path, cli_process):
     run = tmp_path / "run"
     killed = cli_process(["train", "--out", str(run), *TINY, "--checkpoint.every_steps", "0"], extra_env={"FASTAFD_FAULT": "kill@checkpoint=1"})
     killed.communicate(timeout=600)

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -24,19 +23,18 @@ FAILURE_BOUND_S = 45
 """A surviving rank must exit this soon after its peer died (heartbeat check included)."""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture
+def env(fastafd_cli, free_port):
+    """``env(tmp_path, **knobs)``: launch/run.sh's environment, without the caller's launcher knobs, with ``knobs``."""
+
+    def make(tmp_path, **knobs) -> dict:
+        unset = dict.fromkeys(("NNODES", "NODE_RANK", "NPROC", "GPUS_PER_NODE", "DRY_RUN", "PRINT_ONLY"))
+        return fastafd_cli.env(tmp_path / "cache", **{**unset, "OMP_NUM_THREADS": 1, "CPU": 1, "MASTER_PORT": free_port(), **knobs})
+
+    return make
 
 
-def env(tmp_path, **knobs) -> dict:
-    base = {k: v for k, v in os.environ.items() if k not in ("NNODES", "NODE_RANK", "NPROC", "GPUS_PER_NODE", "DRY_RUN", "PRINT_ONLY")}
-    return {**base, "FASTAFD_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "CPU": "1",
-            "MASTER_PORT": str(free_port()), **{k: str(v) for k, v in knobs.items()}}
-
-
-def test_knobs_become_accelerate_launch_arguments(tmp_path):
+def test_knobs_become_accelerate_launch_arguments(tmp_path, env):
     out = subprocess.run([str(RUN_SH), "--loop.epochs", "1"], env=env(tmp_path, PRINT_ONLY=1, NNODES=2, NODE_RANK=1, NPROC=4,
                          MASTER_ADDR="10.1.2.3", MASTER_PORT=31000, DRY_RUN=1), capture_output=True, text=True, check=True).stdout.split()
     after = lambda flag: out[out.index(flag) + 1]  # noqa: E731
@@ -51,7 +49,7 @@ def test_knobs_become_accelerate_launch_arguments(tmp_path):
     assert bad.returncode == 2 and "NODE_RANK=2" in bad.stderr
 
 
-def test_dry_run_builds_everything_on_two_processes_and_trains_nothing(tmp_path):
+def test_dry_run_builds_everything_on_two_processes_and_trains_nothing(tmp_path, env):
     out = tmp_path / "run"
     proc = subprocess.run([str(RUN_SH), *TINY, "--out", str(out)], env=env(tmp_path, NPROC=2, DRY_RUN=1),
                           capture_output=True, text=True, timeout=240)
@@ -62,7 +60,7 @@ def test_dry_run_builds_everything_on_two_processes_and_trains_nothing(tmp_path)
     assert not (out / rundir.METRICS_FILE).exists()
 
 
-def test_two_processes_train_and_only_rank_0_writes(tmp_path):
+def test_two_processes_train_and_only_rank_0_writes(tmp_path, env):
     out = tmp_path / "run"
     proc = subprocess.run([str(RUN_SH), *TINY, "--loop.epochs", "2", "--loop.max_steps_per_epoch", "4", "--out", str(out)],
                           env=env(tmp_path, NPROC=2), capture_output=True, text=True, timeout=240)
@@ -76,7 +74,7 @@ def test_two_processes_train_and_only_rank_0_writes(tmp_path):
     assert proc.stderr.count("fastafd: warning: 8 images per process (16 over 2 processes): BatchNorm statistics are per process") == 1
 
 
-def test_slow_one_sided_work_longer_than_the_process_group_timeout_does_not_stop_the_run(tmp_path):
+def test_slow_one_sided_work_longer_than_the_process_group_timeout_does_not_stop_the_run(tmp_path, env):
     """Rank 0 scans the data and writes the checkpoint slower than --system.dist_timeout_s: rank 1 waits for
     it on the store (not in a collective that times out), says what it waits for, and the run ends well."""
     out = tmp_path / "run"
@@ -91,9 +89,9 @@ def test_slow_one_sided_work_longer_than_the_process_group_timeout_does_not_stop
     assert "fastafd: rank 1: waiting for rank 0 to write the checkpoint of step 2 (" in proc.stderr, proc.stderr[-3000:]
 
 
-def _two_nodes(tmp_path, fault: str, *extra: str) -> tuple[list[subprocess.Popen], list]:
+def _two_nodes(env, port: int, tmp_path, fault: str, *extra: str) -> tuple[list[subprocess.Popen], list]:
     """Two nodes (one launcher each, as on a cluster); rank 1 gets ``FASTAFD_FAULT=fault``."""
-    knobs = dict(NNODES=2, NPROC=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port(), FASTAFD_HEARTBEAT_S=1)
+    knobs = dict(NNODES=2, NPROC=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, FASTAFD_HEARTBEAT_S=1)
     args = [str(RUN_SH), *TINY, "--loop.epochs", "1", "--loop.max_steps_per_epoch", "400", "--data.synthetic_samples", "8192",
             "--system.dist_timeout_s", "600", "--out", str(tmp_path / "run"), *extra]
     logs = [open(tmp_path / f"node{r}.log", "w+") for r in range(2)]
@@ -126,9 +124,9 @@ def _stop_all(nodes) -> None:
         p.wait()
 
 
-def test_a_dead_rank_makes_the_other_exit_promptly_naming_it(tmp_path):
+def test_a_dead_rank_makes_the_other_exit_promptly_naming_it(tmp_path, env, free_port):
     """Rank 1's process is killed after step 3: gloo's collective fails at once, rank 0 names rank 1."""
-    nodes, logs = _two_nodes(tmp_path, "kill@step=3")
+    nodes, logs = _two_nodes(env, free_port(), tmp_path, "kill@step=3")
     try:
         waited = _wait_for_rank0(nodes, lambda: time.monotonic() if nodes[1].poll() is not None else None)
     finally:
@@ -145,7 +143,7 @@ HUNG_BOUND_S = HUNG_TIMEOUT_S + 12
 """A hung peer (SIGSTOP: alive, silent) is named within the peer timeout plus a few heartbeats (1 s here)."""
 
 
-def test_a_hung_rank_makes_the_other_exit_within_the_peer_timeout_naming_it(tmp_path):
+def test_a_hung_rank_makes_the_other_exit_within_the_peer_timeout_naming_it(tmp_path, env, free_port):
     """Rank 1 SIGSTOPs itself after step 3: its sockets stay open, so no collective fails (the NCCL case
     on any backend); rank 0's watchdog must see its heartbeat stop and exit with one line."""
     stopped_at: list[float] = []
@@ -157,7 +155,7 @@ def test_a_hung_rank_makes_the_other_exit_within_the_peer_timeout_naming_it(tmp_
                 stopped_at.append(time.monotonic())
         return stopped_at[0] if stopped_at else None
 
-    nodes, logs = _two_nodes(tmp_path, "stop@step=3", "--system.peer_timeout_s", str(HUNG_TIMEOUT_S))
+    nodes, logs = _two_nodes(env, free_port(), tmp_path, "stop@step=3", "--system.peer_timeout_s", str(HUNG_TIMEOUT_S))
     try:
         waited = _wait_for_rank0(nodes, rank1_stopped)
     finally:
@@ -192,7 +190,7 @@ def _process_states(root_pid: int) -> str:
     return states
 
 
-def test_a_run_continues_on_another_number_of_processes(tmp_path):
+def test_a_run_continues_on_another_number_of_processes(tmp_path, env):
     """2 processes, killed after step 2; 1 process continues, killed after step 4; 3 processes finish (CPU, gloo).
     The global batch (12) stays; each resume starts at the checkpointed global step and the epochs end where
     an uninterrupted run's do (the samples: tests/integration/test_data_pipeline.py)."""

@@ -2,10 +2,6 @@
 
 import gzip
 import json
-import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 
@@ -13,28 +9,21 @@ from fastafd import rundir
 
 pytestmark = pytest.mark.slow  # the real CLI: subprocesses that train
 
-FASTAFD = shutil.which("fastafd") or ""
 PEERS = ["peer0-cifar_resnet8", "peer1-cifar_resnet8"]
 STEPS_PER_EPOCH, EPOCHS, LOG_INTERVAL = 6, 2, 2
 
 
-def fastafd(*args, env=None, timeout=300):
-    cmd = [FASTAFD or sys.executable, *([] if FASTAFD else ["-m", "fastafd.cli"]), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, fastafd_cli):
     out = tmp_path_factory.mktemp("runs") / "tiny-afd"
-    env = {**os.environ, "FASTAFD_CACHE": str(tmp_path_factory.mktemp("cache"))}
-    proc = fastafd(
+    env = fastafd_cli.env(tmp_path_factory.mktemp("cache"))
+    proc = fastafd_cli.run([
         "train", "--out", str(out), "--model.peers", "cifar_resnet8", "cifar_resnet8",
         "--data.format", "synthetic", "--data.synthetic_classes", "10", "--data.image_size", "32",
         "--data.batch_size", "16", "--data.synthetic_samples", "256",
         "--loop.epochs", str(EPOCHS), "--loop.max_steps_per_epoch", str(STEPS_PER_EPOCH), "--loop.log_interval", str(LOG_INTERVAL),
-        "--profile", "2", "5", env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+        "--profile", "2", "5",
+    ], env, timeout=300)
     return out, env, proc
 
 
@@ -93,10 +82,9 @@ def test_console_shows_progress_lines_and_one_summary_per_epoch(run):
     assert lines.index(eta) < lines.index(progress[1]) and "per epoch x 2 epochs) at the " in eta
 
 
-def test_plot_command_writes_the_pngs(run, tmp_path):
+def test_plot_command_writes_the_pngs(run, tmp_path, fastafd_cli):
     out, env, _ = run
-    proc = fastafd("plot", str(out), str(out), "--out", str(tmp_path / "plots"), env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = fastafd_cli.run(["plot", out, out, "--out", tmp_path / "plots"], env, timeout=300)
     written = {line.rsplit("/", 1)[-1] for line in proc.stdout.split()}
     assert written == {"top1.png", "losses.png", "discriminator.png", "throughput.png"}
     for name in written:

@@ -1,11 +1,9 @@
 """Reliability through the real CLI: SIGKILL + resume is bitwise exact, corrupt checkpoints,
-incompatible configs, non-finite losses, export to plain timm."""
+incompatible configs, non-finite losses (the export to plain timm: test_train_cli.py)."""
 
 import json
 import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,16 +27,15 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return {**os.environ, "FASTAFD_CACHE": str(tmp_path_factory.mktemp("cache"))}
+def env(tmp_path_factory, fastafd_cli):
+    return fastafd_cli.env(tmp_path_factory.mktemp("cache"))
 
 
-def run_cli(args, env, fault=None, check=True):
-    e = {**env, **({"FASTAFD_FAULT": fault} if fault else {})}
-    proc = subprocess.run([sys.executable, "-m", "fastafd.cli", *args], capture_output=True, text=True, env=e, timeout=600)
-    if check and fault is None:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+@pytest.fixture(scope="module")
+def run_cli(fastafd_cli):
+    """``run_cli(args, env, fault=None, check=True)``: ``fastafd ARGS``, with ``FASTAFD_FAULT=fault`` (then unchecked)."""
+    return lambda args, env, fault=None, check=True: fastafd_cli.run(args, {**env, **({"FASTAFD_FAULT": fault} if fault else {})},
+                                                             check=check and fault is None)
 
 
 def final_weights(run: Path) -> dict:
@@ -57,7 +54,7 @@ and the branch methods, killed once (cheaper: what they add is their state, not 
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, env):
+def straight(tmp_path_factory, env, run_cli):
     """The uninterrupted run of TINY in a memory format (made once per format)."""
     runs = {}
 
@@ -76,7 +73,7 @@ def uninterrupted(straight):
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_sigkill_at_random_steps_and_mid_checkpoint_resumes_bitwise(layout, straight, tmp_path, env):
+def test_sigkill_at_random_steps_and_mid_checkpoint_resumes_bitwise(layout, straight, tmp_path, env, run_cli):
     uninterrupted = straight(layout)
     seed = int(os.environ.get("FASTAFD_TEST_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
@@ -103,7 +100,7 @@ def test_sigkill_at_random_steps_and_mid_checkpoint_resumes_bitwise(layout, stra
     assert [p["top1"] for p in rows[-1]["peers"]] == [p["top1"] for p in straight[-1]["peers"]]
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous(uninterrupted, tmp_path, env):
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(uninterrupted, tmp_path, env, run_cli):
     run = tmp_path / "corrupt"
     import shutil
 
@@ -120,7 +117,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(uninterrupted, tmp
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
-def test_incompatible_config_is_refused_with_the_differences(uninterrupted, tmp_path, env):
+def test_incompatible_config_is_refused_with_the_differences(uninterrupted, tmp_path, env, run_cli):
     import shutil
 
     run = tmp_path / "other"
@@ -134,7 +131,7 @@ def test_incompatible_config_is_refused_with_the_differences(uninterrupted, tmp_
     assert "method.name: 'afd' -> 'dml'" in err
 
 
-def test_non_finite_losses_stop_the_run_naming_step_and_term(uninterrupted, tmp_path, env):
+def test_non_finite_losses_stop_the_run_naming_step_and_term(uninterrupted, tmp_path, env, run_cli):
     """A good run (2 epochs) continued with a diverging learning rate: the run stops after 3 skipped
     steps, and the checkpoint it names is the last one before the skips (none is written during them)."""
     import shutil
@@ -157,33 +154,3 @@ def test_non_finite_losses_stop_the_run_naming_step_and_term(uninterrupted, tmp_
     assert "fastafd: warning: no checkpoint at step" in proc.stderr
     straight = load_file(str(checkpoint.step_dir(uninterrupted, 12) / checkpoint.MODEL))
     assert kept.step == 12 and all(torch.equal(v, straight[k]) for k, v in kept.tensors(checkpoint.MODEL).items())
-
-
-def test_export_round_trip_through_plain_timm(uninterrupted, tmp_path, env):
-    import timm
-
-    import fastafd.models  # noqa: F401  (registers the CIFAR networks with timm)
-    from fastafd import config
-    from fastafd.session import build_session
-
-    out = tmp_path / "peer1.safetensors"
-    proc = run_cli(["export", str(uninterrupted), "--peer", "1", "--out", str(out)], env)
-    info = json.loads(proc.stdout)
-    assert info["model"] == "cifar_resnet8" and info["num_classes"] == 10 and info["load"].startswith("import fastafd; timm.create_model(")
-    assert out.stat().st_mode & 0o777 == 0o666 & ~_umask()
-    model = timm.create_model("cifar_resnet8", num_classes=10, pretrained=True, pretrained_cfg_overlay=dict(file=str(out))).eval()
-    cfg = config.from_dict(json.loads((uninterrupted / "config.json").read_text()))
-    os.environ["FASTAFD_CACHE"] = env["FASTAFD_CACHE"]
-    session = build_session(cfg)
-    checkpoint.load_model(checkpoint.latest_valid(uninterrupted), session.task)
-    inside = session.task.peers[1].eval()
-    x = torch.randn(4, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(model(x), inside(x))
-    session.runtime.accelerator.end_training()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -2,10 +2,8 @@
 none is lost; a cell that fails is recorded, reported as failed, and resumed by the next run."""
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -21,12 +19,14 @@ TINY = ["--data.format", "synthetic", "--data.image_size", "32", "--data.batch_s
 
 
 def sweep_cmd(out, seeds, *extra, shared=()):
-    return [sys.executable, "-m", "fastafd.cli", "sweep", "--recipes", RECIPE, "--seeds", *map(str, seeds), "--out", str(out), *extra,
+    return ["sweep", "--recipes", RECIPE, "--seeds", *map(str, seeds), "--out", str(out), *extra,
             "--", *TINY, *shared]
 
 
-def env(tmp_path, **more):
-    return {**os.environ, "FASTAFD_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", **more}
+@pytest.fixture
+def env(fastafd_cli):
+    """``env(tmp_path, **more)``: the sweep's environment (its own cache, one thread a cell)."""
+    return lambda tmp_path, **more: fastafd_cli.env(tmp_path / "cache", OMP_NUM_THREADS=1, **more)
 
 
 def cells(out):
@@ -47,11 +47,10 @@ def log(out, name):
     return path.read_text() if path.exists() else ""
 
 
-def test_a_sweep_killed_while_cell_2_trains_resumes_it_and_runs_no_cell_twice(tmp_path):
+def test_a_sweep_killed_while_cell_2_trains_resumes_it_and_runs_no_cell_twice(tmp_path, env, fastafd_cli):
     out = tmp_path / "sweep"
     shared = ["--data.synthetic_samples", "1024", "--checkpoint.every_steps", "8", "--loop.log_interval", "4"]  # 64 steps per epoch
-    first = subprocess.Popen(sweep_cmd(out, (0, 1, 2), shared=shared), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             env=env(tmp_path))
+    first = fastafd_cli.popen(sweep_cmd(out, (0, 1, 2), shared=shared), env(tmp_path), stderr=subprocess.STDOUT)
     c1, c2, c3 = (f"{RECIPE}-seed{s}" for s in (0, 1, 2))
     try:
         wait_for(lambda: "epoch 1/2 step 16/" in log(out, c2), 600, "cell 2 to train 16 steps")
@@ -66,7 +65,7 @@ def test_a_sweep_killed_while_cell_2_trains_resumes_it_and_runs_no_cell_twice(tm
     assert sw.cell_state(out, by_name[c3]).state == sw.PENDING and not (out / by_name[c3].run_dir).exists()
     assert "stopped at step" in log(out, c2) and "on SIGTERM" in log(out, c2)  # it checkpointed, it did not just die
 
-    again = subprocess.run(sweep_cmd(out, (0, 1, 2), shared=shared), capture_output=True, text=True, env=env(tmp_path), timeout=900)
+    again = fastafd_cli.run(sweep_cmd(out, (0, 1, 2), shared=shared), env(tmp_path), check=False, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"{c1}: done, skipped" in again.stdout and f"{c2}: resumes" in again.stdout and f"{c3}: starts" in again.stdout
     assert (out / by_name[c1].run_dir / rundir.ENV_FILE).read_text() == done1  # cell 1 was not started again
@@ -74,17 +73,17 @@ def test_a_sweep_killed_while_cell_2_trains_resumes_it_and_runs_no_cell_twice(tm
     assert log(out, c1).count("== ") == 1 and log(out, c2).count("== ") == 2 and log(out, c3).count("== ") == 1  # attempts
     for name in (c1, c2, c3):
         assert [r["epoch"] for r in rundir.read_metrics(out / by_name[name].run_dir)] == [1, 2], name  # every epoch once
-    status = subprocess.run([sys.executable, "-m", "fastafd.cli", "sweep", "status", str(out)], capture_output=True, text=True, env=env(tmp_path))
+    status = fastafd_cli.run(["sweep", "status", out], env(tmp_path), check=False)
     assert status.returncode == 0 and "3 cells: 3 done, 0 running, 0 failed, 0 pending" in status.stdout
     manifest = json.loads((out / sw.MANIFEST).read_text())
     assert [h["command"] for h in manifest["history"]][0] == manifest["command"] and len(manifest["history"]) == 2
 
 
-def test_a_failing_cell_is_recorded_reported_as_failed_and_resumed_by_the_next_run(tmp_path):
+def test_a_failing_cell_is_recorded_reported_as_failed_and_resumed_by_the_next_run(tmp_path, env, fastafd_cli):
     out = tmp_path / "sweep"
     shared = ["--data.synthetic_samples", "64", "--loop.max_steps_per_epoch", "4"]
-    failed = subprocess.run(sweep_cmd(out, (0, 1), "--parallel", "2", shared=shared), capture_output=True, text=True,
-                            env=env(tmp_path, FASTAFD_FAULT="kill@step=3"), timeout=900)
+    failed = fastafd_cli.run(sweep_cmd(out, (0, 1), "--parallel", "2", shared=shared), env(tmp_path, FASTAFD_FAULT="kill@step=3"),
+                             check=False, timeout=900)
     assert failed.returncode == 1, failed.stdout[-3000:] + failed.stderr[-3000:]
     lines = failed.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fastafd: error: sweep ") and "0 of 2 cells done; 2 failed" in lines[0], failed.stderr
@@ -93,14 +92,12 @@ def test_a_failing_cell_is_recorded_reported_as_failed_and_resumed_by_the_next_r
         st = sw.cell_state(out, cell)
         assert st.state == sw.FAILED and "killed by SIGKILL" in st.detail, st
         assert sw.read_status(out, cell)["exit"] == -9
-    report = subprocess.run([sys.executable, "-m", "fastafd.cli", "report", str(out), "--png", "off"], capture_output=True, text=True,
-                            env=env(tmp_path))
+    report = fastafd_cli.run(["report", out, "--png", "off"], env(tmp_path), check=False)
     assert report.returncode == 0, report.stderr
     assert "| `independent` | 0 |" in report.stdout and "0 done; failed: seeds 0 1 |" in report.stdout
     assert f"* `{RECIPE}-seed0`: **failed**" in report.stdout
 
-    again = subprocess.run(sweep_cmd(out, (0, 1), "--parallel", "2", shared=shared), capture_output=True, text=True, env=env(tmp_path),
-                           timeout=900)
+    again = fastafd_cli.run(sweep_cmd(out, (0, 1), "--parallel", "2", shared=shared), env(tmp_path), check=False, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     for cell in by_name.values():
         assert sw.cell_state(out, cell).state == sw.DONE and sw.read_status(out, cell)["exit"] == 0

@@ -4,7 +4,6 @@ Slurm cannot run)."""
 
 import json
 import subprocess
-import sys
 
 import pytest
 
@@ -33,10 +32,10 @@ def job_env(cluster, tmp_path):
     return {**keep, "CPU": "1", "NPROC": "1", "OMP_NUM_THREADS": "1", "FASTAFD_CACHE": str(tmp_path / "cache")}
 
 
-def sweep(env, out, *extra):
-    cmd = [sys.executable, "-m", "fastafd.cli", "sweep", *extra, "--recipes", RECIPE, "--seeds", "0", "1", "--out", str(out),
-           "--executor", "slurm", "--gpus_per_node", "0", "--", *TINY]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=out.parent, timeout=300)
+def sweep(fastafd_cli, env, out, *extra):
+    args = ["sweep", *extra, "--recipes", RECIPE, "--seeds", "0", "1", "--out", str(out), "--executor", "slurm", "--gpus_per_node", "0",
+            "--", *TINY]
+    return fastafd_cli.run(args, env, check=False, cwd=out.parent, timeout=300)
 
 
 def log(out, seed):
@@ -44,9 +43,9 @@ def log(out, seed):
     return path.read_text() if path.exists() else ""
 
 
-def test_a_two_cell_array_trains_both_cells_and_a_preempted_task_requeues_alone_and_resumes(cluster, tmp_path):
+def test_a_two_cell_array_trains_both_cells_and_a_preempted_task_requeues_alone_and_resumes(cluster, tmp_path, fastafd_cli):
     env, out = job_env(cluster, tmp_path), tmp_path / "sweep"
-    first = sweep(env, out)
+    first = sweep(fastafd_cli, env, out)
     assert first.returncode == 0, first.stderr
     (submission,) = [json.loads(line) for line in (out / sw.SLURM / "jobs.jsonl").read_text().splitlines()]
     job = submission["job"]
@@ -65,10 +64,10 @@ def test_a_two_cell_array_trains_both_cells_and_a_preempted_task_requeues_alone_
     sc.wait_until(requeued, 300, "array task 0 to requeue itself", explain=explain)
     # the same command while task 0 is queued (task 1 running or done): nothing is submitted twice. Here, not
     # before the preemption: a CLI start on a loaded machine can outlast a whole cell.
-    again = sweep(env, out)
+    again = sweep(fastafd_cli, env, out)
     assert again.returncode == 0 and "nothing to submit" in again.stdout, again.stdout + again.stderr
     assert len((out / sw.SLURM / "jobs.jsonl").read_text().splitlines()) == 1
-    status = subprocess.run([sys.executable, "-m", "fastafd.cli", "sweep", "status", str(out)], capture_output=True, text=True, env=env, timeout=120)
+    status = fastafd_cli.run(["sweep", "status", out], env, check=False, timeout=120)
     assert status.returncode == 0 and f"{RECIPE}-seed0" in status.stdout, status.stderr
     subprocess.run(["scontrol", "update", f"JobId={task0}", "StartTime=now"], env=cluster, capture_output=True, timeout=30)
     for index in (0, 1):
@@ -88,5 +87,5 @@ def test_a_two_cell_array_trains_both_cells_and_a_preempted_task_requeues_alone_
     assert 10 <= stop < 120 and "requeued" in text.split("stopped at step ")[1].splitlines()[0], text[-3000:]
     assert f"resuming from {(out / cells[f'{RECIPE}-seed0'].run_dir).resolve()}/checkpoints/" in text and f"at epoch 1, step {stop}" in text
     assert "restart 1" not in log(out, 1) and "resuming from" not in log(out, 1)  # the other task was left alone
-    done = sweep(env, out)
+    done = sweep(fastafd_cli, env, out)
     assert done.returncode == 0 and "nothing to submit" in done.stdout

@@ -2,9 +2,6 @@
 
 import json
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,17 +10,11 @@ from fastafd import rundir
 
 pytestmark = pytest.mark.slow  # the real CLI: subprocesses that train
 
-FASTAFD = shutil.which("fastafd") or ""
-
-
 @pytest.fixture(scope="module")
-def afd_run(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
+def afd_run(tmp_path_factory, fastafd_cli):
+    env = fastafd_cli.env(tmp_path_factory.mktemp("cache"))
     out = tmp_path_factory.mktemp("runs") / "demo-afd"
-    env = {**os.environ, "FASTAFD_CACHE": str(cache)}
-    cmd = [FASTAFD or sys.executable, *([] if FASTAFD else ["-m", "fastafd.cli"]), "train", "--out", str(out), "--loop.epochs", "3"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500)  # generous: a busy machine is 10x slower
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = fastafd_cli.run(["train", "--out", out, "--loop.epochs", "3"], env, timeout=1500)  # generous: a busy machine is 10x slower
     return out, env, proc
 
 
@@ -53,11 +44,9 @@ def test_run_directory_records_config_sha_and_versions(afd_run):
     assert ckpts and (ckpts[-1] / "model.safetensors").is_file() and (ckpts[-1] / "MANIFEST.json").is_file()
 
 
-def test_eval_command_reproduces_the_last_epoch(afd_run):
+def test_eval_command_reproduces_the_last_epoch(afd_run, fastafd_cli):
     out, env, _ = afd_run
-    cmd = [FASTAFD or sys.executable, *([] if FASTAFD else ["-m", "fastafd.cli"]), "eval", str(out), "--checkpoint", "latest"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = fastafd_cli.run(["eval", out, "--checkpoint", "latest"], env)
     result = json.loads(proc.stdout)
     assert f"fastafd: evaluating {result['checkpoint']} (step {result['step']}; newest)" in proc.stderr
     last = rundir.read_metrics(Path(out))[-1]
@@ -66,49 +55,57 @@ def test_eval_command_reproduces_the_last_epoch(afd_run):
     assert result["ensemble_top1"] == pytest.approx(last["ensemble_top1"])
 
 
-def test_cnn_vit_pair_trains_on_the_demo_data_and_the_vit_exports_to_plain_timm(tmp_path):
+def test_cnn_vit_pair_trains_on_the_demo_data_and_the_vit_exports_to_plain_timm(tmp_path, fastafd_cli, monkeypatch):
     """A ResNet with a DeiT (built for the demo's 32 px: 2x2 patch tokens, 192 channels) through the real CLI;
-    the exported DeiT gives the logits it gives inside fastafd when loaded with the line export prints."""
+    each exported peer (the DeiT, and the ResNet: a network timm knows once fastafd is imported) gives the logits it
+    gives inside fastafd when loaded with the line export prints."""
     import timm
     import torch
 
-    env = {**os.environ, "FASTAFD_CACHE": str(tmp_path / "cache")}
+    env = fastafd_cli.env(tmp_path / "cache")
     out = tmp_path / "run"
-    cli = [FASTAFD or sys.executable, *([] if FASTAFD else ["-m", "fastafd.cli"])]
-    proc = subprocess.run([*cli, "train", "--out", str(out), "--model.peers", "cifar_resnet8", "deit_tiny_patch16_224",
-                           "--loop.epochs", "1", "--loop.max_steps_per_epoch", "4", "--log.progress", "off"],
-                          capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    fastafd_cli.run(["train", "--out", out, "--model.peers", "cifar_resnet8", "deit_tiny_patch16_224",
+             "--loop.epochs", "1", "--loop.max_steps_per_epoch", "4", "--log.progress", "off"], env, timeout=900)
     assert [r["epoch"] for r in rundir.read_metrics(out)] == [1]
     exported = tmp_path / "deit.safetensors"
-    proc = subprocess.run([*cli, "export", str(out), "--peer", "1", "--out", str(exported)], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = fastafd_cli.run(["export", out, "--peer", "1", "--out", exported], env, timeout=300)
     info = json.loads(proc.stdout)
     assert info["create_kwargs"] == {"img_size": 32} and "img_size=32" in info["load"]
+    assert info["model"] == "deit_tiny_patch16_224" and info["num_classes"] == 10 and info["load"].startswith("timm.create_model(")
+    assert exported.stat().st_mode & 0o777 == 0o666 & ~_umask()
     model = eval(info["load"], {"timm": timm}).eval()  # exactly the line users are told to run
+    info0 = json.loads(fastafd_cli.run(["export", out, "--peer", "0", "--out", tmp_path / "resnet.safetensors"], env, timeout=300).stdout)
+    assert info0["model"] == "cifar_resnet8" and info0["load"].startswith("import fastafd; timm.create_model(")
+    scope = {"timm": timm}
+    exec(info0["load"].replace("timm.create_model(", "model0 = timm.create_model(", 1), scope)  # the line, as a user runs it
     from fastafd import checkpoint, config
     from fastafd.session import build_session
 
-    os.environ["FASTAFD_CACHE"] = env["FASTAFD_CACHE"]
+    monkeypatch.setenv("FASTAFD_CACHE", env["FASTAFD_CACHE"])
     session = build_session(config.from_dict(json.loads((out / "config.json").read_text())), train=False)
     checkpoint.load_model(checkpoint.latest_valid(out), session.task)
     inside = session.task.peers[1].eval()
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), inside(x))
+        assert torch.equal(scope["model0"].eval()(x), session.task.peers[0].eval()(x))
     session.runtime.accelerator.end_training()
 
 
-def test_eval_and_export_use_the_best_checkpoint_by_default_and_say_so(afd_run, tmp_path):
+def test_eval_and_export_use_the_best_checkpoint_by_default_and_say_so(afd_run, tmp_path, fastafd_cli):
     out, env, _ = afd_run
     rows = rundir.read_metrics(out)
     best = max(rows, key=lambda r: r["ensemble_top1"])
-    cli = [FASTAFD or sys.executable, *([] if FASTAFD else ["-m", "fastafd.cli"])]
-    proc = subprocess.run([*cli, "eval", str(out)], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = fastafd_cli.run(["eval", out], env)
     result = json.loads(proc.stdout)
     assert result["step"] == best["step"] and result["chosen"].startswith("best by ensemble top-1")
     assert result["ensemble_top1"] == pytest.approx(best["ensemble_top1"])
     assert f"fastafd: evaluating {result['checkpoint']} (step {best['step']}; best by ensemble top-1" in proc.stderr
-    proc = subprocess.run([*cli, "export", str(out), "--out", str(tmp_path / "p.safetensors")], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0 and json.loads(proc.stdout)["step"] == best["step"], proc.stderr[-2000:]
+    proc = fastafd_cli.run(["export", out, "--out", tmp_path / "p.safetensors"], env, timeout=300)
+    assert json.loads(proc.stdout)["step"] == best["step"], proc.stderr[-2000:]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

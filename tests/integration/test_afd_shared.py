@@ -97,36 +97,30 @@ class ReferenceShared:
 
 
 @pytest.mark.parametrize("peers", [PEERS, ("cifar_resnet8", "cifar_resnet8", "cifar_wrn16_1")], ids=["k2_mismatched", "k3_cyclic"])
-def test_afd_shared_matches_a_plain_loop_after_three_iterations(peers):
-    torch.use_deterministic_algorithms(True)
-    torch.set_default_dtype(torch.float64)
-    try:
-        cfg = tiny_config(peers, method="afd_shared", temperature=3.0)
-        task, stages = tiny_task(cfg)
-        ref = ReferenceShared([copy.deepcopy(p) for p in task.peers], task.shapes, temperature=3.0,
-                              sgd=dict(lr=SGD.lr, momentum=SGD.momentum, weight_decay=SGD.weight_decay),
-                              adam=dict(lr=ADAM.lr, betas=ADAM.betas, weight_decay=ADAM.weight_decay))
-        for mine, theirs in zip(task.transfers, ref.transfers, strict=True):
-            copy_into(theirs, mine)
-        for theirs, mine in zip(ref.discs, split_bank(task.discriminators), strict=True):
-            copy_into(theirs, mine)
-        initial = snapshot(task)
-        data = [(x.double(), y) for x, y in batches(3)]
-        iterate(task, stages, data)
-        for x, y in data:
-            ref.iteration(x, y)
-        pairs = [(task.peers[k], ref.nets[k]) for k in range(len(peers))]
-        pairs += [(task.transfers[k], ref.transfers[k]) for k in range(len(peers))]
-        pairs += list(zip(split_bank(task.discriminators), ref.discs, strict=True))
-        compared = 0
-        for mine, theirs in pairs:
-            for a, b in zip(list(mine.parameters()) + list(mine.buffers()), list(theirs.parameters()) + list(theirs.buffers()), strict=True):
-                torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
-                compared += 1
-        assert compared > 20
-        moved = changed(initial, task)  # the comparison above is not between untouched weights
-        assert any(n.startswith("discriminators.") for n in moved)
-        assert any(n.startswith("transfers.") for n in moved) == any(True for t in task.transfers for _ in t.parameters())
-    finally:
-        torch.use_deterministic_algorithms(False)
-        torch.set_default_dtype(torch.float32)
+def test_afd_shared_matches_a_plain_loop_after_three_iterations(peers, float64):
+    cfg = tiny_config(peers, method="afd_shared", temperature=3.0)
+    task, stages = tiny_task(cfg)
+    ref = ReferenceShared([copy.deepcopy(p) for p in task.peers], task.shapes, temperature=3.0,
+                          sgd=dict(lr=SGD.lr, momentum=SGD.momentum, weight_decay=SGD.weight_decay),
+                          adam=dict(lr=ADAM.lr, betas=ADAM.betas, weight_decay=ADAM.weight_decay))
+    for mine, theirs in zip(task.transfers, ref.transfers, strict=True):
+        copy_into(theirs, mine)
+    for theirs, mine in zip(ref.discs, split_bank(task.discriminators), strict=True):
+        copy_into(theirs, mine)
+    initial = snapshot(task)
+    data = [(x.double(), y) for x, y in batches(3)]
+    iterate(task, stages, data)
+    for x, y in data:
+        ref.iteration(x, y)
+    pairs = [(task.peers[k], ref.nets[k]) for k in range(len(peers))]
+    pairs += [(task.transfers[k], ref.transfers[k]) for k in range(len(peers))]
+    pairs += list(zip(split_bank(task.discriminators), ref.discs, strict=True))
+    compared = 0
+    for mine, theirs in pairs:
+        for a, b in zip(list(mine.parameters()) + list(mine.buffers()), list(theirs.parameters()) + list(theirs.buffers()), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+            compared += 1
+    assert compared > 20
+    moved = changed(initial, task)  # the comparison above is not between untouched weights
+    assert any(n.startswith("discriminators.") for n in moved)
+    assert any(n.startswith("transfers.") for n in moved) == any(True for t in task.transfers for _ in t.parameters())

@@ -3,7 +3,6 @@ with the coalesced and the overlapped gradient all-reduce."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,15 +18,9 @@ pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(out: Path, processes: int) -> Path:
+def launch(out: Path, processes: int, port: int) -> Path:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-           "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
            str(ROOT / "tests/integration/dist_worker.py"), str(out)]
     start = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -37,13 +30,13 @@ def launch(out: Path, processes: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory):
-    return launch(tmp_path_factory.mktemp("dist2"), 2)
+def two_process_run(tmp_path_factory, free_port):
+    return launch(tmp_path_factory.mktemp("dist2"), 2, free_port())
 
 
 @pytest.fixture(scope="module")
-def three_process_run(tmp_path_factory):
-    return launch(tmp_path_factory.mktemp("dist3"), 3)
+def three_process_run(tmp_path_factory, free_port):
+    return launch(tmp_path_factory.mktemp("dist3"), 3, free_port())
 
 
 def load(path: Path) -> dict:

@@ -147,13 +147,8 @@ def test_an_inf_gradient_of_the_feature_stage_only_skips_that_stage_and_counts(o
     assert stages.guard.skipped.item() == 1
 
 
-def test_skip_flag_is_float32_whatever_the_default_dtype():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)  # as the float64 reference tests run
-    try:
-        guard = StepGuard(torch.device("cpu"))
-    finally:
-        torch.set_default_dtype(previous)
+def test_skip_flag_is_float32_whatever_the_default_dtype(float64):  # as the float64 reference tests run
+    guard = StepGuard(torch.device("cpu"))
     assert guard.found_inf.dtype == torch.float32  # what the fused kernels and the AMP check read
 
 

@@ -34,28 +34,22 @@ def reference_iteration(nets, opt, x, y, temperature):
 
 
 @pytest.mark.parametrize("peers", [("cifar_resnet8", "cifar_resnet8"), ("cifar_resnet8", "cifar_resnet8", "cifar_wrn16_1")])
-def test_kdcl_matches_a_plain_loop_after_three_iterations(peers):
-    torch.use_deterministic_algorithms(True)
-    torch.set_default_dtype(torch.float64)
-    try:
-        cfg = tiny_config(peers, method="kdcl", temperature=3.0)
-        task, stages = tiny_task(cfg)
-        assert set(stages) == {"logit"}
-        nets = [copy.deepcopy(p) for p in task.peers]
-        params = [p for net in nets for p in net.parameters()]
-        opt = torch.optim.SGD(params, lr=SGD.lr, momentum=SGD.momentum, weight_decay=SGD.weight_decay)
-        initial = snapshot(task)
-        data = [(x.double(), y) for x, y in batches(3)]
-        iterate(task, stages, data)
-        for x, y in data:
-            reference_iteration(nets, opt, x, y, 3.0)
-        for mine, theirs in zip(task.peers, nets, strict=True):
-            for a, b in zip(list(mine.parameters()) + list(mine.buffers()), list(theirs.parameters()) + list(theirs.buffers()), strict=True):
-                torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
-        assert any(not torch.equal(v, initial[k]) for k, v in task.named_parameters())
-    finally:
-        torch.use_deterministic_algorithms(False)
-        torch.set_default_dtype(torch.float32)
+def test_kdcl_matches_a_plain_loop_after_three_iterations(peers, float64):
+    cfg = tiny_config(peers, method="kdcl", temperature=3.0)
+    task, stages = tiny_task(cfg)
+    assert set(stages) == {"logit"}
+    nets = [copy.deepcopy(p) for p in task.peers]
+    params = [p for net in nets for p in net.parameters()]
+    opt = torch.optim.SGD(params, lr=SGD.lr, momentum=SGD.momentum, weight_decay=SGD.weight_decay)
+    initial = snapshot(task)
+    data = [(x.double(), y) for x, y in batches(3)]
+    iterate(task, stages, data)
+    for x, y in data:
+        reference_iteration(nets, opt, x, y, 3.0)
+    for mine, theirs in zip(task.peers, nets, strict=True):
+        for a, b in zip(list(mine.parameters()) + list(mine.buffers()), list(theirs.parameters()) + list(theirs.buffers()), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+    assert any(not torch.equal(v, initial[k]) for k, v in task.named_parameters())
 
 
 def test_min_logit_target_keeps_the_true_class_at_zero_and_takes_the_smallest_rival():

@@ -29,47 +29,41 @@ to ~4e-8; every real update of these three iterations is 1e-3 or more."""
     [(c, "sequential", "all") for c in CASES] + [(c, "simultaneous", "all") for c in ("k2_mismatched", "k3_cyclic", "k2_cnn_vit")]
     + [("k3_cyclic", "sequential", "ring")],  # the paper's KL ring (the discriminators are a ring in every case)
 )
-def test_afd_matches_reference_after_three_iterations(case, order, k_scheme):
+def test_afd_matches_reference_after_three_iterations(case, order, k_scheme, float64):
     # float64 so that Adam's normalisation of tiny gradients cannot amplify float32 rounding noise
-    torch.use_deterministic_algorithms(True)
-    torch.set_default_dtype(torch.float64)
-    try:
-        peers, size = CASES[case]
-        cfg = tiny_config(peers, image_size=size, temperature=3.0, order=order, k_scheme=k_scheme)
-        task, stages = tiny_task(cfg)
-        ref = ReferenceAFD(
-            [copy.deepcopy(p) for p in task.peers],
-            task.shapes,
-            temperature=3.0,
-            sgd=dict(lr=SGD.lr, momentum=SGD.momentum, weight_decay=SGD.weight_decay),
-            adam=dict(lr=ADAM.lr, betas=ADAM.betas, weight_decay=ADAM.weight_decay),
-            k_scheme=k_scheme,
-        )
-        for mine, theirs in zip(task.transfers, ref.transfers):
-            copy_into(theirs, mine)
-        for theirs, mine in zip(ref.discs, split_bank(task.discriminators), strict=True):
-            copy_into(theirs, mine)
-        if case in ("k2_mismatched", "k2_cnn_vit"):
-            assert sum(p.numel() for p in task.transfers[0].parameters()) > 0
-            assert isinstance(task.transfers[1], torch.nn.Identity)
+    peers, size = CASES[case]
+    cfg = tiny_config(peers, image_size=size, temperature=3.0, order=order, k_scheme=k_scheme)
+    task, stages = tiny_task(cfg)
+    ref = ReferenceAFD(
+        [copy.deepcopy(p) for p in task.peers],
+        task.shapes,
+        temperature=3.0,
+        sgd=dict(lr=SGD.lr, momentum=SGD.momentum, weight_decay=SGD.weight_decay),
+        adam=dict(lr=ADAM.lr, betas=ADAM.betas, weight_decay=ADAM.weight_decay),
+        k_scheme=k_scheme,
+    )
+    for mine, theirs in zip(task.transfers, ref.transfers):
+        copy_into(theirs, mine)
+    for theirs, mine in zip(ref.discs, split_bank(task.discriminators), strict=True):
+        copy_into(theirs, mine)
+    if case in ("k2_mismatched", "k2_cnn_vit"):
+        assert sum(p.numel() for p in task.transfers[0].parameters()) > 0
+        assert isinstance(task.transfers[1], torch.nn.Identity)
 
-        initial_disc = task.discriminators.conv1.weight.detach().clone()
-        data = [(x.double(), y) for x, y in batches(3, size=size)]
-        iterate(task, stages, data)
-        for x, y in data:
-            (ref.iteration if order == "sequential" else ref.iteration_simultaneous)(x, y)
+    initial_disc = task.discriminators.conv1.weight.detach().clone()
+    data = [(x.double(), y) for x, y in batches(3, size=size)]
+    iterate(task, stages, data)
+    for x, y in data:
+        (ref.iteration if order == "sequential" else ref.iteration_simultaneous)(x, y)
 
-        pairs = [(task.peers[k], ref.nets[k]) for k in range(len(peers))]
-        pairs += [(task.transfers[k], ref.transfers[k]) for k in range(len(peers))]
-        pairs += list(zip(split_bank(task.discriminators), ref.discs, strict=True))
-        compared = 0
-        for mine, theirs in pairs:
-            for a, b in zip(list(mine.parameters()) + list(mine.buffers()), list(theirs.parameters()) + list(theirs.buffers())):
-                torch.testing.assert_close(a, b, rtol=1e-7, atol=ATOL.get(case, 1e-9))
-                compared += 1
-        assert compared > 20
-        # the run really trained the discriminators (the comparison above is not between untouched weights)
-        assert not torch.equal(task.discriminators.conv1.weight, initial_disc)
-    finally:
-        torch.use_deterministic_algorithms(False)
-        torch.set_default_dtype(torch.float32)
+    pairs = [(task.peers[k], ref.nets[k]) for k in range(len(peers))]
+    pairs += [(task.transfers[k], ref.transfers[k]) for k in range(len(peers))]
+    pairs += list(zip(split_bank(task.discriminators), ref.discs, strict=True))
+    compared = 0
+    for mine, theirs in pairs:
+        for a, b in zip(list(mine.parameters()) + list(mine.buffers()), list(theirs.parameters()) + list(theirs.buffers())):
+            torch.testing.assert_close(a, b, rtol=1e-7, atol=ATOL.get(case, 1e-9))
+            compared += 1
+    assert compared > 20
+    # the run really trained the discriminators (the comparison above is not between untouched weights)
+    assert not torch.equal(task.discriminators.conv1.weight, initial_disc)

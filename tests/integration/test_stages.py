@@ -80,9 +80,9 @@ def test_every_method_trains_and_evaluates(method):
     same = registry.get(method).same_architecture  # one, cl: branches of one network
     cfg = tiny_config((PEERS[0],) * 2 if same else PEERS, method=method)
     task, stages = tiny_task(cfg)
-    expected = {"independent": {"logit"}, "dml": {"logit"}, "kdcl": {"logit"}, "l1": {"logit"}, "l2": {"logit"}, "afd": {"logit", "disc", "feat"},
-                "afd_shared": {"shared", "disc"}}
-    assert set(stages) == expected.get(method, {"logit"})  # others (one, cl, a plugged-in method): one SGD stage
+    specs = task.stages()  # what the method declares: one optimizer stage each, driven by the configs the registry lists
+    assert set(stages) == set(specs) and {spec.optim for spec in specs.values()} == set(registry.get(method).optimizers)
+    assert {id(p) for spec in specs.values() for p in spec.params} == {id(p) for p in task.parameters()}  # every parameter is in one
     data = batches(4)
     losses0 = None
     for step, (x, y) in enumerate(data * 3):

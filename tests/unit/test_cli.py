@@ -7,7 +7,7 @@ import sys
 import pytest
 from PIL import Image
 
-from fastafd import cli, recipes
+from fastafd import args, cli, recipes
 from fastafd.config import TrainConfig
 
 
@@ -18,7 +18,7 @@ def run_cli(args, capsys):
 
 
 def test_option_names_cover_nested_fields_and_bool_negations():
-    names = cli.option_names(TrainConfig)
+    names = args.option_names(TrainConfig)
     assert {"model.peers", "adv_optim.lr", "data.root", "loop.epochs", "out", "model.no_pretrained"} <= names
     assert "lr" not in names
 
@@ -109,14 +109,14 @@ def test_unknown_command(capsys):
 def test_help_documents_every_field():
     out = subprocess.run([sys.executable, "-m", "fastafd.cli", "train", "--help"], capture_output=True, text=True, env={"COLUMNS": "200", "PATH": ""}).stdout
     assert out, "no help printed"
-    for name in cli.option_names(TrainConfig):
+    for name in args.option_names(TrainConfig):
         if name.startswith(tuple(f"{g}.no_" for g in ("model", "data", "loop", "system", "optim", "adv_optim", "method"))):
             continue
         assert f"--{name}" in out, name
 
 
-def test_no_traceback_through_the_console_script(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fastafd.cli", "train", "--data", str(tmp_path / "nope")], capture_output=True, text=True)
+def test_no_traceback_through_the_console_script(tmp_path, fastafd_cli):
+    proc = fastafd_cli.run(["train", "--data", tmp_path / "nope"], check=False)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from fastafd import claims, cli, rundir, runlock
+from fastafd import args, claims, cli, rundir, runlock
 from fastafd import sweep as sw
 
 TINY = ["--data.format", "synthetic", "--data.synthetic_samples", "64", "--data.batch_size", "16", "--loop.epochs", "2"]
@@ -136,7 +136,7 @@ def test_run_folders_and_folders_of_runs_are_reported_too(tmp_path, capsys):
                                        ("c", "afd", 0, [(50, 51, 52)])):
         run = tmp_path / "runs" / name
         write_metrics(run, epochs)
-        cfg = cli.parse_train_args(["--recipe", f"demo_resnet8_resnet20_{method}", "--system.seed", str(seed), *TINY])
+        cfg = args.parse_train_args(["--recipe", f"demo_resnet8_resnet20_{method}", "--system.seed", str(seed), *TINY])
         from fastafd.config import to_dict
 
         (run / rundir.CONFIG_FILE).write_text(json.dumps(to_dict(cfg)))
@@ -160,7 +160,7 @@ def _run_folder(run, recipe, epochs, *options):
     from fastafd.config import to_dict
 
     write_metrics(run, epochs)
-    cfg = cli.parse_train_args(["--recipe", recipe, *options, *TINY])
+    cfg = args.parse_train_args(["--recipe", recipe, *options, *TINY])
     (run / rundir.CONFIG_FILE).write_text(json.dumps(to_dict(cfg)))
 
 

@@ -6,10 +6,10 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from tyro.conf import Positional
 
+from fastafd.config import VerifiableFormat
 from fastafd.errors import UserError
 
 PROG = "fastafd data"
@@ -45,7 +45,7 @@ class VerifyArgs:
 
     dir: Positional[Path]
     """The dataset folder: ImageNet layout (train/ and/or val/), shards from `fastafd data pack`, or cifar-100-python."""
-    format: Literal["auto", "folder", "shards", "cifar100"] = "auto"
+    format: VerifiableFormat = VerifiableFormat("auto")
     """The dataset's format; auto detects it as training does (--data.format)."""
     exclude_out: Path | None = None
     """Write the failing files here, one per line; pass it to training as --data.exclude FILE."""
