@@ -428,8 +428,8 @@ def _free_port() -> int:
 def comm_runs(smoke: bool) -> list[dict]:
     if smoke:
         return [dict(label="smoke-eager-fp32", peers=list(SMOKE_PAIR), image_size=32, batch=8, device="cpu", precision="fp32", compile=False,
-                     warmup=1, steps=1, repeats=2, need_s=10.0)]
-    base = dict(peers=list(R18), image_size=64, batch=64, device="cuda", warmup=2, steps=5, repeats=3)
+                     warmup=1, steps=1, repeats=2, bucket_mb=0.05, need_s=10.0)]
+    base = dict(peers=list(R18), image_size=64, batch=64, device="cuda", warmup=2, steps=5, repeats=3, bucket_mb=1.0)
     return [dict(base, label="eager-fp32", precision="fp32", compile=False, need_s=30.0),
             dict(base, label="compiled-bf16", precision="bf16", compile=True, need_s=90.0)]
 
@@ -496,7 +496,7 @@ def comm_worker(rank: int, port: int, result: Path, spec: dict) -> None:
         task = build_task(cfg, 100, Numerics(device.type, dtype), device, channels_last)
         if compile_:
             task.compile()
-        sync = make_grad_sync(world, overlap=overlap, bucket_mb=1.0, compression="none")  # small buckets: several per stage
+        sync = make_grad_sync(world, overlap=overlap, bucket_mb=spec["bucket_mb"], compression="none")  # small buckets: several per stage
         stages = build_stages(task, cfg, device=device, dtype=dtype, steps_per_epoch=1000, grad_sync=sync)
         stages.set_step(0)
         task.train()
@@ -546,7 +546,7 @@ def comm_worker(rank: int, port: int, result: Path, spec: dict) -> None:
         med = {k: statistics.median(v) for k, v in times.items()}
         write_json(result, {
             "spec": spec, "backend": "gloo", "world_size": world, "device": str(device), "dtype": str(dtype), "channels_last": channels_last,
-            "compile": compile_, "bucket_mb": 1.0, "seconds_per_iteration": times, "first_window_s": first, "median_s": med,
+            "compile": compile_, "bucket_mb": spec["bucket_mb"], "seconds_per_iteration": times, "first_window_s": first, "median_s": med,
             "coalesced_over_overlapped": med["coalesced"] / med["overlapped"],
             "max_abs_diff_overlapped_vs_coalesced": max_diff, "largest_value": scale, "tolerance": tolerance,
             "states_equal": finite and max_diff <= tolerance * max(1.0, scale),
