@@ -44,7 +44,7 @@ if [ "${1:-}" = --dali ]; then
     (cd "$tmp" && sha256sum dali.tar >dali.tar.sha256)
     # what travels with each call besides a part: the working tree (tracked + untracked-not-ignored) and .whl
     tree=$(git ls-files -co --exclude-standard -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
-    room=$(( 64 * 1048576 - tree - $(du -sb .whl | cut -f1) - 1048576 ))  # 1 MiB to spare
+    room=$(( 64 * 1048576 - tree - $(du -sb .whl | cut -f1) - 262144 ))  # 256 KiB to spare: 246 MiB in 4 parts leaves little
     total=$(stat -c %s "$tmp/dali.tar")
     parts=$(( (total + room - 1) / room ))
     if [ "$parts" -gt 4 ]; then

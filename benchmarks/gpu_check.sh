@@ -54,7 +54,7 @@ else:
         except Exception as e:
             print(f"tyro does not import: {type(e).__name__}: {e}")
 PY
-)
+) || problem="the package check itself failed (python: $py)"
 if [ -n "$problem" ]; then
     echo "gpu_check: $problem; run benchmarks/gpu_bundle.sh where pip works and carry .whl (benchmarks/GPU.md)" >&2
     exit 2

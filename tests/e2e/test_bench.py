@@ -156,6 +156,9 @@ def test_gpu_check_tests_and_step_parts_run_end_to_end_on_cpu(tmp_path):
     assert records[f"{stem}afd-sequential.json"]["targets"]["afd-sequential/reference"]["target"] == 2.5
     md = (tmp_path / "step" / "step.md").read_text()
     assert "| afd-sequential |" in md and "afd-sequential/reference" in md
+    page = gc.report(tmp_path / "results", [tmp_path / "tests", tmp_path / "step"], "calls 1-2 of GPU.md").read_text()
+    assert "Machine: " in page and "## GPU tests: " in page and "## cifar_resnet8 + cifar_resnet8, 32 px" in page
+    assert (tmp_path / "results" / "step-step.md").is_file() and (tmp_path / "results" / "tests-tests.jsonl").is_file()
 
 
 @pytest.mark.distributed
