@@ -16,7 +16,8 @@
 #
 #   bash benchmarks/gpu_rehearsal.sh          # exit 0: all three would run; 3: the registry cannot be reached
 # Environment: PYTHON (the interpreter for the venv, default python3), REHEARSAL_VENV (default
-# /tmp/fastafd-gpu-rehearsal-venv, made anew each run).
+# /tmp/fastafd-gpu-rehearsal-venv, made anew each run; REHEARSAL_REUSE=1 keeps one that exists, for
+# quick reruns while editing, which is then no longer a fresh environment).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -34,11 +35,20 @@ if ! "$py" -m pip download -q --no-deps -d "$work/probe" typing-extensions==4.12
     exit 3
 fi
 [ -d .whl ] && compgen -G ".whl/*.whl" >/dev/null || bash benchmarks/gpu_bundle.sh
-rm -rf "$venv"
-"$py" -m venv "$venv"
-say "installing torch 2.11.0, torchvision 0.26.0 and the GPU machine's other packages into $venv"
-"$venv/bin/python" -m pip install -q torch==2.11.0 torchvision==0.26.0 accelerate==1.15.0 safetensors==0.8.0 timm tensorboard \
-    pytest pytest-timeout numpy pillow tqdm pyyaml psutil packaging typing-extensions==4.12.2
+if [ "${REHEARSAL_REUSE:-0}" = 1 ] && "$venv/bin/python" -c 'import torch; assert torch.__version__.startswith("2.11.0")' 2>/dev/null; then
+    say "reusing $venv (REHEARSAL_REUSE=1: not a fresh environment)"
+else
+    rm -rf "$venv"
+    "$py" -m venv "$venv"
+    say "installing torch 2.11.0, torchvision 0.26.0 and the GPU machine's other packages into $venv"
+fi
+if [ ! -f "$venv/.rehearsal-installed" ] && ! "$venv/bin/python" -m pip install -q torch==2.11.0 torchvision==0.26.0 accelerate==1.15.0 safetensors==0.8.0 timm tensorboard \
+        pytest pytest-timeout numpy pillow tqdm pyyaml psutil packaging typing-extensions==4.12.2 >"$work/pip.log" 2>&1; then
+    grep -v "^WARNING: Location" "$work/pip.log" | tail -20 >&2
+    say "the environment could not be installed" >&2
+    exit 1
+fi
+touch "$venv/.rehearsal-installed"
 if "$venv/bin/python" -c 'import tyro' 2>/dev/null; then
     say "tyro is importable in the fresh environment: it would not be like the GPU machine" >&2
     exit 1
@@ -82,7 +92,7 @@ PY
     say "call $n ($part): $(wc -c <"$work/call$n.command") characters, carry ${names[*]:-nothing}, $(mib "$total") MiB sent"
     t=$(date +%s)
     rc=0
-    (cd "$tree" && env -u PYTHONPATH -u VIRTUAL_ENV -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null PATH="$venv/bin:/usr/bin:/bin" \
+    (cd "$tree" && env -u PYTHON -u PYTHONPATH -u VIRTUAL_ENV -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null PATH="$venv/bin:/usr/bin:/bin" \
         OUT="$out" SITE="$work/site$n" timeout "$(cat "$work/call$n.timeout")" bash -c "$(cat "$work/call$n.command")") \
         >"$work/call$n.log" 2>&1 || rc=$?
     tail -5 "$work/call$n.log" | sed "s/^/    /"
