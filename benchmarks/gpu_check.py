@@ -208,13 +208,14 @@ def summarize_tests(jsonl: Path) -> dict:
     """Counts and rows from a tests.jsonl, including the collected tests that never reported (killed or not reached)."""
     collected: list[str] = []
     cases: list[dict] = []
-    finished = None
+    finished, times = None, []
     if jsonl.is_file():
         for line in jsonl.read_text().splitlines():
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a kill
+            times.append(rec.get("time", 0))
             if rec["event"] == "collected":
                 collected = rec["tests"]
             elif rec["event"] == "test":
@@ -225,7 +226,8 @@ def summarize_tests(jsonl: Path) -> dict:
     missing = [t for t in collected if t not in ended]
     counts = {k: sum(c["outcome"] == k for c in cases) for k in ("passed", "failed", "error", "skipped")}
     counts["not finished"] = len(missing)
-    return {"counts": counts, "cases": cases, "not_finished": missing, "pytest_exitstatus": finished}
+    return {"counts": counts, "cases": cases, "not_finished": missing, "pytest_exitstatus": finished,
+            "seconds": round(times[-1] - times[0], 1) if times else 0}
 
 
 def tests_markdown(t: dict, title: str = "GPU tests") -> str:
