@@ -135,20 +135,45 @@ def test_optimizer_benchmark_times_each_implementation(tmp_path):
     assert "| Adam | fused |" in (tmp_path / "optimizers.md").read_text()
 
 
-def test_gpu_check_runs_end_to_end_on_cpu_with_its_gpu_parts_skipped(tmp_path):
+def _gpu_check_part(part: str, out: Path) -> None:
     root = Path(__file__).parents[2]
-    proc = subprocess.run(["bash", str(root / "benchmarks/gpu_check.sh"), str(tmp_path), "--cpu-smoke"], capture_output=True, text=True,
+    proc = subprocess.run(["bash", str(root / "benchmarks/gpu_check.sh"), part, str(out), "--cpu-smoke"], capture_output=True, text=True,
                           timeout=900, env={**os.environ, "PYTHON": sys.executable})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert load_benchmark("gpu_check.py").check_out(out) == []  # all of it would come back from the device's $OUT
+
+
+def test_gpu_check_tests_and_step_parts_run_end_to_end_on_cpu(tmp_path):
+    gc = load_benchmark("gpu_check.py")
+    _gpu_check_part("tests", tmp_path / "tests")
+    assert sorted(p.name for p in (tmp_path / "tests").iterdir()) == ["env.json", "tests.jsonl", "tests.log", "tests.md"]
+    summary = gc.summarize_tests(tmp_path / "tests" / "tests.jsonl")
+    assert summary["pytest_exitstatus"] == 0 and not summary["not_finished"] and len(summary["cases"]) >= 18
     if not torch.cuda.is_available():
-        assert report["tests"]["counts"]["passed"] == 0 and report["tests"]["counts"]["skipped"] >= 18
-        assert report["data"] == {"skipped": "no CUDA device"}
-    (run,) = report["step"]["runs"]
-    assert [r["variant"] for r in run["results"]] == ["reference", "independent", "afd-sequential"]
-    assert run["targets"]["afd-sequential/reference"]["target"] == 2.5
-    md = (tmp_path / "gpu_check.md").read_text()
-    assert "## Training step" in md and "afd-sequential/reference" in md and (tmp_path / "gpu-tests.xml").is_file()
+        assert summary["counts"]["skipped"] == len(summary["cases"]) and summary["cases"][0]["message"] == "needs a CUDA GPU"
+    assert "| test_bench_step_on_cuda |" in (tmp_path / "tests" / "tests.md").read_text()
+    _gpu_check_part("step", tmp_path / "step")
+    records = {p.name: json.loads(p.read_text()) for p in (tmp_path / "step").glob("step-*.json")}
+    stem = "step-cifar_resnet8_cifar_resnet8-"
+    assert set(records) == {f"{stem}{v}.json" for v in ("reference", "afd-sequential", "independent")}
+    assert all(r["status"] == "ok" and r["result"]["img_per_s_median"] > 0 for r in records.values())
+    assert records[f"{stem}afd-sequential.json"]["targets"]["afd-sequential/reference"]["target"] == 2.5
+    md = (tmp_path / "step" / "step.md").read_text()
+    assert "| afd-sequential |" in md and "afd-sequential/reference" in md
+    page = gc.report(tmp_path / "results", [tmp_path / "tests", tmp_path / "step"], "calls 1-2 of GPU.md").read_text()
+    assert "Machine: " in page and "## GPU tests: " in page and "## cifar_resnet8 + cifar_resnet8, 32 px" in page
+    assert (tmp_path / "results" / "step-step.md").is_file() and (tmp_path / "results" / "tests-tests.jsonl").is_file()
+
+
+@pytest.mark.distributed
+def test_gpu_check_data_part_compares_the_overlapped_all_reduce_with_the_coalesced_one_on_cpu(tmp_path):
+    _gpu_check_part("data", tmp_path)
+    decode = json.loads((tmp_path / "data-decode.json").read_text())
+    assert decode["status"] == "ok" and decode["images_per_epoch"] == 16 and decode["ratio_median"] > 0
+    comm = json.loads((tmp_path / "comm-smoke-eager-fp32.json").read_text())
+    assert comm["status"] == "ok" and comm["states_equal"] and comm["ranks_agree"] and comm["finite"]
+    assert comm["overlapped_launches"]["during_backward"] > 0  # the hooks started buckets while backward ran
+    assert "states equal (overlapped vs coalesced): **True**" in (tmp_path / "data.md").read_text()
 
 
 @pytest.mark.distributed
