@@ -19,7 +19,7 @@ from pathlib import Path
 from tyro.conf import Positional
 
 from fastafd import atomic
-from fastafd.args import PROG, check_options, option_names, option_values, parse_train_args, tyro_parse
+from fastafd.args import PROG, check_options, option_names, option_values, parse_train_args, tyro_parse, wants_print_config
 from fastafd.errors import RunStopped, Stopped, UserError
 
 __all__ = ["PROG", "check_options", "main", "option_names", "option_values", "parse_train_args", "tyro_parse"]
@@ -30,6 +30,11 @@ __all__ = ["PROG", "check_options", "main", "option_names", "option_values", "pa
 
 def cmd_train(argv: Sequence[str]) -> int:
     cfg = parse_train_args(argv)
+    if wants_print_config(argv):
+        from fastafd.configfile import dump_yaml
+
+        sys.stdout.write(dump_yaml(cfg))
+        return 0
 
     from fastafd.trainer import train
 
