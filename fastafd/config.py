@@ -356,10 +356,16 @@ class SystemConfig:
 
 @dataclass
 class LogConfig:
-    """Observability: TensorBoard scalars, profiler traces and console progress (see README, Observability)."""
+    """Observability: TensorBoard and experiment trackers, profiler traces and console progress (see docs/observability.md)."""
+
+    trackers: tuple[Literal["tensorboard", "wandb", "mlflow"], ...] = ("tensorboard",)
+    """Where the scalars (losses, learning rates, throughput, validation accuracy; every loop.log_interval steps, rank 0) and the config go: tensorboard (<out>/tensorboard, see log.tensorboard), wandb (Weights & Biases: pip install 'fastafd[wandb]'; WANDB_MODE=offline works without an account), mlflow (pip install 'fastafd[mlflow]'; MLFLOW_TRACKING_URI, default sqlite:///mlflow.db); e.g. --log.trackers tensorboard wandb. The tracker run is named after the run folder; a resume continues it (ids in <out>/trackers.json)."""
+
+    project: str = "fastafd"
+    """The W&B project and the MLflow experiment of the wandb and mlflow trackers."""
 
     tensorboard: Literal["auto", "on", "off"] = "auto"
-    """TensorBoard scalars in <out>/tensorboard every loop.log_interval steps (rank 0); auto: if tensorboard is installed."""
+    """TensorBoard scalars in <out>/tensorboard when log.trackers has tensorboard; auto: if tensorboard is installed, on: required, off: never."""
 
     profile: tuple[int, int] | None = None
     """Profile training steps START <= i < END (0-based, whole run) into <out>/profile; also --profile START END."""
