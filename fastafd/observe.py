@@ -264,9 +264,20 @@ class Scalars:
             tb = require("torch.utils.tensorboard", "tensorboard", "TensorBoard logging", "use --log.tensorboard off", package="tensorboard")
             # purge_step: a resumed run hides the events a killed run wrote after its checkpoint
             self.writer = tb.SummaryWriter(log_dir=str(Path(run_dir) / TB_DIR), purge_step=purge_step)
+            if purge_step is not None:
+                self._restart(purge_step)
             if config is not None:
                 self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)
         self.peers = peer_labels(names)
+
+    def _restart(self, step: int) -> None:
+        """Mark a restart at ``step`` the way TensorBoard's Python reader understands it too (a SessionLog START
+        event: events of earlier files at ``step`` or later are dropped). purge_step alone is honoured by the
+        Rust data server and EventAccumulator, but ``tensorboard --load_fast=false`` (also its fallback where the
+        Rust server is missing) showed the killed run's steps twice."""
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+        self.writer.file_writer.add_event(Event(step=step, wall_time=time.time(), session_log=SessionLog(status=SessionLog.START)))  # type: ignore[union-attr]
 
     def _emit(self, values: Mapping[str, float], step: int) -> None:
         if self.writer is not None:
