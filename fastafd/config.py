@@ -290,7 +290,7 @@ class CheckpointConfig:
     """Keep the newest this many checkpoints (the best by ensemble top-1 is kept in addition)."""
 
     resume: str = "auto"
-    """auto: continue from the newest valid checkpoint in --out if there is one (refused if --out has checkpoints and none of them loads); none: start a new run (refused if --out has checkpoints); fresh: start over from step 0 in --out even if it has checkpoints (say, all corrupt): its checkpoints, metrics.jsonl and tensorboard/ are first moved into <out>/previous-<date>-<time>/, nothing is deleted; or a checkpoint folder (or run folder) to continue from."""
+    """auto: continue from the newest valid checkpoint in --out if there is one (refused if --out has checkpoints and none of them loads); none: start a new run (refused if --out has checkpoints); fresh: start over from step 0 in --out even if it has checkpoints (say, all corrupt): its checkpoints, metrics.jsonl, tensorboard/ and trackers.json (new W&B / MLflow runs start) are first moved into <out>/previous-<date>-<time>/, nothing is deleted; or a checkpoint folder (or run folder) to continue from."""
 
     def __post_init__(self) -> None:
         if self.every_steps < 0 or self.keep < 1:
