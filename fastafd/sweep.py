@@ -210,6 +210,8 @@ def plan_cells(recipes: Sequence[str], seeds: Sequence[int], overrides: Sequence
     """The cells of ``recipes`` x ``seeds``, each checked as ``fastafd train`` would check it (a bad shared option
     is a one-line :class:`UserError` here, not a failed cell later)."""
     given = {a[2:].split("=", 1)[0].replace("-", "_") for a in overrides if a.startswith("--")}
+    if "print_config" in given:
+        raise UserError("--print-config prints one config and trains nothing: run `fastafd train --recipe R --print-config` instead of a sweep")
     for name in SET_BY_SWEEP:
         if name in given:
             raise UserError(f"--{name} is set by the sweep for each cell: leave it out of the options after -- "

@@ -89,6 +89,8 @@ def test_sweep_cells_get_the_config_file_by_absolute_path(tmp_path, capsys, monk
     assert all(c.argv[-2:] == ("--config", str(tmp_path / "s.yaml")) for c in cells)
     code, out, _ = run_cli(["sweep", "--recipes", "demo", "--config", "s.yaml", "--dry_run"], capsys)
     assert code == 0 and f"--config {tmp_path / 's.yaml'}" in out
+    code, _, err = run_cli(["sweep", "--recipes", "demo", "--dry_run", "--", "--print-config"], capsys)
+    assert code == 2 and "--print-config prints one config" in err
     code, _, err = run_cli(["sweep", "--recipes", "demo", "--config", "nope.yaml"], capsys)
     assert code == 2 and "no such file" in err and sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]
 
