@@ -19,6 +19,7 @@ import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from fastafd.errors import UserError
 from fastafd.observe import require
 from fastafd.rundir import TRACKERS_FILE, write_json
 
@@ -61,7 +62,13 @@ class Trackers:
                     continue
                 old = saved.get(name, {})
                 self.after[name] = int(old.get("last_step", -1))
-                tracker = (self._wandb if name == "wandb" else self._mlflow)(Path(run_dir), config, project, old)
+                try:
+                    tracker = (self._wandb if name == "wandb" else self._mlflow)(Path(run_dir), config, project, old)
+                except Exception as e:  # not logged in, no network, a tracking server that refuses: one line, not a traceback
+                    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                    hint = "log in (wandb login) or set WANDB_MODE=offline" if name == "wandb" else "check MLFLOW_TRACKING_URI"
+                    raise UserError(f"--log.trackers {name}: the tracker did not start ({first}): {hint}, "
+                                    f"or drop {name} from --log.trackers") from None
                 self.trackers[name] = tracker
             write_json(self.path, self.state)
         except BaseException:
