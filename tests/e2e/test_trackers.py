@@ -140,12 +140,15 @@ def test_wandb_offline_run_continues_with_each_step_once(resumed):
     files = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 2  # the killed run and the resumed one, one offline segment each
     history: dict[str, list[tuple[int, float]]] = {}
-    runs = []
+    runs, config = [], {}
     for path in files:
         for record in wandb_records(path):
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 runs.append(record.run)
+                config.update({i.key: json.loads(i.value_json) for i in record.run.config.update})
+            elif kind == "config":  # the config stored after the run started (accelerate's store_init_configuration)
+                config.update({i.key: json.loads(i.value_json) for i in record.config.update})
             elif kind == "history":
                 items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
                 for key, value in items.items():
@@ -153,7 +156,6 @@ def test_wandb_offline_run_continues_with_each_step_once(resumed):
                         history.setdefault(key, []).append((items["_step"], value))
     assert {r.run_id for r in runs} == {ids["id"]} and {r.display_name for r in runs} == {out.name}
     assert {r.project for r in runs} == {"fastafd-test"}
-    config = {i.key: json.loads(i.value_json) for i in runs[0].config.update}
     assert config["optim"]["lr"] == json.loads((out / "config.json").read_text())["optim"]["lr"]
     total = STEPS_PER_EPOCH * EPOCHS
     assert [s for s, _ in history[f"train/ce/{PEERS[0]}"]] == list(range(1, total + 1))  # no step twice, none missing
