@@ -89,6 +89,11 @@ def io_errno(e: BaseException) -> int | None:
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
+def os_error(code: int) -> str:
+    """``[Errno 13] Permission denied`` style: the OS error itself, for a message that must name it."""
+    return f"{errno.errorcode.get(code, 'errno ' + str(code))}: {os.strerror(code)}"
+
+
 def describe(code: int | None, fallback: str = "I/O error") -> str:
     """Few words for an errno, as the one-line errors use them."""
     if code in DISK_FULL:

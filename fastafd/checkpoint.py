@@ -16,6 +16,7 @@ bad file, and the previous good one is used.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -31,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fastafd import atomic
+from fastafd import atomic, readback
 from fastafd.errors import RunStopped, UserError
 
 CKPT_DIR = "checkpoints"
@@ -140,9 +141,10 @@ def write(run_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]],
         if code is None:
             raise
         kept = next((p.name for p in list_checkpoints(run_dir) if p != final), "none yet")
+        fix = "free space" if code in atomic.DISK_FULL else f"fix {root} ({atomic.os_error(code)})" if code != errno.EROFS else "fix the file system"
         raise RunStopped(
             f"{atomic.describe(code)} while writing checkpoint {final.name} into {root}: nothing half-written is left and the newest "
-            f"checkpoint, {kept}, is kept; free space (or fix the file system), then run the same command again to resume"
+            f"checkpoint, {kept}, is kept; {fix}, then run the same command again to resume"
         ) from None
     if metric is not None:
         _update_best(run_dir, final, metric)
@@ -177,8 +179,8 @@ def read_best(run_dir: Path) -> dict | None:
     if not best_file.is_file():
         return None
     try:
-        best = json.loads(best_file.read_text())
-    except (OSError, ValueError) as e:
+        best = readback.loads(readback.read_text(best_file))
+    except (readback.Damaged, ValueError) as e:
         best, why = None, f"not JSON ({e})"
     else:
         why = "not an object with a step-* name and a finite metric"
@@ -233,8 +235,8 @@ def verify(path: Path) -> None:
     if not manifest.is_file():
         raise CorruptCheckpoint(f"{manifest} is missing (the write did not finish)")
     try:
-        content = json.loads(manifest.read_text())
-    except (OSError, ValueError) as e:
+        content = readback.loads(readback.read_text(manifest))
+    except (readback.Damaged, ValueError) as e:
         raise CorruptCheckpoint(f"{manifest} is unreadable ({e})") from None
     files = content.get("files") if isinstance(content, dict) else None
     if not isinstance(files, dict):
@@ -307,8 +309,8 @@ def load(path: Path) -> Checkpoint:
     path = Path(path)
     verify(path)
     try:
-        state = json.loads((path / STATE).read_text())
-    except (OSError, ValueError) as e:
+        state = readback.loads(readback.read_text(path / STATE), nonfinite=True)  # a meter may hold a NaN loss
+    except (readback.Damaged, ValueError) as e:
         raise CorruptCheckpoint(f"{path / STATE} is not JSON ({e})") from None
     if isinstance(state, dict) and state.get("format") != FORMAT:
         raise CorruptCheckpoint(f"{path / STATE} has format {state.get('format')}, this fastafd reads {FORMAT}")

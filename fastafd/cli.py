@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tyro.conf import Positional
 
-from fastafd import atomic
+from fastafd import atomic, outputs
 from fastafd.args import PROG, check_options, option_names, option_values, parse_train_args, tyro_parse, wants_print_config
 from fastafd.errors import RunStopped, Stopped, UserError
 
@@ -29,6 +29,7 @@ __all__ = ["PROG", "check_options", "main", "option_names", "option_values", "pa
 
 
 def cmd_train(argv: Sequence[str]) -> int:
+    outputs.refuse_empty(argv)
     cfg = parse_train_args(argv)
     if wants_print_config(argv):
         from fastafd.configfile import dump_yaml
@@ -98,12 +99,13 @@ class PlotArgs:
     """Run directories written by `fastafd train`."""
 
     out: Path | None = None
-    """Folder for the PNGs; default: <first run>/plots."""
+    """Folder for the PNGs (top1, losses, discriminator, throughput); default: <first run>/plots. Never over a file fastafd did not write."""
 
 
 def cmd_plot(argv: Sequence[str]) -> int:
     from fastafd.plot import plot_runs
 
+    outputs.refuse_empty(argv)
     args = tyro_parse(PlotArgs, argv, prog=f"{PROG} plot", description=PlotArgs.__doc__ or "")
     for path in plot_runs(args.runs, args.out):
         print(path)
@@ -121,7 +123,7 @@ class ExportArgs:
     """Index of the peer to export (0-based, in --model.peers order)."""
 
     out: Path = Path("peer.safetensors")
-    """Output file (.safetensors)."""
+    """Output file (.safetensors), or a folder for peer<K>.safetensors; an existing file is replaced only when fastafd wrote it."""
 
     checkpoint: str = "best"
     """Which weights: best (best.json: the best ensemble top-1 of the evaluated epochs; the newest if none), latest, or a checkpoint folder."""
@@ -130,6 +132,7 @@ class ExportArgs:
 def cmd_export(argv: Sequence[str]) -> int:
     from fastafd.export import export_peer
 
+    outputs.refuse_empty(argv)
     args = tyro_parse(ExportArgs, argv, prog=f"{PROG} export", description=ExportArgs.__doc__ or "")
     print(json.dumps(export_peer(args.run, args.peer, args.out, which=args.checkpoint), indent=2))
     return 0
@@ -154,6 +157,7 @@ def cmd_report(argv: Sequence[str]) -> int:
 
 
 def cmd_bench(argv: Sequence[str]) -> int:
+    outputs.refuse_empty(argv)
     from fastafd.bench import cmd_bench as run
 
     return run(argv)
@@ -207,13 +211,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Stopped as e:
         return _fail(f"{PROG}: {e}", e.exit_code)
     except OSError as e:
+        gone = Path(str(e.filename)).parent if e.errno == errno.ENOENT and e.filename else None
+        if gone is not None and not gone.exists():  # e.g. a run folder deleted while its run (a sweep's cell) trains
+            return _fail(f"{PROG}: error: {gone} disappeared while the command ran (deleted or moved): restore it, or run the same "
+                         "command again (a run resumes from its newest checkpoint, if one is left)", 1)
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
             raise
         where = f" writing {e.filename}" if e.filename else ""
         return _fail(f"{PROG}: error: {atomic.describe(e.errno)}{where}: free space (or fix the file system), then run the same command "
                      "again (a run resumes from its last checkpoint)", 1)
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        from fastafd.errors import ERROR_DIR
+
+        if not os.environ.get(ERROR_DIR) and os.environ.get("RANK", "0") == "0":  # under fastafd.launch, the launcher says it once
+            print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     finally:
         _release_temp_files(mark)

@@ -19,6 +19,37 @@ from fastafd.methods import registry
 MethodName = Literal[registry.names()]  # type: ignore[valid-type]  # the registered methods (fastafd/methods/)
 
 
+INT_RANGE = (-(2**53), 2**53)
+FLOAT_RANGE = (-1e15, 1e15)
+"""The range of every int and float option without one of its own in :data:`BOUNDS`: finite, and small enough
+that no library overflows on it (torch turns a timeout into a C++ duration; a huge one is an OverflowError deep inside)."""
+
+BOUNDS: dict[str, tuple[float, float]] = {
+    "system.dist_timeout_s": (1, 7 * 86400),
+    "system.peer_timeout_s": (0.01, 86400),
+}
+"""``section.field`` -> the option's own inclusive range (also written in the option's help); checked at parse time by
+:func:`check_bounds` together with the field's own rules in ``__post_init__``."""
+
+
+def check_bounds(cfg: object, section: str = "") -> None:
+    """Refuse any int or float option (a tuple's items too) that is not finite or outside its range: :data:`BOUNDS`, else
+    :data:`INT_RANGE` / :data:`FLOAT_RANGE`. Walks nested config dataclasses, so a new field or section is checked
+    without a line of its own."""
+    for f in dataclasses.fields(cfg):  # type: ignore[arg-type]
+        value = getattr(cfg, f.name)
+        name = f"{section}.{f.name}" if section else f.name
+        if dataclasses.is_dataclass(value):
+            check_bounds(value, name)
+            continue
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                continue
+            lo, hi = BOUNDS.get(name, INT_RANGE if isinstance(v, int) else FLOAT_RANGE)
+            if not (math.isfinite(v) and lo <= v <= hi):
+                raise UserError(f"{name}={v} is out of range: give a finite number in [{lo:g}, {hi:g}]")
+
+
 def _check(name: str, value: float, ok: bool, want: str) -> None:
     """Refuse ``value`` unless it is finite and ``ok`` (NaN and inf compare False or True in surprising ways)."""
     if not (math.isfinite(value) and ok):
@@ -327,7 +358,7 @@ class SystemConfig:
     """Persistent torch.compile cache folder (Inductor and Triton caches); None: <out>/compile_cache, so a requeued job reuses its own compiled kernels."""
 
     dist_timeout_s: int = 600
-    """Seconds a collective may wait for a silent peer before this process gives up (process-group timeout); a peer that dies is reported sooner."""
+    """Seconds a collective may wait for a silent peer before this process gives up (process-group timeout); a peer that dies is reported sooner. Range: 1 to 604800 (a week)."""
 
     overlap_comm: bool = True
     """Several processes: start each gradient bucket's all-reduce during the backward, as soon as its gradients are ready (fastafd/comm.py); off: one all-reduce per stage after its backward (the reference)."""
@@ -339,7 +370,7 @@ class SystemConfig:
     """Gradients on the wire: bf16 halves the all-reduce's bytes (for thin fabrics) at the cost of rounding the averaged gradient to bf16."""
 
     peer_timeout_s: float = 60.0
-    """Seconds without a heartbeat from another rank (its process died, hung or was stopped, or its node was lost) before every other rank exits with one line naming it (a watchdog thread; works on NCCL, where collectives with a dead peer never raise)."""
+    """Seconds without a heartbeat from another rank (its process died, hung or was stopped, or its node was lost) before every other rank exits with one line naming it (a watchdog thread; works on NCCL, where collectives with a dead peer never raise). Range: 0.01 to 86400; finite (inf would switch the watchdog off)."""
 
     def __post_init__(self) -> None:
         if self.dist_timeout_s < 1:
@@ -411,6 +442,7 @@ class TrainConfig:
             self.out = Path(self.out)
         self.optim.check("optim")
         self.adv_optim.check("adv_optim")
+        check_bounds(self)
         if registry.get(self.method.name).needs_pair and self.model.k < 2:
             raise UserError(
                 f"method {self.method.name} distills between peers but model.peers has {self.model.k}: "

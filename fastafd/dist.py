@@ -34,7 +34,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from fastafd.config import SystemConfig
-from fastafd.errors import UserError
+from fastafd.errors import UserError, record_error
 
 T = TypeVar("T")
 
@@ -155,8 +155,16 @@ def _say(line: str) -> None:
     """The watchdog's last words: one line on stderr, then exit 1 without unwinding the blocked main thread."""
     sys.stderr.write(f"fastafd: error: {line}\n")
     sys.stderr.flush()
+    record_error(f"fastafd: error: {line}", 1, printed=True)  # the launcher then adds no line of its own (a SIGSTOPped peer)
     sys.stdout.flush()
     os._exit(1)
+
+
+def launcher_gone(silent_for: str = "") -> str:
+    """The rendezvous store is unreachable: it lives in node 0's launcher, so that launcher is gone (killed, the OOM
+    killer, its node lost); the ranks cannot tell which, and the cause is not theirs."""
+    since = f" (its rendezvous store unreachable {silent_for})" if silent_for else ""
+    return f"the launcher on node 0 is gone{since}; the last checkpoint is kept: run the same command again to resume"
 
 
 class PeerWatch:
@@ -256,7 +264,7 @@ class PeerWatch:
                  what: str = "stopped (process died or hung, or node lost)") -> str:
         """One line: which rank stopped, and what to do (``error``: the failed collective, if any)."""
         if failed is None:
-            who = "the rendezvous store on the head node is unreachable" + (f" {silent_for}" if silent_for else "") + ": rank 0 or its node failed"
+            return f"rank {self.rank}: {launcher_gone(silent_for)}"
         elif failed:
             beat = f"; no heartbeat {silent_for}" if silent_for else ""
             who = f"rank{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))} of {self.world_size} {what}{beat}"

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
+ERROR_DIR = "FASTAFD_ERROR_DIR"
+"""Set by ``fastafd.launch`` for its training processes: the folder where each rank records its one error line."""
+
 
 class UserError(Exception):
     """A mistake in the user's input (config, data, model name).
@@ -31,3 +38,18 @@ class Stopped(Exception):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(" ".join(message.split()))
         self.exit_code = exit_code
+
+
+def record_error(line: str, exit_code: int, *, printed: bool) -> bool:
+    """In a training process under ``fastafd.launch``: store this rank's error line (and whether it printed it);
+    True if stored. The launcher then prints at most one line for the whole run (:func:`fastafd.launch.report`)."""
+    folder, rank = os.environ.get(ERROR_DIR), os.environ.get("RANK")
+    if not folder or rank is None or not Path(folder).is_dir():
+        return False
+    try:
+        tmp = Path(folder) / f".rank-{rank}.json"
+        tmp.write_text(json.dumps({"rank": int(rank), "exit_code": exit_code, "line": line, "printed": printed}))
+        os.replace(tmp, Path(folder) / f"rank-{rank}.json")
+    except (OSError, ValueError):
+        return False
+    return True

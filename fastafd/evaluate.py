@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from fastafd import checkpoint, config, dist, rundir
+from fastafd import checkpoint, config, dist, readback, rundir
 from fastafd.errors import UserError
 from fastafd.methods import Task
 from fastafd.metrics import summarize_eval
@@ -36,7 +35,10 @@ def evaluate_run(run: Path, *, data: Path | None = None, batch_size: int = 0, wh
     cfg_path = run / rundir.CONFIG_FILE
     if not cfg_path.is_file():
         raise UserError(f"{run} is not a fastafd run directory (no {rundir.CONFIG_FILE}): pass the folder `fastafd train` printed")
-    cfg = config.from_dict(json.loads(cfg_path.read_text()))
+    try:
+        cfg = config.from_dict(readback.read_json(cfg_path))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{cfg_path} is not a fastafd config ({type(e).__name__}: {e}): pass the folder `fastafd train` printed") from None
     if data is not None:  # another dataset: its format is detected as `fastafd train --data` detects it
         cfg.data = replace(cfg.data, root=data, format="auto")
     if batch_size:

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from pathlib import Path
 
-from safetensors import SafetensorError
-
-from fastafd import atomic, checkpoint, rundir
+from fastafd import checkpoint, outputs, readback, rundir
 from fastafd.errors import UserError
 from fastafd.models.peers import build_kwargs
 
@@ -23,30 +19,46 @@ def export_peer(run: Path, peer: int, out: Path, which: str = "best") -> dict:
     from N (e.g. resnet18 and its 1000 classes) add ``num_classes=N`` to the overlay too, or timm drops
     the classifier.
 
-    An existing ``out`` is replaced atomically (a unique temporary file, fsync, rename): a reader sees
-    the old file or the new one. An unwritable place is one line, and no temporary file is left.
+    ``out`` ending in ``.safetensors`` is the file; anything else a folder for ``peer<K>.safetensors``. It is written
+    through :mod:`fastafd.outputs`: atomically, and over an existing file only when fastafd wrote it (an earlier export);
+    an unwritable place is one line, and no temporary file is left.
     """
-    run, out = Path(run), Path(out)
-    if out.suffix != ".safetensors":
-        raise UserError(f"--out {out} must end in .safetensors (timm picks the loader by extension)")
-    if out.is_dir():
-        raise UserError(f"--out {out} is a folder: pass a file name ending in .safetensors (an existing file is replaced)")
+    run = Path(run)
+    outputs.check_empty(out)
+    if Path(out).suffix and Path(out).suffix != ".safetensors" and not Path(out).is_dir():
+        raise UserError(f"--out {out} must end in .safetensors (timm picks the loader by extension), or be a folder")
+    folder, stem = outputs.resolve(Path(out), Path(out), ".safetensors", f"peer{peer}")
+    out = folder / f"{stem}.safetensors"
+    writer = outputs.Outputs([out], folder=None)
+    if (blocker := folder if folder.exists() and not folder.is_dir() else None) is not None:
+        raise UserError(f"--out {blocker} is a file, not a folder: pass a file name ending in .safetensors or a folder")
+    writer.check()
     cfg_path = run / rundir.CONFIG_FILE
     if not cfg_path.is_file():
         raise UserError(f"{run} is not a fastafd run directory (no {rundir.CONFIG_FILE}): pass the folder `fastafd train` wrote")
-    cfg = json.loads(cfg_path.read_text())
-    names = cfg["model"]["peers"]
+    cfg = readback.read_json(cfg_path)
+    try:
+        names = readback.strings(cfg["model"], "peers")
+        num_classes = readback.integer(cfg["model"], "num_classes", 0, 10**9)
+        image_size = readback.integer(cfg["data"], "image_size", 1, 10**6)
+        if not num_classes:
+            env = readback.read_json(run / rundir.ENV_FILE)
+            num_classes = readback.integer(env["dataset"], "num_classes", 1, 10**9)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{cfg_path} (or {rundir.ENV_FILE} beside it) is not what `fastafd train` wrote ({type(e).__name__}: {e}): "
+                        "pass the folder `fastafd train` wrote") from None
     if not 0 <= peer < len(names):
         raise UserError(f"--peer {peer} is out of range: the run has {len(names)} peers (0..{len(names) - 1}: {', '.join(names)})")
     ckpt, why = checkpoint.choose(run, which)
     prefix = f"peers.{peer}."
     state = {k[len(prefix) :]: v for k, v in ckpt.tensors(checkpoint.MODEL).items() if k.startswith(prefix)}
-    num_classes = int(json.loads((run / rundir.ENV_FILE).read_text())["dataset"]["num_classes"]) if not cfg["model"]["num_classes"] else int(cfg["model"]["num_classes"])
     name = names[peer]
-    extra = build_kwargs(name, int(cfg["data"]["image_size"]))  # a transformer is built for the run's image size
+    extra = build_kwargs(name, image_size)  # a transformer is built for the run's image size
     meta = {"model": name, "num_classes": num_classes, "create_kwargs": extra, "checkpoint": str(ckpt.path), "step": ckpt.step,
             "chosen": why}
-    _write(out, state, {k: json.dumps(v) if not isinstance(v, str) else v for k, v in meta.items()})  # safetensors metadata: strings
+    strings = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in meta.items()}  # safetensors metadata: strings
+    writer.write(out, lambda tmp: checkpoint.save_weights(tmp, state, strings))
+    outputs.fix_mode(out)  # a file to share, like any other the user writes (safetensors makes it 0600)
     kwargs = "".join(f", {k}={v!r}" for k, v in extra.items())
     # the CIFAR networks are fastafd's: timm knows them once fastafd is imported
     prefix = "import fastafd; " if name.startswith("cifar_") else ""
@@ -56,21 +68,3 @@ def export_peer(run: Path, peer: int, out: Path, which: str = "best") -> dict:
         "load": f"{prefix}timm.create_model({name!r}, num_classes={num_classes}{kwargs}, pretrained=True, "
         f"pretrained_cfg_overlay=dict(file={str(out)!r}, num_classes={num_classes}))",
     }
-
-
-def _write(out: Path, state: dict, meta: dict[str, str]) -> None:
-    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        checkpoint.save_weights(out, state, meta)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(out, 0o666 & ~umask)  # a file to share, like any other the user writes (safetensors makes it 0600)
-    except (OSError, SafetensorError) as e:
-        for path in created:  # deepest first: only what this call made, and only if still empty
-            with contextlib.suppress(OSError):
-                path.rmdir()
-        code = atomic.io_errno(e)
-        if code is None:
-            raise
-        raise UserError(f"cannot write {out} ({atomic.describe(code)}): pass a writable --out") from None

@@ -10,6 +10,11 @@ torchrun's ``ChildFailedError`` traceback and its agent's log lines, and exits 1
 * when the run fails, the launcher prints nothing more if rank 0 has already said why, else the
   first failed rank's line, or, for a crash without one (a traceback above, a signal), one line
   naming the rank, its pid, host and exit code;
+* after a rank failed, the others get SIGCONT (a SIGSTOPped rank can then act on it) and SIGTERM, and
+  ``FASTAFD_STOP_GRACE_S`` seconds (1 to 3600, default 30) to exit before SIGKILL;
+* Ctrl-C prints ``fastafd: interrupted`` once, from the launcher (the ranks say nothing), exit 130;
+  c10d's C++ warnings are filtered (``TORCH_CPP_LOG_LEVEL=ERROR`` unless set); an error folder left
+  by a killed launcher is removed by a later launch;
 * it exits with the code the failed rank exited with: 2 for a user error, 1 for a stopped run, as
   a single process would; 143 for a run stopped by SIGTERM (see :mod:`fastafd.preempt`).
 
@@ -18,28 +23,54 @@ On several nodes each node's launcher reports its own ranks: at most one line pe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
-ERROR_DIR = "FASTAFD_ERROR_DIR"
+from fastafd.errors import ERROR_DIR, UserError, record_error
+
+__all__ = ["ERROR_DIR", "GRACE_ENV", "grace_s", "main", "record_error", "report"]
+
+GRACE_ENV = "FASTAFD_STOP_GRACE_S"
+"""Seconds the launcher waits, after a rank failed, for the others to exit on SIGTERM before it kills them
+(torchrun's fixed 30 s otherwise); 1 to 3600, default 30 (a checkpoint write fits in it)."""
+GRACE_RANGE = (1.0, 3600.0)
+STALE_S = 24 * 3600
+"""An error folder of a launcher that is gone (killed: no ``finally`` ran) is removed by the next launch after this long."""
 
 
-def record_error(line: str, exit_code: int, *, printed: bool) -> bool:
-    """In a training process under this launcher: store this rank's error line; True if stored."""
-    folder, rank = os.environ.get(ERROR_DIR), os.environ.get("RANK")
-    if not folder or rank is None or not Path(folder).is_dir():
-        return False
-    tmp = Path(folder) / f".rank-{rank}.json"
-    tmp.write_text(json.dumps({"rank": int(rank), "exit_code": exit_code, "line": line, "printed": printed}))
-    os.replace(tmp, Path(folder) / f"rank-{rank}.json")
-    return True
+def grace_s() -> float:
+    """:data:`GRACE_ENV` checked: a number in :data:`GRACE_RANGE`, else one line."""
+    raw = os.environ.get(GRACE_ENV, "30")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    lo, hi = GRACE_RANGE
+    if not (math.isfinite(value) and lo <= value <= hi):
+        raise UserError(f"{GRACE_ENV}={raw!r} must be a number of seconds in [{lo:g}, {hi:g}], e.g. 30")
+    return value
+
+
+def clean_stale(tmp: Path | None = None) -> None:
+    """Remove the error folders of launchers that were killed (SIGKILL, the OOM killer: no ``finally`` ran), once stale."""
+    root = Path(tmp or tempfile.gettempdir())
+    now = time.time()
+    for folder in root.glob("fastafd-errors-*"):
+        try:
+            if folder.is_dir() and now - folder.stat().st_mtime > STALE_S:
+                shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def _recorded(folder: Path) -> dict[int, dict]:
@@ -78,19 +109,57 @@ def report(failures: dict, folder: Path) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        grace = grace_s()
+    except UserError as e:
+        print(f"fastafd: error: {e}", file=sys.stderr)
+        return 2
+    clean_stale()
     folder = Path(tempfile.mkdtemp(prefix="fastafd-errors-"))
     os.environ[ERROR_DIR] = str(folder)
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10d's TCPStore warnings, ~150 lines when the store's host is gone
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the agent's per-failure log lines
+    _set_grace(grace)
     try:
         launch_command(args)
         return 0
     except ChildFailedError as e:
         return report(e.failures, folder)
+    except (KeyboardInterrupt, SignalException) as e:
+        if isinstance(e, SignalException) and e.sigval != signal.SIGINT:
+            raise
+        print("fastafd: interrupted", file=sys.stderr)  # once for the run: the ranks say nothing under this launcher
+        return 130
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+_grace = [30.0]
+
+
+def _set_grace(grace: float) -> None:
+    """torchrun's agent: wake a stopped rank (SIGSTOP) so that it can act on the SIGTERM, and wait ``grace`` s, not 30."""
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    _grace[0] = grace
+    real = LocalElasticAgent._shutdown
+    if getattr(real, "fastafd", False):
+        return
+
+    def _shutdown(self, death_sig: signal.Signals = signal.SIGTERM, timeout: int = 30) -> None:
+        pcontext = getattr(self, "_pcontext", None)
+        pids = pcontext.pids().values() if pcontext is not None and hasattr(pcontext, "pids") else ()
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGCONT)
+        return real(self, death_sig, max(1, round(_grace[0])))
+
+    _shutdown.fastafd = True  # type: ignore[attr-defined]
+    LocalElasticAgent._shutdown = _shutdown  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

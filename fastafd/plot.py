@@ -12,12 +12,11 @@ JSON results.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastafd import rundir
+from fastafd import atomic, outputs, readback, rundir
 from fastafd.errors import UserError
 from fastafd.observe import require
 
@@ -50,7 +49,8 @@ def load_run(path: Path) -> Run:
     method = "?"
     cfg_path = path / rundir.CONFIG_FILE
     if cfg_path.is_file():
-        method = json.loads(cfg_path.read_text()).get("method", {}).get("name", "?")
+        m = readback.read_json(cfg_path).get("method")
+        method = m["name"] if isinstance(m, dict) and isinstance(m.get("name"), str) else "?"
     return Run(path, f"{path.resolve().name} ({method})", rows)
 
 
@@ -89,10 +89,15 @@ def _row_series(run: Run, key: str) -> tuple[list[int], list[float]]:
     return [r["epoch"] for r in rows], [float(r[key]) for r in rows]
 
 
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+def _save(fig, path: Path, writer: outputs.Outputs | None = None) -> Path:
+    """Write the PNG through ``writer`` (:mod:`fastafd.outputs`: never over a file fastafd did not write), or
+    atomically where a benchmark names its own file."""
+    path = Path(path)
+    if writer is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic.replace(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+        return path
+    return writer.write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
 def _labels(ax) -> list[str]:
@@ -118,7 +123,12 @@ def plot_runs(runs: Sequence[Path], out: Path | None = None) -> dict[Path, list[
     loaded = [load_run(Path(r)) for r in runs]
     if not loaded:
         raise UserError("give at least one run directory, e.g. fastafd plot runs/demo-20261125-101500")
+    outputs.check_empty(out)
+    if out is not None and Path(out).suffix.lower() in (".png", ".md", ".json", ".csv", ".pdf", ".svg"):
+        raise UserError(f"--out {out} looks like a file name: `fastafd plot` writes {len(FIGURES)} PNGs into a folder; pass a folder, e.g. --out plots")
     out = Path(out) if out is not None else loaded[0].path / "plots"
+    writer = outputs.Outputs([out / f"{name}.png" for name in FIGURES], folder=out)
+    writer.check()
     colors = _colors(len(loaded))
     written: dict[Path, list[str]] = {}
 
@@ -133,7 +143,7 @@ def plot_runs(runs: Sequence[Path], out: Path | None = None) -> dict[Path, list[
     ax.set(xlabel="epoch", ylabel="validation top-1 (%)", title="Top-1 accuracy per peer and of the ensemble")
     ax.grid(alpha=0.3)
     _legend(ax)
-    written[_save(fig, out / "top1.png")] = _labels(ax)
+    written[_save(fig, out / "top1.png", writer)] = _labels(ax)
 
     # training losses, one panel per loss that any run has
     keys = [k for k in LOSSES if any(_peer_series(r, k) for r in loaded)]
@@ -149,7 +159,7 @@ def plot_runs(runs: Sequence[Path], out: Path | None = None) -> dict[Path, list[
             ax.grid(alpha=0.3)
             _legend(ax)
             labels += [f"{key}: {label}" for label in _labels(ax)]
-        written[_save(fig, out / "losses.png")] = labels
+        written[_save(fig, out / "losses.png", writer)] = labels
 
     # discriminator outputs on real (teacher's) and fake (own) maps, validation set
     if any(_peer_series(r, "d_real") for r in loaded):
@@ -165,7 +175,7 @@ def plot_runs(runs: Sequence[Path], out: Path | None = None) -> dict[Path, list[
             ax.grid(alpha=0.3)
             _legend(ax)
             labels += [f"{key}: {label}" for label in _labels(ax)]
-        written[_save(fig, out / "discriminator.png")] = labels
+        written[_save(fig, out / "discriminator.png", writer)] = labels
 
     # throughput and data wait
     fig = Figure(figsize=(12, 4.5), layout="constrained")
@@ -180,7 +190,7 @@ def plot_runs(runs: Sequence[Path], out: Path | None = None) -> dict[Path, list[
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         _legend(ax)
-    written[_save(fig, out / "throughput.png")] = [f"img_per_s: {label}" for label in _labels(ax1)] + [f"data_wait: {label}" for label in _labels(ax2)]
+    written[_save(fig, out / "throughput.png", writer)] = [f"img_per_s: {label}" for label in _labels(ax1)] + [f"data_wait: {label}" for label in _labels(ax2)]
     return written
 
 
@@ -234,7 +244,8 @@ class BarPanel:
     ylabel: str = ""
 
 
-def grouped_bar_chart(path: Path, panels: Sequence[BarPanel], *, title: str = "", ylim: tuple[float, float] | None = None) -> Path:
+def grouped_bar_chart(path: Path, panels: Sequence[BarPanel], *, title: str = "", ylim: tuple[float, float] | None = None,
+                      writer: outputs.Outputs | None = None) -> Path:
     """Panels side by side (wrapping after 2), each grouped bars with +-error whiskers (e.g. top-1 per method and peer,
     mean +- std over seeds; ``fastafd report``); writes ``path``."""
     Figure = _mpl()
@@ -261,4 +272,4 @@ def grouped_bar_chart(path: Path, panels: Sequence[BarPanel], *, title: str = ""
             ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     if title:
         fig.suptitle(title)
-    return _save(fig, Path(path))
+    return _save(fig, Path(path), writer)

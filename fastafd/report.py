@@ -33,7 +33,7 @@ from typing import Literal
 
 from tyro.conf import Positional
 
-from fastafd import atomic, claims, grids, rundir, runlock
+from fastafd import claims, grids, outputs, readback, rundir, runlock
 from fastafd import sweep as sweeps
 from fastafd.args import PROG, tyro_parse
 from fastafd.errors import UserError
@@ -49,10 +49,10 @@ class ReportArgs:
     """Sweep folders (`fastafd sweep`), run folders (`fastafd train`), or folders of run folders."""
 
     out: Path | None = None
-    """Folder for NAME.md, NAME.csv, NAME.json and NAME.png; default: <first DIR>/report."""
+    """A file ending in .md (NAME.csv, NAME.json and NAME.png are written beside it), or a folder for NAME.md, NAME.csv, NAME.json and NAME.png; default: <first DIR>/report. Never over a file fastafd did not write."""
 
     name: str = "report"
-    """File name stem of the outputs."""
+    """File name stem of the outputs in a folder --out (a file --out names them itself)."""
 
     png: Literal["auto", "on", "off"] = "auto"
     """The bar chart: auto when matplotlib is installed (pip install 'fastafd[plot]'), on requires it, off leaves it out."""
@@ -133,9 +133,17 @@ def _result(cell: sweeps.Cell, state: sweeps.CellState, run: Path, status: Mappi
     result = CellResult(cell, state, run=Path(run), load=[float(v) for v in (status.get("load_start"), status.get("load_end")) if isinstance(v, (int, float))])
     if state.state == sweeps.DONE:
         try:
-            result.best, result.final = run_values([r for r in rundir.read_metrics(run) if r["epoch"] <= cell.epochs])
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            lines = rundir.metrics_lines(run)
+        except UserError as e:
             result.state = sweeps.CellState(sweeps.FAILED, state.epochs_done, f"unreadable {rundir.METRICS_FILE}: {e}")
+            return result
+        if lines.damaged:  # never averaged in: a skipped line may be the best epoch
+            result.state = sweeps.CellState(sweeps.FAILED, state.epochs_done, sweeps.damage(lines) + "; restore the line to report this cell")
+            return result
+        try:
+            result.best, result.final = run_values([r for r in lines.rows if r["epoch"] <= cell.epochs])
+        except (ValueError, KeyError, TypeError) as e:
+            result.state = sweeps.CellState(sweeps.FAILED, state.epochs_done, f"{run / rundir.METRICS_FILE} has no top-1 ({type(e).__name__}: {e})")
     return result
 
 
@@ -143,11 +151,12 @@ def _cell_of_run(run: Path) -> sweeps.Cell:
     """A stand-alone run folder as a cell (named after its folder), from its config.json."""
     from fastafd.config import from_dict
 
+    fix = f"pass run folders written by `{PROG} train`"
+    raw = readback.read_json(run / rundir.CONFIG_FILE, fix)
     try:
-        raw = json.loads((run / rundir.CONFIG_FILE).read_text())
         cfg = from_dict(raw)
-    except (OSError, ValueError, KeyError, TypeError, UserError) as e:
-        raise UserError(f"{run / rundir.CONFIG_FILE} is not a fastafd config ({e}): pass run folders written by `{PROG} train`") from None
+    except (ValueError, KeyError, TypeError, AttributeError, UserError) as e:
+        raise UserError(f"{run / rundir.CONFIG_FILE} is not a fastafd config ({e}): {fix}") from None
     try:
         data = sweeps.data_label(cfg)
     except (UserError, OSError):
@@ -368,7 +377,7 @@ def as_json(tables: Sequence[Table], verdicts: Mapping[str, list[claims.Verdict]
     }  # fmt: skip
 
 
-def chart(path: Path, tables: Sequence[Table]) -> Path | None:
+def chart(path: Path, tables: Sequence[Table], writer: outputs.Outputs | None = None) -> Path | None:
     """Final top-1 per method (groups) and per peer and ensemble (bars), mean +- std; one panel per table."""
     from fastafd.plot import BarPanel, grouped_bar_chart
 
@@ -383,10 +392,11 @@ def chart(path: Path, tables: Sequence[Table]) -> Path | None:
         return None
     lows = [m - (s or 0) for p in panels for vals, errs in p.series.values() for m, s in zip(vals, errs) if m is not None]
     low = max(0.0, (min(lows) // 5) * 5 - 5) if lows else 0.0
-    return grouped_bar_chart(path, panels, title="Final top-1 per method: peers and ensemble", ylim=(low, 100.0))
+    return grouped_bar_chart(path, panels, title="Final top-1 per method: peers and ensemble", ylim=(low, 100.0), writer=writer)
 
 
 def cmd_report(argv: Sequence[str]) -> int:
+    outputs.refuse_empty(argv)
     args: ReportArgs = tyro_parse(ReportArgs, argv, prog=f"{PROG} report", description=ReportArgs.__doc__ or "")  # type: ignore[assignment]
     if not args.name.strip() or "/" in args.name:
         raise UserError(f"--name {args.name!r} must be a file name stem, e.g. --name claims")
@@ -398,21 +408,22 @@ def cmd_report(argv: Sequence[str]) -> int:
     results, grid_names = collect(args.dirs)
     if not results:
         raise UserError(f"{' '.join(map(str, args.dirs))} hold no cells: pass folders written by `{PROG} sweep` or `{PROG} train`")
-    out = Path(args.out) if args.out is not None else Path(args.dirs[0]) / "report"
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: pass a folder for the report")
+    outputs.check_empty(args.out)
+    folder, stem = outputs.resolve(args.out, Path(args.dirs[0]) / "report", ".md", args.name)
+    if args.out is not None and folder != Path(args.out) and args.name != "report":
+        raise UserError(f"--out {args.out} names the file and --name {args.name} the stem: pass one of them")
+    writer = outputs.Outputs([folder / f"{stem}.{ext}" for ext in ("md", "csv", "json", "png")],
+                             folder=folder if folder == Path(args.out or folder) else None)
+    writer.check()
     tables = build_tables(results)
     values = claim_values(results)
     verdicts = {name: [claims.evaluate(c, values) for c in grids.get(name).claims] for name in grid_names if grids.GRIDS.get(name) and grids.get(name).claims}
     command = shlex.join([PROG, "report", *argv])
     date = dt.datetime.now().isoformat(timespec="seconds")
     md = markdown(tables, verdicts, results, command=command, date=date)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(out / f"{args.name}.md", md)
-    atomic.write_text(out / f"{args.name}.csv", rows_csv(tables))
-    rundir.write_json(out / f"{args.name}.json", as_json(tables, verdicts, command=command, date=date))
-    written = [out / f"{args.name}.{ext}" for ext in ("md", "csv", "json")]
-    if want_png and (png := chart(out / f"{args.name}.png", tables)) is not None:
+    written = [writer.write_text(folder / f"{stem}.md", md), writer.write_text(folder / f"{stem}.csv", rows_csv(tables)),
+               writer.write_text(folder / f"{stem}.json", json.dumps(as_json(tables, verdicts, command=command, date=date), indent=2) + "\n")]
+    if want_png and (png := chart(folder / f"{stem}.png", tables, writer)) is not None:
         written.append(png)
     sys.stdout.write(md)
     for path in written:

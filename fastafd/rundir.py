@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fastafd import atomic
+from fastafd import atomic, readback
 from fastafd.config import TrainConfig, to_dict
 from fastafd.errors import UserError
 
@@ -20,6 +20,8 @@ ENV_FILE = "env.json"
 METRICS_FILE = "metrics.jsonl"
 TRACKERS_FILE = "trackers.json"
 """The W&B and MLflow run ids of the run and the last step each got (:mod:`fastafd.trackers`): a resume continues them."""
+SWEEP_MANIFEST = "sweep.json"
+"""What makes a folder a sweep folder (:data:`fastafd.sweep.MANIFEST`): a run never goes into one."""
 
 _PACKAGES = ("fastafd", "torch", "torchvision", "timm", "accelerate", "nvidia-dali-cuda130", "safetensors", "tyro", "numpy")
 
@@ -37,6 +39,9 @@ def check_out(out: Path | None, data_root: Path | None) -> None:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder: pass a folder for the run (new or one to resume)")
+    if (out / SWEEP_MANIFEST).exists():
+        raise UserError(f"--out {out} is a sweep folder (it has {SWEEP_MANIFEST}), not a run folder: pass a folder of its own for the run, "
+                        "e.g. --out runs/my-run (a sweep's cells are run by `fastafd sweep`)")
     if data_root is not None:
         o, d = out.resolve(), Path(data_root).resolve()
         if o == d or d in o.parents:
@@ -118,8 +123,14 @@ def append_jsonl(path: Path, row: dict) -> None:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The rows of ``metrics.jsonl`` that are whole (:func:`fastafd.readback.metrics`); damaged lines are skipped
+    (:func:`metrics_lines` names them). A missing or unreadable file is a one-line error."""
+    return readback.metrics(Path(run_dir) / METRICS_FILE).rows
+
+
+def metrics_lines(run_dir: Path) -> readback.Lines:
+    """The rows of ``metrics.jsonl`` with the damaged lines named (``FILE:LINE: why``)."""
+    return readback.metrics(Path(run_dir) / METRICS_FILE)
 
 
 def truncate_metrics(run_dir: Path, before_epoch: int) -> None:
@@ -128,5 +139,15 @@ def truncate_metrics(run_dir: Path, before_epoch: int) -> None:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] < before_epoch]
-    atomic.write_text(path, "".join(r + "\n" for r in rows))
+    keep = []
+    for raw in path.read_bytes().split(b"\n"):
+        if not raw.strip():
+            continue
+        try:
+            epoch = readback.integer(readback.loads(raw.decode()), "epoch", 1, readback.MAX_EPOCH)
+        except (ValueError, TypeError, AttributeError):
+            keep.append(raw)  # a damaged line is kept as it is (readers skip and name it): nothing of the user's is dropped
+            continue
+        if epoch < before_epoch:
+            keep.append(raw)
+    atomic.replace(path, lambda tmp: tmp.write_bytes(b"".join(r + b"\n" for r in keep)))

@@ -33,7 +33,6 @@ import ctypes
 import datetime as dt
 import fnmatch
 import functools
-import json
 import os
 import re
 import shlex
@@ -50,11 +49,11 @@ from typing import Literal
 
 from tyro.conf import Positional
 
-from fastafd import grids, rundir, runlock
+from fastafd import grids, outputs, readback, rundir, runlock
 from fastafd.args import PROG, parse_train_args, tyro_parse
 from fastafd.errors import RunStopped, UserError
 
-MANIFEST = "sweep.json"
+MANIFEST = rundir.SWEEP_MANIFEST
 RUNS, LOGS, STATUS, SLURM = "runs", "logs", "status", "slurm"
 SET_BY_SWEEP = ("out", "recipe", "system.seed")
 """``fastafd train`` options the sweep sets per cell (refused among the shared options)."""
@@ -145,8 +144,12 @@ class Cell:
 
     @classmethod
     def from_json(cls, d: Mapping) -> Cell:
-        return cls(name=d["name"], recipe=d["recipe"], seed=int(d["seed"]), argv=tuple(d["argv"]), method=d["method"],
-                   peers=tuple(d["peers"]), epochs=int(d["epochs"]), data=d["data"])
+        """A cell from its manifest entry; ValueError naming the field that is missing or of the wrong type."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"a {readback.type_name(d)}, not an object")
+        return cls(name=readback.string(d, "name"), recipe=readback.string(d, "recipe"), seed=readback.integer(d, "seed", 0, 2**63 - 1),
+                   argv=tuple(readback.strings(d, "argv")), method=readback.string(d, "method"), peers=tuple(readback.strings(d, "peers")),
+                   epochs=readback.integer(d, "epochs", 1, readback.MAX_EPOCH), data=readback.string(d, "data"))
 
 
 @dataclass(frozen=True)
@@ -262,47 +265,91 @@ def merge(manifest: Mapping | None, cells: Sequence[Cell], *, overrides: Sequenc
 
 
 def load_manifest(sweep: Path) -> dict:
-    """The manifest of the sweep folder ``sweep``; a folder that is not one is a one-line :class:`UserError`."""
+    """The manifest of the sweep folder ``sweep``, typed (:func:`check_manifest`); a folder that is not one, or a damaged
+    manifest, is a one-line :class:`UserError` naming the file and the field."""
     path = Path(sweep) / MANIFEST
     if not path.is_file():
         what = "does not exist" if not Path(sweep).exists() else f"has no {MANIFEST}"
+        if (Path(sweep) / rundir.CONFIG_FILE).is_file():
+            what = f"is a run folder (it has {rundir.CONFIG_FILE}), not a sweep folder"
         raise UserError(f"{sweep} {what}: pass a sweep folder written by `{PROG} sweep`")
+    fix = f"restore it, or pass a sweep folder written by `{PROG} sweep`"
+    manifest = readback.read_json(path, fix)
     try:
-        manifest = json.loads(path.read_text())
-        [Cell.from_json(c) for c in manifest["cells"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path} is not a sweep manifest ({type(e).__name__}: {e}): pass a sweep folder written by `{PROG} sweep`") from None
+        check_manifest(manifest)
+    except ValueError as e:
+        raise readback.Damaged(f"{path}: {e}: {fix}") from None
     return manifest
+
+
+def check_manifest(manifest: Mapping) -> None:
+    """ValueError naming the first field of a manifest that is missing or of the wrong type."""
+    names = set()
+    for i, c in enumerate(readback.objects(manifest, "cells")):
+        try:
+            cell = Cell.from_json(c)
+        except ValueError as e:
+            raise ValueError(f"cells[{i}]: {e}") from None
+        if not re.fullmatch(r"[\w.+-]+", cell.name) or cell.name in names:
+            raise ValueError(f"cells[{i}]: 'name' {cell.name!r} is not a cell name (letters, digits, . + - _; once each)")
+        names.add(cell.name)
+    readback.strings(manifest, "overrides", default=[])
+    history = manifest.get("history", [])
+    if not isinstance(history, list):
+        raise ValueError(f"'history' is a {readback.type_name(history)}, not a list")
+    grid = manifest.get("grid")
+    if grid is not None and not isinstance(grid, str):
+        raise ValueError(f"'grid' is a {readback.type_name(grid)}, not a string")
 
 
 def cells_of(manifest: Mapping) -> list[Cell]:
     return [Cell.from_json(c) for c in manifest["cells"]]
 
 
+def check_layout(sweep: Path) -> None:
+    """Refuse a sweep folder whose sub-folders are files (a hand-edited folder), or a run folder, before anything is written."""
+    sweep = Path(sweep)
+    if (sweep / rundir.CONFIG_FILE).exists() and not (sweep / MANIFEST).exists():
+        raise UserError(f"--out {sweep} is a run folder (it has {rundir.CONFIG_FILE}), not a sweep folder: pass another --out, "
+                        "e.g. --out sweeps/my-sweep")
+    for name in (RUNS, LOGS, STATUS, SLURM):
+        if (sweep / name).exists() and not (sweep / name).is_dir():
+            raise UserError(f"{sweep / name} is a file, where the sweep keeps its {name} folder: move it away, then run the same command again")
+
+
 # -- a cell's state, from its files ------------------------------------------------------------------
 
 
 def epochs_done(run_dir: Path) -> int:
-    """The last epoch in ``run_dir/metrics.jsonl`` (0 when there is none; a torn last line is ignored)."""
-    path = Path(run_dir) / rundir.METRICS_FILE
+    """The last epoch in ``run_dir/metrics.jsonl`` (0 when there is none; damaged lines, a torn last one too, are skipped)."""
+    return _epochs(_metrics(run_dir))
+
+
+def _metrics(run_dir: Path) -> readback.Lines | None:
     try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return 0
-    last = 0
-    for line in lines:
-        with contextlib.suppress(ValueError, TypeError, KeyError):
-            last = max(last, int(json.loads(line)["epoch"]))
-    return last
+        return readback.metrics_or_none(Path(run_dir) / rundir.METRICS_FILE)
+    except readback.Damaged:
+        return None
+
+
+def _epochs(lines: readback.Lines | None) -> int:
+    return max((r["epoch"] for r in lines.rows), default=0) if lines else 0
+
+
+def damage(lines: readback.Lines | None) -> str:
+    """``damaged metrics.jsonl: FILE:LINE: why (and N more)``, or "" for a whole file."""
+    if not lines or not lines.damaged:
+        return ""
+    more = len(lines.damaged) - 1
+    return f"damaged {rundir.METRICS_FILE}, line skipped: {lines.damaged[0]}" + (f" (and {more} more)" if more else "")
 
 
 def read_status(sweep: Path, cell: Cell) -> dict:
-    """What the executor recorded for ``cell`` (``{}``: nothing yet)."""
+    """What the executor recorded for ``cell`` (``{}``: nothing yet, or a damaged record)."""
     try:
-        value = json.loads((Path(sweep) / STATUS / f"{cell.name}.json").read_text())
-    except (OSError, ValueError):
+        return readback.read_json(Path(sweep) / STATUS / f"{cell.name}.json")
+    except readback.Damaged:
         return {}
-    return value if isinstance(value, dict) else {}
 
 
 def write_status(sweep: Path, cell: Cell, record: dict) -> None:
@@ -338,11 +385,12 @@ def cell_state(sweep: Path, cell: Cell, queued: Mapping[str, str] | None = None)
     its Slurm job and state, from :func:`slurm_queue`)."""
     run = Path(sweep) / cell.run_dir
     held = runlock.holder(run)
-    last = epochs_done(run)
+    lines = _metrics(run)
+    last, damaged = _epochs(lines), damage(lines)
     if held:
-        return CellState(RUNNING, last, f"lock held by {held}")
+        return CellState(RUNNING, last, f"lock held by {held}" + (f"; {damaged}" if damaged else ""))
     if last >= cell.epochs:
-        return CellState(DONE, last, "")
+        return CellState(DONE, last, damaged)
     if queued and cell.name in queued:  # before a recorded exit: a requeued task's last exit was its preemption
         return CellState(PENDING, last, f"in the Slurm queue: {queued[cell.name]}")
     status = read_status(sweep, cell)
@@ -393,7 +441,7 @@ def _final_top1(sweep: Path, cell: Cell) -> str:
     try:
         row = rundir.read_metrics(Path(sweep) / cell.run_dir)[-1]
         return f"ensemble top-1 {row['ensemble_top1']:.2f}"
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
+    except (UserError, KeyError, IndexError, TypeError):
         return ""
 
 
@@ -509,9 +557,12 @@ def slurm_queue(sweep: Path, strict: bool = False) -> dict[str, str]:
     if not path.is_file() or not shutil.which("squeue"):
         return {}
     out: dict[str, str] = {}
-    for line in path.read_text().splitlines():
+    try:
+        jobs = readback.read_jsonl(path).rows  # a damaged line is skipped
+    except readback.Damaged:
+        return {}
+    for job in jobs:
         try:
-            job = json.loads(line)
             names = {int(i): n for i, n in job["cells"].items()}
             proc = subprocess.run(["squeue", "-h", "-r", "-j", str(job["job"]), "-o", "%i %T"], capture_output=True, text=True, timeout=30)
         except (ValueError, KeyError, TypeError, OSError, subprocess.SubprocessError) as e:
@@ -604,6 +655,7 @@ def cmd_sweep(argv: Sequence[str]) -> int:
     if argv and argv[0] == "status":
         return cmd_status(argv[1:])
     own, overrides = _split(argv)
+    outputs.refuse_empty(own)
     args: SweepArgs = tyro_parse(SweepArgs, own, prog=f"{PROG} sweep", description=SweepArgs.__doc__ or "")  # type: ignore[assignment]
     grid = grids.get(args.grid) if args.grid else None
     if grid and args.recipes:
@@ -632,6 +684,7 @@ def cmd_sweep(argv: Sequence[str]) -> int:
     sweep = Path(args.out) if args.out is not None else default_out(args.grid, args.recipes)
     if sweep.exists() and not sweep.is_dir():
         raise UserError(f"--out {sweep} is a file: pass a folder for the sweep")
+    check_layout(sweep)
     command = shlex.join([PROG, "sweep", *argv])
 
     def planned() -> tuple[dict, list[Cell], bool]:

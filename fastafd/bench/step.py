@@ -31,7 +31,7 @@ from typing import Literal
 
 import torch
 
-from fastafd import rundir
+from fastafd import outputs, rundir
 from fastafd.config import DataConfig, LoopConfig, MethodConfig, ModelConfig, SystemConfig, TrainConfig, adam_feature_stage, sgd_logit_stage
 from fastafd.errors import UserError
 
@@ -65,7 +65,7 @@ class StepBenchArgs:
     repeats: int = 5
     """Timed windows per variant."""
     out: Path = Path("benchmarks/results")
-    """Folder for step-<name>.json/.md/.png."""
+    """Folder for step-<name>.json/.md/.png, or a file ending in .md (its .json and .png beside it); never over a file fastafd did not write."""
     name: str = ""
     """Result file stem; default: <device>-<peers>-<image_size>."""
     seed: int = 0
@@ -305,23 +305,45 @@ def plot(report: dict, path: Path) -> None:
     ax.set_ylabel("img/s (median, min-max)")
     ax.set_title(f"{' + '.join(a['peers'])}, {a['image_size']} px, batch {a['batch_size']}, {report['device']}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
 
 
 def main(args: StepBenchArgs) -> Path:
+    outputs.check_empty(args.out)
+    if args.name:  # the file names are known before the benchmark runs: refuse a target before minutes of timing
+        result_files(args.out, args.name).check()
     report = run(args)
     stem = args.name or f"{report['device']}-{'+'.join(args.peers)}-{args.image_size}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    base = args.out / f"step-{stem}"
-    base.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    base.with_suffix(".md").write_text(markdown(report))
+    writer = result_files(args.out, stem)
+    writer.check()
+    base = writer.paths[0].with_suffix("")
+    writer.write_text(base.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
+    writer.write_text(base.with_suffix(".md"), markdown(report))
     try:
-        plot(report, base.with_suffix(".png"))
+        writer.write(base.with_suffix(".png"), lambda tmp: plot(report, tmp))
     except ImportError:
         pass  # matplotlib is optional; the JSON and Markdown carry the numbers
     print(markdown(report))
     return base
+
+
+def result_files(out: Path, stem: str) -> outputs.Outputs:
+    """The JSON, Markdown and PNG of a result: ``out`` ending in .md names them, else ``out/step-<stem>.*``."""
+    folder, name = outputs.resolve(Path(out), Path(out), ".md", f"step-{stem}")
+    paths = [folder / f"{name}.{ext}" for ext in ("json", "md", "png")]
+    return outputs.Outputs(paths, folder=None, recognise=_earlier_result)
+
+
+def _earlier_result(path: Path) -> bool:
+    """A result file `fastafd bench step` wrote before results had a ledger (the committed ones)."""
+    try:
+        if path.suffix == ".png":
+            return _earlier_result(path.with_suffix(".json"))
+        head = path.read_text(errors="replace")[:200]
+    except OSError:
+        return False
+    return head.startswith("# Step throughput:") if path.suffix == ".md" else ('"git_sha"' in path.read_text(errors="replace") and '"device"' in head)
 
 
 def cmd(argv: list[str]) -> int:

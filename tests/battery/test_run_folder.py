@@ -503,12 +503,16 @@ def test_export_into_a_read_only_place_is_one_line_and_leaves_nothing(exists, tr
     run_case(case, tmp_path, capsys)
 
 
-def test_export_onto_an_existing_file_replaces_it_atomically(trained, tmp_path, capsys):
+def test_export_onto_an_existing_file_replaces_it_only_when_fastafd_wrote_it(trained, tmp_path, capsys):
     target = tmp_path / "peer0.safetensors"
-    target.write_bytes(b"an older export")
-    assert cli.main(["export", str(trained), "--out", str(target)]) == 0
+    target.write_bytes(b"a file of the user's")
+    case = Case("export-over-users-file", lambda tmp: ["export", str(trained), "--out", str(target)], needle="fastafd did not write it")
+    run_case(case, tmp_path, capsys)
+    target.unlink()
+    for _ in range(2):  # the second export replaces the first, atomically
+        assert cli.main(["export", str(trained), "--out", str(target)]) == 0
     assert load_file(str(target)).keys() == {k[len("peers.0."):] for k in load_file(str(newest(trained) / checkpoint.MODEL)) if k.startswith("peers.0.")}
-    assert [p.name for p in tmp_path.iterdir()] == ["peer0.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".fastafd-outputs.json", "peer0.safetensors"]
 
 
 def _full_safetensors(real):
