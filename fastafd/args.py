@@ -14,6 +14,7 @@ import difflib
 import io
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastafd.errors import UserError
@@ -155,19 +156,31 @@ def parse_train_args(argv: Sequence[str]) -> TrainConfig:
     """The config ``fastafd train ARGV`` runs: ``--recipe NAME`` picks the defaults, ``--data DIR`` and
     ``--profile START END`` are short forms, every other option overrides one field. Also what
     ``fastafd sweep`` checks each cell with before it writes anything, so that a cell's command
-    cannot fail on its options later."""
-    from fastafd import methods, recipes
+    cannot fail on its options later. ``--config FILE`` sits between the recipe and the options:
+    recipe defaults (``--recipe``, else the file's ``recipe``, else demo), then the file's fields, then
+    the options. ``--print-config`` is accepted and ignored here (see :func:`wants_print_config`)."""
+    from fastafd import configfile, methods, recipes
     from fastafd.config import TrainConfig
 
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
-    pre.add_argument("--recipe", default="demo")
+    pre.add_argument("--recipe", default=None)
+    pre.add_argument("--config", default=None)
+    pre.add_argument("--print-config", "--print_config", action="store_true")
     pre.add_argument("--data", default=None)
     pre.add_argument("--profile", nargs=2, default=None, metavar=("START", "END"))
     try:
         known, rest = pre.parse_known_args(list(argv))
     except argparse.ArgumentError as e:
         raise UserError(f"{e} (see `{PROG} train --help`)") from None
-    base = recipes.get(known.recipe)
+    data: dict = {}
+    if known.config is not None:
+        data, lines = configfile.load(Path(known.config))
+    recipe = known.recipe or data.get("recipe") or "demo"
+    if not isinstance(recipe, str):
+        raise UserError(f"--config {known.config}: recipe must be a recipe name (`{PROG} recipes`), not {recipe!r}")
+    base = recipes.get(recipe)
+    if known.config is not None:
+        base = configfile.apply(base, data, lines, Path(known.config))
     if known.data is not None:
         if given := option_values(rest, "data.root"):
             raise UserError(f"--data {known.data} and --data.root {given[0]} both name the dataset folder: pass one of them")
@@ -181,6 +194,11 @@ def parse_train_args(argv: Sequence[str]) -> TrainConfig:
                         "or leave --out out for runs/<recipe>-<date>-<time>")
     check_options(rest, option_names(TrainConfig), "train")
     cfg = tyro_parse(TrainConfig, rest, default=base, prog=f"{PROG} train", description=train_help())
-    cfg.recipe = known.recipe
+    cfg.recipe = recipe
     methods.validate(cfg)
     return cfg
+
+
+def wants_print_config(argv: Sequence[str]) -> bool:
+    """``--print-config`` among ``fastafd train``'s arguments."""
+    return any(a in ("--print-config", "--print_config") for a in argv)

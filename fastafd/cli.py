@@ -19,7 +19,7 @@ from pathlib import Path
 from tyro.conf import Positional
 
 from fastafd import atomic, outputs
-from fastafd.args import PROG, parse_train_args, tyro_parse
+from fastafd.args import PROG, parse_train_args, tyro_parse, wants_print_config
 from fastafd.errors import RunStopped, Stopped, UserError
 
 __all__ = ["main"]
@@ -31,6 +31,11 @@ __all__ = ["main"]
 def cmd_train(argv: Sequence[str]) -> int:
     outputs.refuse_empty(argv)
     cfg = parse_train_args(argv)
+    if wants_print_config(argv):
+        from fastafd.configfile import dump_yaml
+
+        sys.stdout.write(dump_yaml(cfg))
+        return 0
 
     from fastafd.trainer import train
 

@@ -140,6 +140,13 @@ def config_reference(cls: type = config.TrainConfig) -> str:
         "",
         "A run saves its fully resolved config as `config.json` in the run directory.",
         "",
+        "**Config files.** `fastafd train --config FILE` reads the same fields from a YAML or JSON file, nested",
+        "by section (`optim: {lr: 0.2}`); a run's `config.json` works as is. The recipe's defaults come first",
+        "(`--recipe`, else the file's `recipe`, else `demo`), then the file, then the command-line options.",
+        "`fastafd train --recipe cifar100_resnet32_afd --print-config > my.yaml` writes the resolved config as YAML to start one;",
+        "`fastafd sweep --config FILE` gives every cell the file. An unknown key or a value of the wrong type",
+        "is one line naming the key and its line (exit 2, nothing written).",
+        "",
     ]
     for pre, sec, doc, instance in _sections(cls, "", _defaults(cls)):
         hints, docs = typing.get_type_hints(sec), field_docs(sec)

@@ -18,6 +18,8 @@ from fastafd.errors import UserError
 CONFIG_FILE = "config.json"
 ENV_FILE = "env.json"
 METRICS_FILE = "metrics.jsonl"
+TRACKERS_FILE = "trackers.json"
+"""The W&B and MLflow run ids of the run and the last step each got (:mod:`fastafd.trackers`): a resume continues them."""
 SWEEP_MANIFEST = "sweep.json"
 """What makes a folder a sweep folder (:data:`fastafd.sweep.MANIFEST`): a run never goes into one."""
 
@@ -89,8 +91,8 @@ def create(run_dir: Path, cfg: TrainConfig, extra: dict) -> None:
     write_json(run_dir / ENV_FILE, env)
 
 
-SET_ASIDE = ("checkpoints", METRICS_FILE, "tensorboard")
-"""What ``checkpoint.resume=fresh`` moves out of the way: the earlier run's checkpoints, metrics and TensorBoard events."""
+SET_ASIDE = ("checkpoints", METRICS_FILE, "tensorboard", TRACKERS_FILE)
+"""What ``checkpoint.resume=fresh`` moves out of the way: the earlier run's checkpoints, metrics, TensorBoard events and tracker run ids (new tracker runs start)."""
 
 
 def set_aside(run_dir: Path) -> Path | None:

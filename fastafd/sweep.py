@@ -78,6 +78,9 @@ class SweepArgs:
     out: Path | None = None
     """The sweep folder; default sweeps/<grid, or the recipe patterns>."""
 
+    config: Path | None = None
+    """A `fastafd train --config` file (YAML or JSON) for every cell: each cell is its recipe's defaults, then the file's fields, then the options after `--` (the sweep sets recipe, seed and out)."""
+
     executor: Literal["local", "slurm"] = "local"
     """local: the cells as processes on this machine; slurm: one sbatch --array over the unfinished cells (slurm/sweep.sbatch)."""
 
@@ -210,6 +213,8 @@ def plan_cells(recipes: Sequence[str], seeds: Sequence[int], overrides: Sequence
     """The cells of ``recipes`` x ``seeds``, each checked as ``fastafd train`` would check it (a bad shared option
     is a one-line :class:`UserError` here, not a failed cell later)."""
     given = {a[2:].split("=", 1)[0].replace("-", "_") for a in overrides if a.startswith("--")}
+    if "print_config" in given:
+        raise UserError("--print-config prints one config and trains nothing: run `fastafd train --recipe R --print-config` instead of a sweep")
     for name in SET_BY_SWEEP:
         if name in given:
             raise UserError(f"--{name} is set by the sweep for each cell: leave it out of the options after -- "
@@ -635,6 +640,17 @@ def _split(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
+def _absolute_config(argv: Sequence[str]) -> list[str]:
+    """``argv`` with the path of ``--config FILE`` made absolute: a cell may run in another folder (Slurm)."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out):
+            out[i + 1] = str(Path(out[i + 1]).expanduser().resolve())
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + str(Path(arg.split("=", 1)[1]).expanduser().resolve())
+    return out
+
+
 def cmd_sweep(argv: Sequence[str]) -> int:
     if argv and argv[0] == "status":
         return cmd_status(argv[1:])
@@ -662,7 +678,8 @@ def cmd_sweep(argv: Sequence[str]) -> int:
     seeds = tuple(args.seeds) if args.seeds is not None else (grid.seeds if grid else (0,))
     if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds {' '.join(map(str, seeds))}: give distinct seeds >= 0, e.g. --seeds 0 1 2")
-    shared = [*(grid.overrides if grid else ()), *overrides]
+    given = ["--config", str(args.config)] if args.config is not None else []
+    shared = _absolute_config([*given, *(grid.overrides if grid else ()), *overrides])
     cells = plan_cells(names, seeds, shared)
     sweep = Path(args.out) if args.out is not None else default_out(args.grid, args.recipes)
     if sweep.exists() and not sweep.is_dir():

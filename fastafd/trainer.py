@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from fastafd import checkpoint, compile_cache, dist, faults, observe, preempt, rundir, runlock, state
+from fastafd import checkpoint, compile_cache, dist, faults, observe, preempt, rundir, runlock, state, trackers
 from fastafd.comm import make_grad_sync
 from fastafd.config import TrainConfig, to_dict
 from fastafd.errors import RunStopped, Stopped, UserError
@@ -39,6 +39,7 @@ def train(cfg: TrainConfig) -> Path | None:
 def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path | None:
     started = time.perf_counter()
     rundir.check_out(cfg.out, cfg.data.root)  # before the data is built
+    trackers.check(cfg.log.trackers)  # a missing wandb / mlflow package: one line before anything is built or written
     session = build_session(cfg)
     runtime, task = session.runtime, session.task
     steps_per_epoch = len(session.train_loader)  # >= 1: the loaders refuse a split smaller than one global batch
@@ -49,7 +50,7 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path | None:
         grad_sync=make_grad_sync(runtime.world_size, overlap=cfg.system.overlap_comm, bucket_mb=cfg.system.bucket_mb,
                                  compression=cfg.system.grad_compression),
     )
-    use_tensorboard = observe.tensorboard_enabled(cfg.log.tensorboard)  # UserError before anything is written
+    use_tensorboard = "tensorboard" in cfg.log.trackers and observe.tensorboard_enabled(cfg.log.tensorboard)  # UserError before anything is written
     if cfg.loop.dry_run:
         return _dry_run(session, stages, steps_per_epoch)
     run_dir = cfg.out or rundir.default_run_dir(cfg.recipe)
@@ -67,8 +68,13 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path | None:
                                      "dataset": dataset_record(session.dataset), **extra})
         rundir.truncate_metrics(run_dir, before_epoch=pos.epoch)  # from scratch: rows of a run killed before its first checkpoint
     scalars = None
-    if runtime.is_main and use_tensorboard:
-        scalars = observe.Scalars(run_dir, task.names, to_dict(cfg), purge_step=pos.step if ckpt else None, eval_keys=task.eval_keys)
+    if runtime.is_main and (use_tensorboard or set(cfg.log.trackers) & set(trackers.EXTERNAL)):
+        external = None
+        if set(cfg.log.trackers) & set(trackers.EXTERNAL):
+            external = trackers.Trackers(cfg.log.trackers, run_dir, to_dict(cfg), project=cfg.log.project, resumed=ckpt is not None)
+        # purge from the step after the checkpoint's: the checkpoint's own step (its train and val points) was logged before it was written
+        scalars = observe.Scalars(run_dir, task.names, to_dict(cfg), purge_step=pos.step + 1 if ckpt else None, eval_keys=task.eval_keys,
+                                  tensorboard=use_tensorboard, trackers=external)
     observers = _Observers(
         scalars=scalars,
         profiler=observe.Profiler(cfg.log.profile, run_dir / observe.PROFILE_DIR, rank=runtime.rank, device=runtime.device, first_step=pos.step),

@@ -6,7 +6,7 @@ global sequence of samples (a function of the seed and ``e`` alone) and gives gl
 samples ``[j G, (j + 1) G)`` (``G`` = the global batch) to the ranks in rank order, ``G / W`` each.
 So the samples consumed after ``j`` steps are the first ``j G`` of the epoch whatever the number of
 processes, and a run can continue on another number of processes: each new rank takes its share of
-the remaining steps. What is exact where (README, Checkpoints):
+the remaining steps. What is exact where (docs/checkpoints.md):
 
 * same processes: everything, bitwise (the loader's own random state, e.g. DALI's pipeline
   checkpoint, is restored too);

@@ -24,7 +24,7 @@ from fastafd.errors import UserError
 from fastafd.models import cifar  # noqa: F401  (registers the CIFAR networks with timm)
 
 FAMILIES_THAT_WORK = "resnet18, convnext_atto, efficientnet_b0, regnetx_002, vit_tiny_patch16_224, deit_small_patch16_224, swin_tiny_patch4_window7_224"
-"""A few tested families, for the refusals' hints (README: the tested families)."""
+"""A few tested families, for the refusals' hints (docs/methods.md: the tested families)."""
 
 
 def create_peer(name: str, num_classes: int, *, image_size: int, drop_rate: float = 0.0, pretrained: bool = False) -> nn.Module:

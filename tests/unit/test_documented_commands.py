@@ -16,7 +16,7 @@ from fastafd.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-PLACEHOLDER = re.compile(r"\.\.\.|…|\[|<|\||\$\(|\*\*|--section\.|\bVALUE\b")
+PLACEHOLDER = re.compile(r"\.\.\.|…|\[|<|\||\$\(|\*\*|--section\.|\bVALUE\b|\bFILE\b")
 
 
 def _parsers():
@@ -64,11 +64,13 @@ def documented() -> list[tuple[str, str]]:
                     while cmd.endswith("\\") and i + 1 < len(lines):
                         i += 1
                         cmd = cmd[:-1] + " " + lines[i].strip()
-                    out.append((f"{doc.name}:{i + 1}", cmd.split("  #")[0].split(" # ")[0].strip()))
+                    cmd = cmd.split("  #")[0].split(" # ")[0].strip()
+                    for part in cmd.split(" && "):  # `fastafd sweep ... && fastafd report ...`: each command
+                        out.append((f"{doc.name}:{i + 1}", part.split(" > ")[0].strip()))  # `... --print-config > my.yaml`
             else:
                 for span in re.findall(r"`([^`\n]+)`", line):
                     if span.startswith("fastafd ") and len(span.split()) > 2 and not span.split()[-1].startswith("--"):
-                        out.append((f"{doc.name}:{i + 1}", span))  # (`fastafd train --out` names an option: not a command)
+                        out.append((f"{doc.name}:{i + 1}", span.split(" > ")[0]))  # (`fastafd train --out` names an option: not a command)
                     elif re.fullmatch(r"--[a-z_]+\.[a-z_.]+ [^\s-][^\s]*", span):  # an option with its value
                         out.append((f"{doc.name}:{i + 1}", f"fastafd train {span}"))
                     elif re.fullmatch(r"--[a-z_]+\.[a-z_.]+", span):  # an option's name: it must exist
@@ -103,6 +105,12 @@ def test_a_documented_command_parses(where, command):
     args = argv[len(key):]
     if "--help" in args or "-h" in args or (not args and key in (("data", "pack"), ("data", "verify"))):
         return
+    if key == ("train",) and "--config" in args:  # the documented file is an example: an empty config file stands in for it
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            f.write("{}\n")
+        args = [f.name if a == args[args.index("--config") + 1] else a for a in args]
     try:
         parsers[key](args)
     except UserError as e:
