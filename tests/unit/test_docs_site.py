@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fastafd import cli
+from fastafd import args, cli
 from fastafd.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,7 +46,7 @@ def test_every_command_is_documented():
 
 def test_every_config_field_is_documented():
     text = docs_text()
-    names = cli.option_names(TrainConfig)
+    names = args.option_names(TrainConfig)
     missing = sorted(n for n in names if not n.split(".")[-1].startswith("no_") and f"`--{n}`" not in text)
     assert not missing, f"config fields not in docs/: {missing}"
 

@@ -22,7 +22,7 @@ PLACEHOLDER = re.compile(r"\.\.\.|…|\[|<|\||\$\(|\*\*|--section\.|\bVALUE\b|\b
 def _parsers():
     from fastafd.bench.step import StepBenchArgs
     from fastafd.cli import EvalArgs, ExportArgs, PlotArgs
-    from fastafd.data.commands import PackArgs, VerifyArgs
+    from fastafd.data_commands import PackArgs, VerifyArgs
     from fastafd.report import ReportArgs
     from fastafd.sweep import StatusArgs, SweepArgs, _split
 
