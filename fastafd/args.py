@@ -92,27 +92,16 @@ def _registered_names() -> object:
     and does not import the registries): their choices come from the registry, read when such a field is parsed."""
     from tyro.constructors import ConstructorRegistry, PrimitiveConstructorSpec, PrimitiveTypeInfo
 
-    from fastafd.config import DataFormatName, MethodName, VerifiableFormat
+    from fastafd import choices
 
-    def methods() -> tuple[str, ...]:
-        from fastafd.methods import registry
-
-        return registry.names()
-
-    def formats(verifiable: bool) -> tuple[str, ...]:
-        from fastafd.data import registry
-
-        return ("auto", *registry.names(verifiable=verifiable))
-
-    choices = {MethodName: methods, DataFormatName: lambda: formats(False), VerifiableFormat: lambda: formats(True)}
     rules = ConstructorRegistry()
 
     @rules.primitive_rule
     def _registered(info: PrimitiveTypeInfo) -> PrimitiveConstructorSpec | None:
         kind = info.type
-        if kind not in choices:
+        names = choices.of(kind)
+        if names is None:
             return None
-        names = choices[kind]()
         return PrimitiveConstructorSpec(
             nargs=1, metavar="{" + ",".join(names) + "}", instance_from_str=lambda a: kind(a[0]),
             is_instance=lambda x: isinstance(x, str), str_from_instance=lambda x: [str(x)], choices=names,

@@ -17,6 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
+from fastafd import choices
 from fastafd.config import TrainConfig, to_dict
 from fastafd.errors import UserError
 
@@ -126,6 +127,8 @@ class _Mismatch(Exception):
 
 
 def _describe(typ: Any) -> str:
+    if (names := choices.of(typ)) is not None:
+        return "one of " + ", ".join(names)
     origin, args = typing.get_origin(typ), typing.get_args(typ)
     if origin is Literal:
         return "one of " + ", ".join(map(str, args))
@@ -140,6 +143,10 @@ def _describe(typ: Any) -> str:
 
 def _coerce(value: Any, typ: Any) -> Any:
     """``value`` (as YAML or JSON loads it) as a value of ``typ``, or :class:`_Mismatch`."""
+    if (names := choices.of(typ)) is not None:  # a field that names a registry entry (a method, a data format)
+        if isinstance(value, str) and value in names:
+            return typ(value)
+        raise _Mismatch("one of " + ", ".join(names))
     origin, args = typing.get_origin(typ), typing.get_args(typ)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -196,6 +203,7 @@ def dump_yaml(cfg: TrainConfig) -> str:
     class Dumper(yaml.SafeDumper):
         pass
 
+    Dumper.add_multi_representer(str, lambda d, v: d.represent_str(str(v)))  # MethodName & co.: plain strings
     Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))  # lists on one line
     header = "# fastafd train config: run it with `fastafd train --config FILE` (options on the command line override it)\n"
     return header + yaml.dump(to_dict(cfg), Dumper=Dumper, sort_keys=False, default_flow_style=False, width=1000)

@@ -138,7 +138,7 @@ def test_non_finite_losses_stop_the_run_naming_step_and_term(uninterrupted, tmp_
 
     out = tmp_path / "diverge"
     shutil.copytree(uninterrupted, out)
-    args = [*TINY, "--loop.epochs", "3", "--optim.lr", "1e30", "--loop.max_skipped_steps", "3", "--loop.log_interval", "1",
+    args = [*TINY, "--loop.epochs", "3", "--optim.lr", "1e15", "--loop.max_skipped_steps", "3", "--loop.log_interval", "1",
             "--checkpoint.every_steps", "1"]
     proc = run_cli(["train", "--out", str(out), *args], env, check=False)
     assert proc.returncode == 1, proc.stderr[-2000:]
