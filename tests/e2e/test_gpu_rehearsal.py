@@ -7,7 +7,11 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # a fresh venv with torch 2.11 (2.6 GB from the registry) and three calls: minutes
+# a fresh venv with torch 2.11 (2.6 GB from the registry) and three calls: 4-5 minutes, which CI's 25-minute budget
+# has no room for; run it before a GPU session with FASTAFD_REHEARSAL=1 pytest tests/e2e/test_gpu_rehearsal.py
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(os.environ.get("FASTAFD_REHEARSAL") != "1",
+                                 reason="the GPU-check rehearsal (minutes, 2.6 GB): FASTAFD_REHEARSAL=1 runs it")]
 
 
 def test_gpu_rehearsal_runs_the_three_calls_and_their_results_fit_what_comes_back(tmp_path):
