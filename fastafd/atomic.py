@@ -11,6 +11,7 @@ the next writer; one of a live process is left alone.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
 import secrets
@@ -103,3 +104,12 @@ def describe(code: int | None, fallback: str = "I/O error") -> str:
     if code in (errno.EACCES, errno.EPERM):
         return "permission denied"
     return os.strerror(code) if code else fallback
+
+
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks (checkpoint manifests, the outputs' ledger)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

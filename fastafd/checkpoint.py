@@ -17,7 +17,6 @@ bad file, and the previous good one is used.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import math
 import os
@@ -85,14 +84,6 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -128,7 +119,7 @@ def write(run_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]],
         (tmp / STATE).write_text(json.dumps({**state, "format": FORMAT, "step": step}, indent=1))
         for name in [*tensors, STATE]:
             _fsync_file(tmp / name)
-            files[name] = {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+            files[name] = {"size": (tmp / name).stat().st_size, "sha256": atomic.sha256_file(tmp / name)}
         (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
         _fsync_file(tmp / MANIFEST)
         if final.exists():  # a re-run of the same step (e.g. after a resume): replace it
@@ -252,7 +243,7 @@ def verify(path: Path) -> None:
         f = path / name
         if not f.is_file():
             raise CorruptCheckpoint(f"{f} is missing")
-        if f.stat().st_size != meta["size"] or _sha256(f) != meta["sha256"]:
+        if f.stat().st_size != meta["size"] or atomic.sha256_file(f) != meta["sha256"]:
             raise CorruptCheckpoint(f"{f} does not match its checksum (truncated or corrupt)")
 
 

@@ -16,7 +16,6 @@ Rules, the same for every command:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -27,14 +26,6 @@ from fastafd.errors import UserError
 
 LEDGER = ".fastafd-outputs.json"
 """In every folder a command writes its outputs into: ``{file name: sha256}`` of what it wrote."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _ledger(folder: Path) -> dict[str, str]:
@@ -120,7 +111,7 @@ class Outputs:
             if recorded is None:
                 raise UserError(f"{self.option}: {p} exists and fastafd did not write it: pass another {self.option} "
                                 "(or move the file away), so it is not overwritten")
-            if recorded != _sha256(p):
+            if recorded != atomic.sha256_file(p):
                 raise UserError(f"{self.option}: {p} was changed since fastafd wrote it: pass another {self.option} "
                                 "(or move the file away), so your changes are not overwritten")
 
@@ -134,7 +125,7 @@ class Outputs:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic.replace(path, write)
             ledger = _ledger(path.parent)
-            ledger[path.name] = _sha256(path)
+            ledger[path.name] = atomic.sha256_file(path)
             atomic.write_text(path.parent / LEDGER, json.dumps(ledger, indent=1, sort_keys=True) + "\n")
         except Exception as e:  # safetensors writes from Rust: its errors carry the errno in the message
             code = atomic.io_errno(e)

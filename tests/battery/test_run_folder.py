@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from fastafd import checkpoint, cli, rundir, runlock
+from fastafd import atomic, checkpoint, cli, rundir, runlock
 from tests.battery.harness import Case, run_case
 from tests.helpers import grey_folder
 
@@ -73,7 +73,7 @@ def hand_edit(folder: Path, name: str, content: bytes) -> None:
     """Replace one file of a checkpoint and re-write MANIFEST.json to match it (what a determined user can do)."""
     (folder / name).write_bytes(content)
     manifest = json.loads((folder / checkpoint.MANIFEST).read_text())
-    manifest["files"][name] = {"size": len(content), "sha256": checkpoint._sha256(folder / name)}
+    manifest["files"][name] = {"size": len(content), "sha256": atomic.sha256_file(folder / name)}
     (folder / checkpoint.MANIFEST).write_text(json.dumps(manifest))
 
 

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from fastafd import checkpoint
+from fastafd import atomic, checkpoint
 from fastafd.errors import UserError
 
 STATE = {"epoch": 1, "epoch_step": 0, "stages": {}, "guard": {}, "meter": {}, "config": {},
@@ -94,7 +94,7 @@ def test_pickled_checkpoint_is_refused(tmp_path):
     # replace the weights by a pickle (what torch.save writes) and make the manifest agree with it
     torch.save({"w": torch.ones(4), "evil": ValueError("arbitrary object")}, path / checkpoint.MODEL)
     manifest = json.loads((path / checkpoint.MANIFEST).read_text())
-    manifest["files"][checkpoint.MODEL] = {"size": (path / checkpoint.MODEL).stat().st_size, "sha256": checkpoint._sha256(path / checkpoint.MODEL)}
+    manifest["files"][checkpoint.MODEL] = {"size": (path / checkpoint.MODEL).stat().st_size, "sha256": atomic.sha256_file(path / checkpoint.MODEL)}
     (path / checkpoint.MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(checkpoint.CorruptCheckpoint, match="never unpickles"):
         checkpoint.load(path)
