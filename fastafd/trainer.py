@@ -71,7 +71,8 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path | None:
     if runtime.is_main and (use_tensorboard or set(cfg.log.trackers) & set(trackers.EXTERNAL)):
         external = None
         if set(cfg.log.trackers) & set(trackers.EXTERNAL):
-            external = trackers.Trackers(cfg.log.trackers, run_dir, to_dict(cfg), project=cfg.log.project, resumed=ckpt is not None)
+            external = trackers.Trackers(cfg.log.trackers, run_dir, to_dict(cfg), project=cfg.log.project,
+                                        resume_step=pos.step if ckpt else None)
         # purge from the step after the checkpoint's: the checkpoint's own step (its train and val points) was logged before it was written
         scalars = observe.Scalars(run_dir, task.names, to_dict(cfg), purge_step=pos.step + 1 if ckpt else None, eval_keys=task.eval_keys,
                                   tensorboard=use_tensorboard, trackers=external)
