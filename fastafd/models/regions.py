@@ -1,0 +1,60 @@
+"""Regional compilation: each repeated block of a peer compiled on its own (torchtitan's per-block compile).
+
+A ``torch.compile`` d function is one autograd node in the backward (``CompiledFunctionBackward``): every
+gradient it produces is accumulated when the whole node is done. Compiling a whole peer therefore makes
+all its parameters' post-accumulate-grad hooks fire at the end of its backward, and the overlapped
+all-reduce (:mod:`fastafd.comm`) has nothing left to hide behind. Compiled block by block, each block's
+backward is its own node: the gradients of the last blocks are ready (and their buckets on the wire)
+while the earlier blocks are still in backward, as in eager mode. Blocks of one structure and shape
+share one compiled graph, so a ViT's twelve blocks compile once: regional compilation is also the
+faster cold start (``benchmarks/compile_time.py``).
+
+The blocks are timm's repeated containers: ``blocks[i]`` (ViT, DeiT, EfficientNet, MobileNet),
+``stages[i]`` (ConvNeXt, FastViT, ...), ``layers[i]`` (Swin), ``layerN`` (ResNet and the CIFAR nets),
+``sN`` (RegNet); a model with none of these has each top-level child with parameters compiled on its
+own. Stems, heads and norms in between run eager. A compiled block runs compiled in training mode
+only: evaluation uses the eager block, as the whole-peer scope's eval does (no recompile at the
+train/eval switch).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import nn
+
+_CONTAINERS = ("blocks", "stages", "layers")
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks of ``model`` that regional compilation compiles one by one (module docstring)."""
+    for attr in _CONTAINERS:
+        seq = getattr(model, attr, None)
+        if isinstance(seq, nn.Sequential | nn.ModuleList) and len(seq) > 0:
+            return list(seq)
+    for prefix in ("layer", "s"):
+        numbered = list(itertools.takewhile(lambda m: isinstance(m, nn.Module),
+                                            (getattr(model, f"{prefix}{i}", None) for i in itertools.count(1))))
+        if numbered:
+            return numbered
+    return [m for m in model.children() if any(True for _ in m.parameters())]
+
+
+def compile_block(block: nn.Module, backend: str = "inductor") -> None:
+    """Make ``block`` run its ``torch.compile`` d forward in training mode (its own autograd node), eager in eval."""
+    eager = block.forward
+    compiled = torch.compile(eager, backend=backend)
+
+    def forward(*args, **kwargs):
+        return (compiled if block.training else eager)(*args, **kwargs)
+
+    block.forward = forward  # an instance attribute: the state dict and the module's class stay as they are
+
+
+def compile_regions(model: nn.Module, backend: str = "inductor") -> list[nn.Module]:
+    """Compile every repeated block of ``model`` on its own; returns the blocks."""
+    blocks = repeated_blocks(model)
+    for block in blocks:
+        compile_block(block, backend)
+    return blocks
