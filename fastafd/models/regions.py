@@ -20,6 +20,7 @@ train/eval switch).
 from __future__ import annotations
 
 import itertools
+import types
 
 import torch
 from torch import nn
@@ -41,10 +42,32 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.children() if any(True for _ in m.parameters())]
 
 
+def _calls(eager):
+    def forward(*args, **kwargs):
+        return eager(*args, **kwargs)
+
+    return forward
+
+
+_CODES: dict[tuple, types.CodeType] = {}
+"""One code object per block signature (class, parameter and buffer shapes): dynamo caches compiled graphs per
+code object, so blocks of one signature share one graph (a ViT's blocks compile once) while blocks of
+another shape (ResNet's stages) get their own instead of a recompile (and automatic dynamic shapes)."""
+
+
+def _signature(block: nn.Module) -> tuple:
+    tensors = itertools.chain(block.named_parameters(), block.named_buffers())
+    return (type(block).__qualname__, tuple((n, tuple(t.shape), t.dtype) for n, t in tensors))
+
+
 def compile_block(block: nn.Module, backend: str = "inductor") -> None:
     """Make ``block`` run its ``torch.compile`` d forward in training mode (its own autograd node), eager in eval."""
     eager = block.forward
-    compiled = torch.compile(eager, backend=backend)
+    calls = _calls(eager)
+    key = _signature(block)
+    code = _CODES.setdefault(key, calls.__code__.replace(co_name=f"regional_block_{len(_CODES)}"))
+    calls = types.FunctionType(code, calls.__globals__, code.co_name, None, calls.__closure__)
+    compiled = torch.compile(calls, backend=backend)
 
     def forward(*args, **kwargs):
         return (compiled if block.training else eager)(*args, **kwargs)

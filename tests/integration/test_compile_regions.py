@@ -82,3 +82,12 @@ def test_identical_blocks_share_one_compiled_graph():
     with torch.no_grad():  # evaluation runs the eager blocks: no recompile at the train/eval switch
         features_and_logits(model, torch.randn(2, 3, 32, 32))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 1
+
+
+def test_blocks_of_different_shapes_compile_without_recompiles(monkeypatch):
+    """ResNet's stages differ in shape: each gets its own graph, not a recompile of a shared one."""
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    model = timm.create_model("cifar_resnet8", num_classes=10)
+    regions.compile_regions(model, "aot_eager")
+    _, logits = features_and_logits(model, torch.randn(2, 3, 32, 32))
+    logits.sum().backward()
