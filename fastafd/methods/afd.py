@@ -55,6 +55,10 @@ class AFD(Task):
         self.transfers = nn.ModuleList(make_transfer(s, target) for s in self.shapes)
         self.discriminators = DiscriminatorBank(target[0], self.k)
 
+    @property
+    def retains_peer_graph(self) -> bool:
+        return self.cfg.order == "simultaneous"  # the logit and the generator gradients through one forward
+
     def stages(self) -> dict[str, StageSpec]:
         extractor = [p for peer in self.peers for p in feature_parameters(peer)]
         return {

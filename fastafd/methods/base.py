@@ -108,7 +108,8 @@ class Task(nn.Module):
         if scope == "whole":
             units = self.compile_units
         else:
-            blocks = [b for peer in self.peers for b in regions.compile_regions(peer, backend)]
+            share = "retain_graph" if self.retains_peer_graph else ""
+            blocks = [b for peer in self.peers for b in regions.compile_regions(peer, backend, share)]
             # blocks of one class share a code object, hence dynamo's per-code recompile limit (8):
             # allow a graph per block, train and a smaller last batch
             dynamo = torch._dynamo.config
@@ -116,6 +117,12 @@ class Task(nn.Module):
             units = self.fused_units
         for name in units:
             setattr(self, name, torch.compile(getattr(self, name), backend=backend))
+
+    @property
+    def retains_peer_graph(self) -> bool:
+        """Whether an iteration back-propagates twice through the peers' forward (``retain_graph``): its
+        regionally compiled blocks then keep their saved buffers (:func:`fastafd.models.regions.compile_block`)."""
+        return False
 
     @classmethod
     def describe_eval(cls, peers: list[dict]) -> str:

@@ -60,11 +60,15 @@ def _signature(block: nn.Module) -> tuple:
     return (type(block).__qualname__, tuple((n, tuple(t.shape), t.dtype) for n, t in tensors))
 
 
-def compile_block(block: nn.Module, backend: str = "inductor") -> None:
-    """Make ``block`` run its ``torch.compile`` d forward in training mode (its own autograd node), eager in eval."""
+def compile_block(block: nn.Module, backend: str = "inductor", share: str = "") -> None:
+    """Make ``block`` run its ``torch.compile`` d forward in training mode (its own autograd node), eager in eval.
+
+    Blocks share a compiled graph only with blocks of the same signature and the same ``share`` key: a
+    graph whose first backward did not retain it donates its saved buffers and cannot then be
+    back-propagated twice (AFD's simultaneous order does, ``retain_graph``), so such tasks pass their own key."""
     eager = block.forward
     calls = _calls(eager)
-    key = _signature(block)
+    key = (share, *_signature(block))
     code = _CODES.setdefault(key, calls.__code__.replace(co_name=f"regional_block_{len(_CODES)}"))
     calls = types.FunctionType(code, calls.__globals__, code.co_name, None, calls.__closure__)
     compiled = torch.compile(calls, backend=backend)
@@ -75,9 +79,9 @@ def compile_block(block: nn.Module, backend: str = "inductor") -> None:
     block.forward = forward  # an instance attribute: the state dict and the module's class stay as they are
 
 
-def compile_regions(model: nn.Module, backend: str = "inductor") -> list[nn.Module]:
-    """Compile every repeated block of ``model`` on its own; returns the blocks."""
+def compile_regions(model: nn.Module, backend: str = "inductor", share: str = "") -> list[nn.Module]:
+    """Compile every repeated block of ``model`` on its own (:func:`compile_block`); returns the blocks."""
     blocks = repeated_blocks(model)
     for block in blocks:
-        compile_block(block, backend)
+        compile_block(block, backend, share)
     return blocks
