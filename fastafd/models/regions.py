@@ -6,8 +6,8 @@ all its parameters' post-accumulate-grad hooks fire at the end of its backward, 
 all-reduce (:mod:`fastafd.comm`) has nothing left to hide behind. Compiled block by block, each block's
 backward is its own node: the gradients of the last blocks are ready (and their buckets on the wire)
 while the earlier blocks are still in backward, as in eager mode. Blocks of one structure and shape
-share one compiled graph, so a ViT's twelve blocks compile once: regional compilation is also the
-faster cold start (``benchmarks/compile_time.py``).
+share one compiled graph, so a ViT's twelve blocks compile once (time to first step, whole against
+regional: ``benchmarks/compile_time.py``).
 
 The blocks are timm's repeated containers: ``blocks[i]`` (ViT, DeiT, EfficientNet, MobileNet),
 ``stages[i]`` (ConvNeXt, FastViT, ...), ``layers[i]`` (Swin), ``layerN`` (ResNet and the CIFAR nets),
