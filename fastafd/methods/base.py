@@ -105,10 +105,10 @@ class Task(nn.Module):
         compiled version; :meth:`eval_step` and checkpoints use the module itself (no ``_orig_mod.``).
         ``backend``: Inductor; tests use ``aot_eager`` (the same autograd graph, no code generation).
         """
+        share = "retain_graph" if self.retains_peer_graph else ""
         if scope == "whole":
             units = self.compile_units
         else:
-            share = "retain_graph" if self.retains_peer_graph else ""
             blocks = [b for peer in self.peers for b in regions.compile_regions(peer, backend, share)]
             # blocks of one class share a code object, hence dynamo's per-code recompile limit (8):
             # allow a graph per block, train and a smaller last batch
@@ -116,7 +116,7 @@ class Task(nn.Module):
             dynamo.recompile_limit = max(dynamo.recompile_limit, 2 * len(blocks) + 8)
             units = self.fused_units
         for name in units:
-            setattr(self, name, torch.compile(getattr(self, name), backend=backend))
+            setattr(self, name, torch.compile(regions.own_code(getattr(self, name), share), backend=backend))
 
     @property
     def retains_peer_graph(self) -> bool:

@@ -79,6 +79,18 @@ def compile_block(block: nn.Module, backend: str = "inductor", share: str = "") 
     block.forward = forward  # an instance attribute: the state dict and the module's class stay as they are
 
 
+def own_code(method, share: str):
+    """``method`` (a bound method) with a code object of its own per ``share`` key, so that dynamo compiles it
+    apart from the same method of tasks with another key (:func:`compile_block`); unchanged for ``""``."""
+    if not share:
+        return method
+    func = method.__func__
+    code = _CODES.setdefault((share, func.__code__), func.__code__.replace(co_name=f"{func.__name__}_{share}"))
+    copy = types.FunctionType(code, func.__globals__, code.co_name, func.__defaults__, func.__closure__)
+    copy.__kwdefaults__ = func.__kwdefaults__
+    return types.MethodType(copy, method.__self__)
+
+
 def compile_regions(model: nn.Module, backend: str = "inductor", share: str = "") -> list[nn.Module]:
     """Compile every repeated block of ``model`` on its own (:func:`compile_block`); returns the blocks."""
     blocks = repeated_blocks(model)
