@@ -370,6 +370,9 @@ class SystemConfig:
     compile: Literal["auto", "on", "off"] = "auto"
     """torch.compile the peers: auto is on for CUDA and off for CPU (no gain there, long cold compile)."""
 
+    compile_scope: Literal["regional", "whole"] = "regional"
+    """What torch.compile compiles: regional compiles each repeated block of a peer on its own (timm's blocks/stages/layerN), so the overlapped all-reduce starts while earlier blocks are still in backward (compile time: benchmarks/compile_time.py); whole compiles each forward + loss of the method as one graph (the all-reduce then starts after its backward)."""
+
     seed: int = 0
     """Seed of parameters, data order and augmentation."""
 

@@ -57,7 +57,7 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path | None:
     held.enter_context(runlock.hold(run_dir, rank=runtime.rank, world_size=runtime.world_size))  # before anything is read or written
     if runtime.compile:  # before the first compile: a requeued job finds its kernels in the run folder
         compile_cache.enable(cfg.system.compile_cache or run_dir / "compile_cache")
-        task.compile()
+        task.compile(cfg.system.compile_scope)
     meter = RunningMeans()
     pos, ckpt = resume(session, stages, meter, run_dir)
     if runtime.is_main:

@@ -32,12 +32,13 @@ def tiny_config(peers, method="afd", image_size=32, batch=8, **method_kw) -> Tra
     return cfg
 
 
-def tiny_task(cfg: TrainConfig, seed=0, compile=False, dtype=torch.float32, device="cpu", channels_last=False):
+def tiny_task(cfg: TrainConfig, seed=0, compile=False, dtype=torch.float32, device="cpu", channels_last=False,
+              scope="regional", backend="inductor"):
     torch.manual_seed(seed)
     device = torch.device(device)
     task = build_task(cfg, cfg.model.num_classes, Numerics(device.type, dtype), device, channels_last)
     if compile:
-        task.compile()
+        task.compile(scope, backend)
     stages = build_stages(task, cfg, device=device, dtype=dtype, steps_per_epoch=100)
     return task, stages
 

@@ -47,12 +47,17 @@ class AFD(Task):
     loss_keys = ("ce", "kl", "g_loss", "d_loss")
     eval_keys = ("d_real", "d_fake")
     compile_units = ("logit_forward", "mapped_features", "disc_loss", "gen_loss", "forward_all")
+    fused_units = ("logit_loss", "transform", "disc_loss", "gen_loss")
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         target = common_shape(self.shapes)
         self.transfers = nn.ModuleList(make_transfer(s, target) for s in self.shapes)
         self.discriminators = DiscriminatorBank(target[0], self.k)
+
+    @property
+    def retains_peer_graph(self) -> bool:
+        return self.cfg.order == "simultaneous"  # the logit and the generator gradients through one forward
 
     def stages(self) -> dict[str, StageSpec]:
         extractor = [p for peer in self.peers for p in feature_parameters(peer)]
@@ -72,13 +77,19 @@ class AFD(Task):
     def mapped_features(self, x: Tensor) -> list[Tensor]:
         """``T_k(G_k(x))`` for every peer: K maps in the common shape."""
         with self.numerics.autocast():
-            return [t(features(peer, x)) for peer, t in zip(self.peers, self.transfers, strict=True)]
+            feats = [features(peer, x) for peer in self.peers]
+        return self.transform(feats)
+
+    def transform(self, feats: list[Tensor]) -> list[Tensor]:
+        """The transfer layers: ``T_k(F_k)`` for every peer."""
+        with self.numerics.autocast():
+            return [t(f) for t, f in zip(self.transfers, feats, strict=True)]
 
     def forward_all(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor], list[Tensor]]:
         """Simultaneous mode: one forward pass gives the logit loss and the mapped feature maps."""
         with self.numerics.autocast():
             feats, logits = self.forward_peers(x)
-            mapped = [t(f) for t, f in zip(self.transfers, feats, strict=True)]
+        mapped = self.transform(feats)
         loss, metrics = self.logit_loss(logits, y)
         return loss, metrics, mapped
 

@@ -20,6 +20,7 @@ class Align(SingleStageTask):
     method = "l1"
     summary = "logit loss + mean absolute distance of the transfer-mapped feature maps to the teacher's (baseline)"
     loss_keys = ("ce", "kl", "align")
+    fused_units = ("align_loss",)
     p = 1
 
     def __init__(self, *args, **kwargs) -> None:
@@ -33,6 +34,11 @@ class Align(SingleStageTask):
     def forward_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         with self.numerics.autocast():
             feats, logits = self.forward_peers(x)
+        return self.align_loss(feats, logits, y)
+
+    def align_loss(self, feats: list[Tensor], logits: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The transfer layers, the logit loss and the alignment term (the fused unit of the regional scope)."""
+        with self.numerics.autocast():
             mapped = [t(f) for t, f in zip(self.transfers, feats, strict=True)]
         total, metrics = self.logit_loss(logits, y)
         align = torch.stack([sum(losses.feature_alignment(mapped[k], mapped[j], self.p) for j in teachers) / len(teachers)

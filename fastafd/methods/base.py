@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from fastafd import losses, metrics
+from fastafd.models import regions
 from fastafd.models.peers import create_peer, feature_shape, features_and_logits
 from fastafd.steps import Stage
 
@@ -74,8 +75,13 @@ class Task(nn.Module):
     recipe_defaults: ClassVar[dict[str, float]] = {}
     """``method.*`` values the recipes set for this method (CL: its paper's temperature)."""
     compile_units: ClassVar[tuple[str, ...]] = ()
-    """Methods of the task that :meth:`compile` replaces by their ``torch.compile`` d version (each a
-    forward + loss: the unit of compile); the stages' backward and optimizer steps stay eager."""
+    """``system.compile_scope=whole``: the methods of the task that :meth:`compile` replaces by their
+    ``torch.compile`` d version (each a forward of the peers + loss); the stages' backward and optimizer
+    steps stay eager."""
+    fused_units: ClassVar[tuple[str, ...]] = ()
+    """``system.compile_scope=regional`` (the default): the methods that run no peer (losses, transfer
+    layers, discriminators), compiled whole as they are; the peers' repeated blocks are compiled one by
+    one (:mod:`fastafd.models.regions`) and the units of :attr:`compile_units` run eager around them."""
 
     def __init__(
         self,
@@ -124,14 +130,38 @@ class Task(nn.Module):
     def k(self) -> int:
         return len(self.peers)
 
-    def compile(self) -> None:
-        """Compile the :attr:`compile_units` (timm's pattern: the trainer calls this once, before the first step).
+    def compile(self, scope: Literal["regional", "whole"] = "regional", backend: str = "inductor") -> None:
+        """The one place where a task is compiled (the trainer calls this once, before the first step).
 
-        Each unit becomes an instance attribute that shadows the method, so the task's own code calls
-        the compiled version; :meth:`eval_step` and checkpoints use the module itself (no ``_orig_mod.``).
+        ``regional``: each peer's repeated blocks compiled on their own (each block's backward its own
+        autograd node, so the overlapped all-reduce starts while earlier blocks are still in backward),
+        plus the :attr:`fused_units`. ``whole``: the :attr:`compile_units`, each a whole forward + loss.
+        A unit becomes an instance attribute that shadows the method, so the task's own code calls the
+        compiled version; :meth:`eval_step` and checkpoints use the module itself (no ``_orig_mod.``).
+        ``backend``: Inductor; tests use ``aot_eager`` (the same autograd graph, no code generation).
         """
-        for name in self.compile_units:
-            setattr(self, name, torch.compile(getattr(self, name)))
+        share = "retain_graph" if self.retains_peer_graph else ""
+        if share:
+            # a second backward through one compiled forward (retain_graph) needs the saved tensors that AOTAutograd
+            # would otherwise donate to (free in) the first backward
+            torch._functorch.config.donated_buffer = False
+        if scope == "whole":
+            units = self.compile_units
+        else:
+            blocks = [b for peer in self.peers for b in regions.compile_regions(peer, backend, share)]
+            # blocks of one class share a code object, hence dynamo's per-code recompile limit (8):
+            # allow a graph per block, train and a smaller last batch
+            dynamo = torch._dynamo.config
+            dynamo.recompile_limit = max(dynamo.recompile_limit, 2 * len(blocks) + 8)
+            units = self.fused_units
+        for name in units:
+            setattr(self, name, torch.compile(regions.own_code(getattr(self, name), share), backend=backend))
+
+    @property
+    def retains_peer_graph(self) -> bool:
+        """Whether an iteration back-propagates twice through the peers' forward (``retain_graph``): its
+        regionally compiled blocks then keep their saved buffers (:func:`fastafd.models.regions.compile_block`)."""
+        return False
 
     @classmethod
     def describe_eval(cls, peers: list[dict]) -> str:
@@ -200,6 +230,7 @@ class SingleStageTask(Task):
     loss, the ``logit`` stage (SGD over every peer parameter, plus :meth:`extra_parameters`) steps on it."""
 
     compile_units = ("forward_loss",)
+    fused_units = ("logit_loss",)
 
     def stages(self) -> dict[str, StageSpec]:
         return {"logit": StageSpec(self.peer_parameters() + self.extra_parameters(), "optim")}

@@ -9,7 +9,7 @@ with the trunk is the plain network, and that is what ``fastafd export --peer k`
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
@@ -50,6 +50,11 @@ class BranchTask(SingleStageTask):
         task = cls(BranchNet(bases, names[0]), cfg.method, numerics, names)
         task.to(device=device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
         return task
+
+    def compile(self, scope: Literal["regional", "whole"] = "regional", backend: str = "inductor") -> None:
+        """The branches share one trunk, so there are no per-peer blocks to compile on their own: the whole forward
+        + loss is the unit under either scope (regional compilation of a branched network is not built yet)."""
+        super().compile("whole", backend)
 
     @classmethod
     def deployable_state(cls, state: Mapping[str, Tensor], k: int) -> dict[str, Tensor]:

@@ -30,10 +30,15 @@ class KDCL(SingleStageTask):
     method = "kdcl"
     summary = "KDCL-MinLogit: cross-entropy + T^2 KL to one ensemble soft target built from all peers' logits"
     loss_keys = ("ce", "kl")
+    fused_units = ("kdcl_loss",)
 
     def forward_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         with self.numerics.autocast():
             _, logits = self.forward_peers(x)
+        return self.kdcl_loss(logits, y)
+
+    def kdcl_loss(self, logits: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """``sum_k CE(y, z_k) + kl_weight * T^2 KL(min-logit target || z_k)`` and the per-peer terms."""
         ce = losses.cross_entropy(logits, y)
         wide = logits.detach().to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: the target in float32
         kl = losses.kl_to_targets(logits, min_logit_target(wide, y), self.cfg.temperature)

@@ -18,10 +18,10 @@ pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def launch(out: Path, processes: int, port: int) -> Path:
+def launch(out: Path, processes: int, port: int, *extra: str) -> Path:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
            "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(ROOT / "tests/integration/dist_worker.py"), str(out)]
+           str(ROOT / "tests/integration/dist_worker.py"), str(out), *extra]
     start = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -31,7 +31,7 @@ def launch(out: Path, processes: int, port: int) -> Path:
 
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory, free_port):
-    return launch(tmp_path_factory.mktemp("dist2"), 2, free_port())
+    return launch(tmp_path_factory.mktemp("dist2"), 2, free_port(), "compiled")
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +43,12 @@ def load(path: Path) -> dict:
     return torch.load(path, weights_only=True)
 
 
-def _check(run: Path, variant: str, processes: int) -> None:
+def _check(run: Path, variant: str, processes: int, mode: str = "") -> None:
+    """``mode``: "" (eager) or "compiled." (the ranks' peers regionally compiled; the references stay eager)."""
     single = load(run / f"{variant}.single.pt")
     initial = load(run / f"{variant}.initial.pt")
     for sync in ("coalesced", "overlapped"):
-        ranks = [load(run / f"{variant}.{sync}.rank{r}.pt") for r in range(processes)]
+        ranks = [load(run / f"{variant}.{mode}{sync}.rank{r}.pt") for r in range(processes)]
         assert all(r.keys() == single.keys() for r in ranks)
         for k in single:
             assert all(torch.equal(ranks[0][k], r[k]) for r in ranks[1:]), f"{variant}/{sync}: {k} differs between ranks"
@@ -56,10 +57,10 @@ def _check(run: Path, variant: str, processes: int) -> None:
         assert worst[0] < 1e-4, f"{variant}/{sync}: {processes} processes vs 1 process, largest difference {worst[0]:.2e} in {worst[1]}"
         moved = [k for k in single if not torch.equal(ranks[0][k], initial[k])]
         assert len(moved) > len(single) // 2, f"{variant}: only {len(moved)} of {len(single)} parameters trained"
-    launched = json.loads((run / f"{variant}.launched.json").read_text())
+    launched = json.loads((run / f"{variant}.{mode}launched.json").read_text())
     if variant != "afd_simultaneous":  # gradients from autograd.grad there: nothing to overlap the logit/feature syncs with
         assert launched["during_backward"] > launched["after_backward"], launched  # most buckets went out while backward ran
-    a, b = load(run / f"{variant}.coalesced.rank0.pt"), load(run / f"{variant}.overlapped.rank0.pt")
+    a, b = load(run / f"{variant}.{mode}coalesced.rank0.pt"), load(run / f"{variant}.{mode}overlapped.rank0.pt")
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < 1e-6, f"{variant}: overlapped vs coalesced all-reduce differ by {worst:.2e}"
 
@@ -67,6 +68,11 @@ def _check(run: Path, variant: str, processes: int) -> None:
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_two_processes_match_one_process_with_the_same_global_batch(two_process_run, variant):
     _check(two_process_run, variant, 2)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_two_processes_with_regionally_compiled_peers_match_one_eager_process(two_process_run, variant):
+    _check(two_process_run, variant, 2, "compiled.")
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
