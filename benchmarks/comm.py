@@ -314,8 +314,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from fastafd import rundir
     from fastafd.bench.step import hardware
+    from fastafd.run import rundir
 
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="fastafd-comm-") as tmp:

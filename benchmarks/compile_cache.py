@@ -50,7 +50,7 @@ def main() -> None:
         cold2 = run(work / "run-c", work / "cache-c", args.peers, args.image_size)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    from fastafd import rundir
+    from fastafd.run import rundir
 
     report = {
         "benchmark": "compile_cache",

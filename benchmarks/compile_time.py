@@ -69,7 +69,7 @@ def main() -> None:
             rows.append(row)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    from fastafd import rundir
+    from fastafd.run import rundir
 
     report = {
         "benchmark": "compile_time", "image_size": args.image_size, "method": "afd (sequential)", "batch": 16, "rows": rows,

@@ -31,8 +31,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fastafd import atomic, readback
 from fastafd.errors import RunStopped, UserError
+from fastafd.run import atomic, readback
 
 CKPT_DIR = "checkpoints"
 MODEL = "model.safetensors"

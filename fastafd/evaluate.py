@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
-from fastafd import checkpoint, config, dist, readback, rundir
+from fastafd import checkpoint, config, dist
 from fastafd.errors import UserError
 from fastafd.methods import Task
 from fastafd.metrics import summarize_eval
+from fastafd.run import readback, rundir
 from fastafd.session import build_session
 
 

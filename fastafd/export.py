@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fastafd import checkpoint, outputs, readback, rundir
+from fastafd import checkpoint
 from fastafd.errors import UserError
 from fastafd.methods import registry
 from fastafd.models.peers import build_kwargs
+from fastafd.run import outputs, readback, rundir
 
 
 def export_peer(run: Path, peer: int, out: Path, which: str = "best") -> dict:
@@ -21,7 +22,7 @@ def export_peer(run: Path, peer: int, out: Path, which: str = "best") -> dict:
     the classifier.
 
     ``out`` ending in ``.safetensors`` is the file; anything else a folder for ``peer<K>.safetensors``. It is written
-    through :mod:`fastafd.outputs`: atomically, and over an existing file only when fastafd wrote it (an earlier export);
+    through :mod:`fastafd.run.outputs`: atomically, and over an existing file only when fastafd wrote it (an earlier export);
     an unwritable place is one line, and no temporary file is left.
     """
     run = Path(run)

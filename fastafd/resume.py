@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastafd import checkpoint, observe, state
+from fastafd import checkpoint, state
 from fastafd.config import OPTIMIZER_SLOTS, to_dict
 from fastafd.errors import UserError
 from fastafd.metrics import RunningMeans
+from fastafd.observe import console
 from fastafd.session import Session, dataset_record
 from fastafd.steps import Stages
 
@@ -57,5 +58,5 @@ def resume(session: Session, stages: Stages, meter: RunningMeans, run_dir: Path)
         if saved_world != runtime.world_size:
             moved = (f"; on {runtime.world_size} processes, written by {saved_world}: the epoch's remaining samples are split "
                      "among the new processes (each seen once), their random augmentation streams start afresh")
-        observe.write(f"resuming from {ckpt.path} at epoch {pos.epoch}, step {pos.step}{changes}{moved}")
+        console.write(f"resuming from {ckpt.path} at epoch {pos.epoch}, step {pos.step}{changes}{moved}")
     return pos, ckpt

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from fastafd.comm import GradSync, LocalSync
-from fastafd.observe import stage_range
+from fastafd.observe.profile import stage_range
 
 
 class StepGuard:

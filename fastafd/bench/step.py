@@ -34,9 +34,9 @@ from typing import Literal
 
 import torch
 
-from fastafd import outputs, rundir
 from fastafd.config import DataConfig, LoopConfig, MethodConfig, ModelConfig, SystemConfig, TrainConfig, adam_feature_stage, sgd_logit_stage
 from fastafd.errors import UserError
+from fastafd.run import outputs, rundir
 
 VARIANTS = ("reference", "independent", "extra-backward", "afd-sequential", "afd-simultaneous", "one", "cl")
 

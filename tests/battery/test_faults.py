@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from fastafd import checkpoint, rundir
+from fastafd import checkpoint
+from fastafd.run import rundir
 
 pytestmark = pytest.mark.slow  # the real CLI: subprocesses that train
 

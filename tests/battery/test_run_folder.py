@@ -22,7 +22,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from fastafd import atomic, checkpoint, cli, rundir, runlock
+from fastafd import checkpoint, cli
+from fastafd.run import atomic, rundir, runlock
 from tests.battery.harness import Case, run_case
 from tests.helpers import grey_folder
 

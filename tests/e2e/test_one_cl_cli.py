@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from fastafd import rundir
+from fastafd.run import rundir
 from tests.helpers import make_cifar
 
 pytestmark = pytest.mark.slow  # the real CLI: subprocesses that train

@@ -7,8 +7,9 @@ import warnings
 import pytest
 import torch
 
-from fastafd import atomic, checkpoint
+from fastafd import checkpoint
 from fastafd.errors import UserError
+from fastafd.run import atomic
 
 STATE = {"epoch": 1, "epoch_step": 0, "stages": {}, "guard": {}, "meter": {}, "config": {},
          "ranks": [{"rng": {"python": [3, [0], None], "numpy": ["MT19937", [0], 0, 0, 0.0], "torch": ""}, "loader": None}]}

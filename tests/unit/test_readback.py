@@ -1,4 +1,4 @@
-"""The one reader (fastafd.readback) and every command that reads back a run or sweep folder, fuzzed: random bytes,
+"""The one reader (fastafd.run.readback) and every command that reads back a run or sweep folder, fuzzed: random bytes,
 truncations, wrong JSON types, NaN/Infinity and huge numbers end in one line (or a named, skipped line), never in a
 traceback, and never write anything."""
 
@@ -12,9 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastafd import checkpoint, cli, readback, rundir
-from fastafd import sweep as sw
+from fastafd import checkpoint, cli
 from fastafd.errors import UserError
+from fastafd.experiments import plan
+from fastafd.run import readback, rundir
 from tests.battery.harness import tree_digest
 from tests.unit.test_report import AFD, IND, make_sweep
 
@@ -97,9 +98,9 @@ def world(tmp_path_factory):
 
 
 FILES = {
-    "sweep.json": lambda s: s / sw.MANIFEST,
+    "sweep.json": lambda s: s / plan.MANIFEST,
     "metrics.jsonl": lambda s: s / "runs" / f"{AFD}-seed0" / rundir.METRICS_FILE,
-    "status": lambda s: s / sw.STATUS / f"{AFD}-seed0.json",
+    "status": lambda s: s / plan.STATUS / f"{AFD}-seed0.json",
 }
 
 

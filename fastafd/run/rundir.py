@@ -11,17 +11,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fastafd import atomic, readback
 from fastafd.config import TrainConfig, to_dict
 from fastafd.errors import UserError
+from fastafd.run import atomic, readback
 
 CONFIG_FILE = "config.json"
 ENV_FILE = "env.json"
 METRICS_FILE = "metrics.jsonl"
 TRACKERS_FILE = "trackers.json"
-"""The W&B and MLflow run ids of the run and the last step each got (:mod:`fastafd.trackers`): a resume continues them."""
+"""The W&B and MLflow run ids of the run and the last step each got (:mod:`fastafd.observe.trackers`): a resume continues them."""
 SWEEP_MANIFEST = "sweep.json"
-"""What makes a folder a sweep folder (:data:`fastafd.sweep.MANIFEST`): a run never goes into one."""
+"""What makes a folder a sweep folder (:data:`fastafd.experiments.plan.MANIFEST`): a run never goes into one."""
 
 _PACKAGES = ("fastafd", "torch", "torchvision", "timm", "accelerate", "nvidia-dali-cuda130", "safetensors", "tyro", "numpy")
 
@@ -71,7 +71,7 @@ def versions() -> dict[str, str]:
 
 
 def write_json(path: Path, obj: object) -> None:
-    """Write JSON atomically (unique temporary file, fsync, rename: :mod:`fastafd.atomic`)."""
+    """Write JSON atomically (unique temporary file, fsync, rename: :mod:`fastafd.run.atomic`)."""
     atomic.write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
@@ -123,7 +123,7 @@ def append_jsonl(path: Path, row: dict) -> None:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """The rows of ``metrics.jsonl`` that are whole (:func:`fastafd.readback.metrics`); damaged lines are skipped
+    """The rows of ``metrics.jsonl`` that are whole (:func:`fastafd.run.readback.metrics`); damaged lines are skipped
     (:func:`metrics_lines` names them). A missing or unreadable file is a one-line error."""
     return readback.metrics(Path(run_dir) / METRICS_FILE).rows
 
