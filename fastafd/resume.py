@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastafd import checkpoint, state
+from fastafd import state
+from fastafd.checkpoint import choice, store
 from fastafd.config import OPTIMIZER_SLOTS, to_dict
 from fastafd.errors import UserError
 from fastafd.metrics import RunningMeans
@@ -13,12 +14,12 @@ from fastafd.session import Session, dataset_record
 from fastafd.steps import Stages
 
 
-def resume(session: Session, stages: Stages, meter: RunningMeans, run_dir: Path) -> tuple[state.Position, checkpoint.Checkpoint | None]:
+def resume(session: Session, stages: Stages, meter: RunningMeans, run_dir: Path) -> tuple[state.Position, store.Checkpoint | None]:
     """Load the checkpoint that ``checkpoint.resume`` names (auto: the newest valid one in --out) into the
     live run; returns where to continue and the checkpoint (None: from the start)."""
     cfg = session.config
     start = state.Position(epoch=1, epoch_step=0, step=0)
-    ckpt = checkpoint.resolve(cfg.checkpoint.resume, run_dir if cfg.out is not None else None)
+    ckpt = choice.resolve(cfg.checkpoint.resume, run_dir if cfg.out is not None else None)
     if ckpt is None:
         return start, None
     mid_epoch = int(ckpt.state["epoch_step"]) > 0

@@ -235,12 +235,12 @@ class Stages(Mapping[str, Stage]):
     def state_dict(self) -> tuple[dict[str, Tensor], dict]:
         """(optimizer state tensors keyed ``<stage>/<param id>/<key>``, JSON-ready rest: per-stage optimizer
         scalars and hyper-parameters, schedules, and the guard's counters and loss scale)."""
-        from fastafd import checkpoint
+        from fastafd.checkpoint import codec
 
         tensors: dict[str, Tensor] = {}
         meta = {}
         for name, stage in self._stages.items():
-            t, m = checkpoint.optimizer_to_safe(stage.optimizer, name)
+            t, m = codec.optimizer_to_safe(stage.optimizer, name)
             tensors.update(t)
             meta[name] = {"optimizer": m, "scheduler": _jsonable(stage.scheduler.state_dict())}
         return tensors, {"stages": meta, "guard": self.guard.state_dict()}
@@ -250,10 +250,10 @@ class Stages(Mapping[str, Stage]):
         """Inverse of :meth:`state_dict`. Hyper-parameters stay this run's (its config); schedules are
         restored only when ``same_schedule``; ``check(stage, optimizer state dict, optimizer)`` may refuse
         state that does not fit before it is loaded."""
-        from fastafd import checkpoint
+        from fastafd.checkpoint import codec
 
         for name, stage in self._stages.items():
-            sd = checkpoint.optimizer_from_safe(dict(tensors), meta["stages"][name]["optimizer"], name)
+            sd = codec.optimizer_from_safe(dict(tensors), meta["stages"][name]["optimizer"], name)
             if check is not None:
                 check(name, sd, stage.optimizer)
             sd["param_groups"] = stage.optimizer.state_dict()["param_groups"]

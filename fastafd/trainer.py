@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from fastafd import checkpoint, compile_cache, dist, faults, preempt, state
+from fastafd import compile_cache, dist, faults, preempt, state
+from fastafd.checkpoint import paths, store
 from fastafd.comm import make_grad_sync
 from fastafd.config import TrainConfig, to_dict
 from fastafd.errors import RunStopped, Stopped, UserError
@@ -227,7 +228,7 @@ class _Run:
             dist.average_buffers(session.task)
             tensors, saved = state.capture(session.task, self.stages, session.train_loader, meter, pos, to_dict(session.config), runtime.device)
             saved["data"] = dataset_record(session.dataset)  # a resume compares it with its own data (class count, training set)
-            dist.rank0_first(runtime, lambda: checkpoint.write(self.run_dir, pos.step, tensors, saved, keep=session.config.checkpoint.keep,
+            dist.rank0_first(runtime, lambda: store.write(self.run_dir, pos.step, tensors, saved, keep=session.config.checkpoint.keep,
                                                                metric=metric),
                              what=f"write the checkpoint of step {pos.step}", timeout_s=session.config.system.wait_timeout_s)
         return True
@@ -251,7 +252,7 @@ class _Run:
         terms = [
             f"{key} of peer {k} ({names[k]})" for key, values in means.items() for k, v in enumerate(values) if not math.isfinite(v) and k < len(names)
         ]
-        last = checkpoint.list_checkpoints(self.run_dir)
+        last = paths.list_checkpoints(self.run_dir)
         raise RunStopped(
             f"{longest} consecutive steps were skipped for non-finite losses (up to step {int(guard.longest_end)}); "
             f"non-finite: {', '.join(terms) or 'a loss term'}. The last good checkpoint, {last[0] if last else 'none yet'}, is kept; "

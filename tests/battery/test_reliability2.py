@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from fastafd import checkpoint, cli
+from fastafd import cli
+from fastafd.checkpoint import paths, store
 from fastafd.experiments import plan
 from fastafd.experiments import state as cellstate
 from fastafd.run import rundir
@@ -211,14 +212,14 @@ def test_a_permission_error_on_checkpoints_names_it_not_free_space(tmp_path, mon
     real = os.mkdir
 
     def mkdir(path, *a, **kw):
-        if Path(path).name == checkpoint.CKPT_DIR or ".tmp-" in str(path):
+        if Path(path).name == paths.CKPT_DIR or ".tmp-" in str(path):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
         return real(path, *a, **kw)
 
     monkeypatch.setattr(os, "mkdir", mkdir)
     before = tree_digest([tmp_path])
     with pytest.raises(RunStopped) as e:
-        checkpoint.write(tmp_path, 1, {checkpoint.MODEL: {"w": torch.zeros(1)}}, {}, keep=1)
+        store.write(tmp_path, 1, {paths.MODEL: {"w": torch.zeros(1)}}, {}, keep=1)
     msg = str(e.value)
     assert "permission denied" in msg and "Permission denied" in msg and "free space" not in msg
     assert tree_digest([tmp_path]) == before

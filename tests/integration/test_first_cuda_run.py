@@ -8,7 +8,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fastafd import checkpoint, state
+from fastafd import state
+from fastafd.checkpoint import store
 from fastafd.metrics import RunningMeans
 from fastafd.models.discriminator import DiscriminatorBank
 from fastafd.optim import build_optimizer
@@ -31,9 +32,9 @@ class _NoLoader:
 
 def _checkpoint_and_restore(task, stages, cfg, tmp_path, channels_last):
     tensors, st = state.capture(task, stages, _NoLoader(), RunningMeans(), state.Position(1, 2, 2), {}, torch.device("cpu"))
-    path = checkpoint.write(tmp_path, 2, tensors, st, keep=1)
+    path = store.write(tmp_path, 2, tensors, st, keep=1)
     resumed, resumed_stages = tiny_task(cfg, seed=123, channels_last=channels_last)  # other initial weights: all must come from the file
-    state.restore(checkpoint.load(path), resumed, resumed_stages, _NoLoader(), RunningMeans(), rank=0, world_size=1,
+    state.restore(store.load(path), resumed, resumed_stages, _NoLoader(), RunningMeans(), rank=0, world_size=1,
                   device=torch.device("cpu"), same_schedule=True)
     return resumed, resumed_stages
 

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastafd import checkpoint, cli
+from fastafd import cli
+from fastafd.checkpoint import paths, retain, store
 from fastafd.errors import UserError
 from fastafd.experiments import plan
 from fastafd.run import readback, rundir
@@ -139,19 +140,19 @@ def test_report_and_status_on_a_damaged_file_never_trace_back_nor_write(which, w
 @given(data=_mutations())
 def test_best_json_and_a_checkpoint_manifest_are_one_line_or_valid(which, tmp_path_factory, data):
     run = tmp_path_factory.mktemp("r")
-    (run / checkpoint.CKPT_DIR / "step-1").mkdir(parents=True)
+    (run / paths.CKPT_DIR / "step-1").mkdir(parents=True)
     if which == "best.json":
-        (run / checkpoint.CKPT_DIR / checkpoint.BEST).write_bytes(data)
+        (run / paths.CKPT_DIR / paths.BEST).write_bytes(data)
         try:
-            best = checkpoint.read_best(run)
+            best = retain.read_best(run)
         except UserError as e:
             assert "\n" not in str(e)
         else:
             assert best is None or (isinstance(best["name"], str) and math.isfinite(best["metric"]))
     else:
-        (run / checkpoint.CKPT_DIR / "step-1" / checkpoint.MANIFEST).write_bytes(data)
-        with pytest.raises(checkpoint.CorruptCheckpoint) as e:
-            checkpoint.verify(run / checkpoint.CKPT_DIR / "step-1")
+        (run / paths.CKPT_DIR / "step-1" / paths.MANIFEST).write_bytes(data)
+        with pytest.raises(store.CorruptCheckpoint) as e:
+            store.verify(run / paths.CKPT_DIR / "step-1")
         assert "\n" not in str(e.value)
 
 
