@@ -164,14 +164,12 @@ def worker(args: argparse.Namespace) -> None:
         if group == args.profile:
             results["profile"] = {"group": group, "iterations": args.steps, "exposed_ms": {}}
             for name, (_, stages) in runs.items():
-                sync = next(iter(stages.values())).grad_sync  # one per task, shared by its stages
-                reduce = sync.reduce
+                for stage in stages.values():  # each stage owns its sync
+                    def timed(flag, _reduce=stage.sync.reduce):  # the time the training thread is blocked in the sync after a backward
+                        with torch.profiler.record_function(REDUCE_RANGE):
+                            _reduce(flag)
 
-                def timed(st, flag, _reduce=reduce):  # the time the training thread is blocked in the sync after a backward
-                    with torch.profiler.record_function(REDUCE_RANGE):
-                        _reduce(st, flag)
-
-                sync.reduce = timed
+                    stage.sync.reduce = timed
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                     window(name, args.steps)
                 if rt.rank == 0 and args.trace:
@@ -217,7 +215,7 @@ def comm_model(args: argparse.Namespace, world_sizes: list[int]) -> dict:
     sync = OverlappedSync(args.bucket_mb)
     stage_bytes, last_bucket = {}, {}
     for name, stage in stages.items():
-        plan = sync._plan(stage)
+        plan = sync.for_params(stage.params, stage.optimizer).plan
         stage_bytes[name] = sum(b.flat.numel() * 4 for b in plan.buckets)
         last_bucket[name] = plan.buckets[-1].flat.numel() * 4
     rows = []

@@ -170,7 +170,7 @@ def test_resume_with_channels_last_bf16_compiled_peers_steps_and_tracks_the_unin
 
 
 def test_a_skip_on_the_very_first_step_leaves_sgd_momentum_clean_on_cuda():
-    from fastafd.optim import build_optimizer
+    from fastafd.optim import build_optimizer, device_skip
     from fastafd.steps import StepGuard
     from tests.helpers import SGD
 
@@ -181,13 +181,13 @@ def test_a_skip_on_the_very_first_step_leaves_sgd_momentum_clean_on_cuda():
     def run(grads_and_skips):
         params = [torch.nn.Parameter(t.clone()) for t in init]
         opt, guard = build_optimizer(params, SGD, SGD.lr, CUDA), StepGuard(CUDA)
-        assert opt._fastafd_device_skip
+        assert device_skip(opt, CUDA)
         for grads, skip in grads_and_skips:
             guard.begin()
             for p, g in zip(params, grads):
                 p.grad = g.clone()
             guard.found_inf.fill_(float(skip))
-            guard.step(opt)
+            guard.step(opt, device_skip=True)
             guard.end()
         return params
 

@@ -63,7 +63,6 @@ def _device_skip_stepper(params, cfg):
     """An optimizer on the path CUDA takes (the fused kernel skips a flagged step itself); torch's CPU fused
     kernels read ``found_inf`` the same way."""
     opt = build_optimizer(params, cfg, cfg.lr, torch.device("cpu"), "fused")
-    opt._fastafd_device_skip = True
     return opt, StepGuard(torch.device("cpu"))
 
 
@@ -73,7 +72,7 @@ def _guarded_step(opt, guard, params, grads, skip):
         p.grad = g.clone()
     if skip:
         guard.found_inf.fill_(1.0)
-    guard.step(opt)
+    guard.step(opt, device_skip=True)
     guard.end()
 
 
