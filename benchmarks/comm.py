@@ -312,8 +312,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from fastafd.bench.step import hardware
-    from fastafd.run import rundir
+    from fastafd.run import env
 
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="fastafd-comm-") as tmp:
@@ -321,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     load_after = os.getloadavg()[0]
     report = {"benchmark": "comm", "command": "python benchmarks/comm.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "args": {k: v for k, v in vars(args).items() if k not in ("out", "worker", "worker_out", "cache", "trace")},
-              "hardware": hardware(torch.device("cpu")).get("cpu", ""), "torch": torch.__version__, "git_sha": rundir.git_sha(),
+              "hardware": env.hardware(torch.device("cpu")).get("cpu", ""), "torch": torch.__version__, "git_sha": env.git_sha(),
               "measured": measured, "model": comm_model(args, args.model_world_sizes), "load_before": load_before,
               "load_after": load_after, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,19 +1,18 @@
-"""The run directory: resolved config, environment record (git SHA, versions) and metrics.jsonl."""
+"""The run directory: resolved config, environment record (git SHA, versions: :mod:`fastafd.run.env`) and metrics.jsonl."""
 
 from __future__ import annotations
 
 import datetime as dt
-import importlib.metadata
 import json
 import platform
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 from fastafd.config import TrainConfig, to_dict
 from fastafd.errors import UserError
 from fastafd.run import atomic, readback
+from fastafd.run.env import git_sha, versions
 
 CONFIG_FILE = "config.json"
 ENV_FILE = "env.json"
@@ -22,8 +21,6 @@ TRACKERS_FILE = "trackers.json"
 """The W&B and MLflow run ids of the run and the last step each got (:mod:`fastafd.observe.trackers`): a resume continues them."""
 SWEEP_MANIFEST = "sweep.json"
 """What makes a folder a sweep folder (:data:`fastafd.experiments.plan.MANIFEST`): a run never goes into one."""
-
-_PACKAGES = ("fastafd", "torch", "torchvision", "timm", "accelerate", "nvidia-dali-cuda130", "safetensors", "tyro", "numpy")
 
 
 def default_run_dir(recipe: str) -> Path:
@@ -47,27 +44,6 @@ def check_out(out: Path | None, data_root: Path | None) -> None:
         if o == d or d in o.parents:
             raise UserError(f"--out {out} is inside the dataset folder {data_root}: its files would become part of the data; "
                             "pass a folder outside it, e.g. --out runs/my-run")
-
-
-def git_sha() -> str:
-    """SHA of the fastafd checkout (``+dirty`` with uncommitted changes), or ``unknown`` for an installed wheel."""
-    here = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return sha + ("+dirty" if dirty else "")
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in _PACKAGES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 def write_json(path: Path, obj: object) -> None:
