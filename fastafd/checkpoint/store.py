@@ -57,19 +57,6 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CorruptCheckpoint(f"{path} is not a readable safetensors file ({e}); fastafd never unpickles checkpoints") from None
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write(run_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict, *, keep: int, metric: float | None = None) -> Path:
     """Write checkpoint ``step`` atomically (main process only); prune old ones; track the best.
 
@@ -91,14 +78,14 @@ def write(run_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]],
             faults.point("checkpoint")  # tests: a SIGKILL in the middle of a write
         (tmp / STATE).write_text(json.dumps({**state, "format": FORMAT, "step": step}, indent=1))
         for name in [*tensors, STATE]:
-            _fsync_file(tmp / name)
+            atomic.fsync_file(tmp / name)
             files[name] = {"size": (tmp / name).stat().st_size, "sha256": atomic.sha256_file(tmp / name)}
         (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
-        _fsync_file(tmp / MANIFEST)
+        atomic.fsync_file(tmp / MANIFEST)
         if final.exists():  # a re-run of the same step (e.g. after a resume): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        atomic.fsync_dir(root)
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         code = atomic.io_errno(e)
