@@ -24,7 +24,7 @@ def read_best(run_dir: Path) -> dict | None:
 
     One that is not that (edited, or written by something else) is refused with one line rather than
     treated as absent: the next epoch end would name a new best and pruning could then delete the
-    real best checkpoint. The check runs before a run writes anything (see :func:`resolve`).
+    real best checkpoint. The check runs before a run writes anything (see :func:`fastafd.checkpoint.choice.resolve`).
     """
     best_file = Path(run_dir) / CKPT_DIR / BEST
     if not best_file.is_file():

@@ -90,7 +90,7 @@ def last_line(path: Path) -> str:
 
 def cell_state(sweep: Path, cell: Cell, queued: Mapping[str, str] | None = None) -> CellState:
     """Done, running, failed or pending, from the cell's run folder, run lock and recorded exit (``queued``: cell name ->
-    its Slurm job and state, from :func:`slurm_queue`)."""
+    its Slurm job and state, from :func:`fastafd.experiments.slurm.slurm_queue`)."""
     run = Path(sweep) / cell.run_dir
     held = runlock.holder(run)
     lines = _metrics(run)

@@ -14,7 +14,7 @@ such a table. Its folder SWEEP holds:
 A cell's run folder is fixed, so everything ``fastafd train`` does for one run holds for a cell:
 started again, it resumes from its newest checkpoint, and its run lock refuses a second run of it.
 Running the same sweep command again therefore skips finished cells and resumes unfinished ones.
-A cell's state is read from its files, never from memory (:func:`cell_state`): **done** when
+A cell's state is read from its files, never from memory (:func:`fastafd.experiments.state.cell_state`): **done** when
 metrics.jsonl has its last epoch; **running** while its run lock is held (:func:`fastafd.run.runlock.holder`);
 **failed** when the executor recorded a non-zero exit; **pending** otherwise (not started, stopped
 and resumable, or queued on Slurm).
