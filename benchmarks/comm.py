@@ -187,11 +187,13 @@ def worker(args: argparse.Namespace) -> None:
 
 def measure(args: argparse.Namespace, processes: int, tmp: Path) -> dict:
     out = tmp / f"times-{processes}.json"
+    ddp_counts = args.ddp_processes or args.processes
+    groups = [g for g in args.groups if g.split(":")[1] != "ddp" or processes in ddp_counts]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
            "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no", __file__, "--worker",
            "--worker-out", str(out), "--peers", *args.peers, "--image-size", str(args.image_size), "--batch", str(args.batch),
            "--warmup", str(args.warmup), "--steps", str(args.steps), "--repeats", str(args.repeats), "--bucket-mb", str(args.bucket_mb),
-           "--groups", *args.groups, "--profile", args.profile, "--cache", str(tmp / "compile_cache"),
+           "--groups", *groups, "--profile", args.profile, "--cache", str(tmp / "compile_cache"),
            "--trace", str(tmp / f"trace-{processes}")]
     threads = max(1, (os.cpu_count() or 1) // processes)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -296,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--bucket-mb", type=float, default=25.0)
     p.add_argument("--groups", nargs="+", default=GROUPS, help="mode:kind:what (see GROUPS)")
+    p.add_argument("--ddp-processes", type=int, nargs="+", default=None,
+                   help="the process counts of the ddp groups (default: every count of --processes)")
     p.add_argument("--profile", default="compiled:afd:sequential", help="the group profiled for the exposed communication")
     p.add_argument("--cache", default="", help=argparse.SUPPRESS)
     p.add_argument("--trace", default="", help=argparse.SUPPRESS)
@@ -308,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(args)
         return 0
+    if unknown := set(args.ddp_processes or ()) - set(args.processes):
+        p.error(f"--ddp-processes {sorted(unknown)}: not among --processes {args.processes}")
     import tempfile
 
     import torch

@@ -13,8 +13,9 @@ its own :class:`ParamSync`, which the run's :class:`GradSync` makes for the stag
   persistent flat buckets of about ``system.bucket_mb`` (parameters in reverse registration order,
   about the order backward produces them; each ``p.grad`` a view of its bucket with the parameter's
   own strides, so channels-last parameters keep channels-last gradients, as the fused optimizers
-  need), and a post-accumulate-grad hook starts a bucket's all-reduce as soon as its last gradient is
-  accumulated, while backward goes on with the earlier layers (DDP's scheme). Buckets start in one
+  need). The backward starts without gradients; a post-accumulate-grad hook copies each fresh gradient
+  into its bucket (one pass, where zeroing the buckets and accumulating into them took three) and
+  starts a bucket's all-reduce as soon as its last gradient is in, while backward goes on with the earlier layers (DDP's scheme). Buckets start in one
   fixed order on every rank, as DDP's reducer does: bucket i only after buckets 0..i-1 have started
   (a full bucket waits for an earlier one that is still filling), so a parameter that one rank leaves
   without a gradient (a data-dependent branch, stochastic depth) cannot swap the order of the
@@ -50,7 +51,7 @@ class ParamSync(Protocol):
     """How one stage's gradients (its parameters, its optimizer) are prepared and averaged over processes."""
 
     def zero(self) -> None:
-        """Before the stage's backward: gradients cleared (or pointed at zeroed buckets)."""
+        """Before the stage's backward: gradients cleared."""
 
     def take(self, grads: Sequence[Tensor | None]) -> None:
         """Precomputed gradients of the stage's parameters (simultaneous order) become its gradients."""
@@ -167,6 +168,8 @@ class _Plan:
     route: dict[int, _Bucket]
     marks: Tensor
     """In the last bucket, before the flag: one element per parameter (plan order), 1 if it has a gradient."""
+    view: dict[int, Tensor] = field(default_factory=dict)
+    """``id(p)`` -> ``p``'s gradient view in its bucket (the ``views`` by parameter)."""
     next: int = 0
     """The first bucket not started yet: buckets start in plan order."""
 
@@ -240,31 +243,38 @@ class OverlappedSync:
                 p.register_post_accumulate_grad_hook(self._on_grad)
                 self._hooked.add(id(p))
         marks = buckets[-1].flat[-1 - len(params):-1]
-        return _Plan(buckets, views, route, marks)
+        return _Plan(buckets, views, route, marks, view={id(p): v for p, v in views})
 
     # -- the three calls of a stage's sync -------------------------------------------------------------
 
     def zero(self, plan: _Plan) -> None:
+        """Before the backward: no gradients, so that autograd hands each parameter its fresh gradient and
+        the hook copies it into the bucket once (DDP's ``gradient_as_bucket_view`` path), instead of
+        zeroing every bucket and accumulating into it (two more passes over the stage's gradients)."""
         for b in plan.buckets:
-            b.flat.zero_()
             b.pending, b.work, b.wire, b.ready = len(b.params), None, None, set()
-        for p, view in plan.views:
-            p.grad = view
+        for p, _ in plan.views:
+            p.grad = None
         plan.next = 0
         self._route, self._active = plan.route, plan
 
     def take(self, plan: _Plan, params: Sequence[nn.Parameter], grads: Sequence[Tensor | None]) -> None:
         self.zero(plan)
         self._route = {}  # copied in below, reduced all at once in reduce(): nothing to overlap with
-        views = dict((id(p), v) for p, v in plan.views)
         for p, g in zip(params, grads, strict=True):
-            if g is not None and id(p) in views:
-                views[id(p)].copy_(g)
+            if g is not None and id(p) in plan.view:
+                plan.view[id(p)].copy_(g)
+                p.grad = plan.view[id(p)]
                 plan.route[id(p)].ready.add(id(p))
 
     def reduce(self, plan: _Plan, found_inf: Tensor) -> None:
         self._route = {}
         local = [id(p) in b.ready for b in plan.buckets for p in b.params]  # plan order, as the marks
+        for b in plan.buckets:
+            for p in b.params:
+                if id(p) not in b.ready:  # no gradient on this rank: a zero one in the sum (its bucket has not started)
+                    plan.view[id(p)].zero_()
+                    p.grad = plan.view[id(p)]
         last = plan.buckets[-1]
         last.flat[-1] = found_inf.to(last.flat.dtype)  # the flag rides along with the last bucket
         if not all(local):
@@ -293,6 +303,10 @@ class OverlappedSync:
         bucket = self._route.get(id(p))
         if bucket is None or id(p) in bucket.ready:
             return
+        view = self._active.view[id(p)]
+        if p.grad is not view:  # the fresh gradient autograd handed over: into the bucket, the bucket's view as .grad
+            view.copy_(p.grad)
+            p.grad = view
         bucket.ready.add(id(p))
         bucket.pending -= 1
         plan = self._active
