@@ -164,14 +164,12 @@ def worker(args: argparse.Namespace) -> None:
         if group == args.profile:
             results["profile"] = {"group": group, "iterations": args.steps, "exposed_ms": {}}
             for name, (_, stages) in runs.items():
-                sync = next(iter(stages.values())).grad_sync  # one per task, shared by its stages
-                reduce = sync.reduce
+                for stage in stages.values():  # each stage owns its sync
+                    def timed(flag, _reduce=stage.sync.reduce):  # the time the training thread is blocked in the sync after a backward
+                        with torch.profiler.record_function(REDUCE_RANGE):
+                            _reduce(flag)
 
-                def timed(st, flag, _reduce=reduce):  # the time the training thread is blocked in the sync after a backward
-                    with torch.profiler.record_function(REDUCE_RANGE):
-                        _reduce(st, flag)
-
-                sync.reduce = timed
+                    stage.sync.reduce = timed
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                     window(name, args.steps)
                 if rt.rank == 0 and args.trace:
@@ -219,7 +217,7 @@ def comm_model(args: argparse.Namespace, world_sizes: list[int]) -> dict:
     sync = OverlappedSync(args.bucket_mb)
     stage_bytes, last_bucket = {}, {}
     for name, stage in stages.items():
-        plan = sync._plan(stage)
+        plan = sync.for_params(stage.params, stage.optimizer).plan
         stage_bytes[name] = sum(b.flat.numel() * 4 for b in plan.buckets)
         last_bucket[name] = plan.buckets[-1].flat.numel() * 4
     rows = []
@@ -320,8 +318,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from fastafd import rundir
-    from fastafd.bench.step import hardware
+    from fastafd.run import env
 
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="fastafd-comm-") as tmp:
@@ -329,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     load_after = os.getloadavg()[0]
     report = {"benchmark": "comm", "command": "python benchmarks/comm.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "args": {k: v for k, v in vars(args).items() if k not in ("out", "worker", "worker_out", "cache", "trace")},
-              "hardware": hardware(torch.device("cpu")).get("cpu", ""), "torch": torch.__version__, "git_sha": rundir.git_sha(),
+              "hardware": env.hardware(torch.device("cpu")).get("cpu", ""), "torch": torch.__version__, "git_sha": env.git_sha(),
               "measured": measured, "model": comm_model(args, args.model_world_sizes), "load_before": load_before,
               "load_after": load_after, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     args.out.mkdir(parents=True, exist_ok=True)

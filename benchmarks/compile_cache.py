@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -50,7 +49,7 @@ def main() -> None:
         cold2 = run(work / "run-c", work / "cache-c", args.peers, args.image_size)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    from fastafd import rundir
+    from fastafd.run import env
 
     report = {
         "benchmark": "compile_cache",
@@ -58,8 +57,8 @@ def main() -> None:
         "image_size": args.image_size,
         "time_to_first_step_s": {"cold": cold, "warm_cache": warm, "cold_again": cold2},
         "speedup_warm_vs_cold": min(cold, cold2) / warm,
-        "versions": rundir.versions(),
-        "cpu": platform.processor() or platform.machine(),
+        "versions": env.versions(),
+        "cpu": env.cpu_name(),
         "cpus": os.cpu_count(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": "python benchmarks/compile_cache.py " + " ".join(sys.argv[1:]),

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -69,11 +68,11 @@ def main() -> None:
             rows.append(row)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    from fastafd import rundir
+    from fastafd.run import env
 
     report = {
         "benchmark": "compile_time", "image_size": args.image_size, "method": "afd (sequential)", "batch": 16, "rows": rows,
-        "versions": rundir.versions(), "git_sha": rundir.git_sha(), "cpu": platform.processor() or platform.machine(),
+        "versions": env.versions(), "git_sha": env.git_sha(), "cpu": env.cpu_name(),
         "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": "python benchmarks/compile_time.py " + " ".join(sys.argv[1:]),
     }

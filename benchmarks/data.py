@@ -118,20 +118,14 @@ def torchvision_iter(root: Path, batch: int, size: int, workers: int):
     return lambda epoch: iter(loader)
 
 
-def versions() -> dict:
-    import nvidia.dali
-    import torchvision
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "nvidia-dali": nvidia.dali.__version__, "pillow": Image.__version__, "numpy": np.__version__}
+VERSIONS = ("torch", "torchvision", "nvidia-dali-cuda130", "pillow", "numpy")
+"""The packages the data benchmark records (:func:`fastafd.run.env.versions`)."""
 
 
 def hardware() -> dict:
-    from fastafd.bench.step import hardware as step_hardware
+    from fastafd.run import env
 
-    cpu = step_hardware(torch.device("cpu")).get("cpu") or platform.processor() or platform.machine()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu, "cores": cores, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    return {"cpu": env.cpu_name(), "cores": env.cores(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "os": platform.platform()}
 
 
@@ -171,13 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     ratio = fast["img_per_s_median"] / ref["img_per_s_median"]
     ratio_cl = runs[FAST_CL]["img_per_s_median"] / ref["img_per_s_median"]
     ratio_finish = fast["img_per_s_median"] / runs[DALI_RESIZE]["img_per_s_median"]
+    from fastafd.run import env
+
     result = {
         "benchmark": "training input pipeline throughput",
         "command": "python benchmarks/data.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "config": {"images": len(files), "mean_file_kb": round(mean_kb, 1), "batch": a.batch, "size": a.size,
                    "threads_or_workers": threads, "repeats": a.repeats,
                    "augmentation": "random-resized-crop (0.08-1, 3/4-4/3) + flip + normalize, float32 NCHW"},
-        "hardware": hardware(), "versions": versions(), "runs": runs, "ratio_median": ratio, "ratio_median_channels_last": ratio_cl,
+        "hardware": hardware(), "versions": env.versions(VERSIONS), "runs": runs, "ratio_median": ratio, "ratio_median_channels_last": ratio_cl,
         "ratio_torch_finish_vs_dali_resize": ratio_finish,
         "load_average_1min": {"before": load_before, "after": load_after},
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -189,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         "# Training input throughput",
         "",
         f"`{result['command']}` on {hw['cpu']} ({hw['cores']} cores, GPU: {hw['gpu'] or 'none'}); "
-        f"torch {v['torch']}, torchvision {v['torchvision']}, DALI {v['nvidia-dali']}, Pillow {v['pillow']}.",
+        f"torch {v['torch']}, torchvision {v['torchvision']}, DALI {v['nvidia-dali-cuda130']}, Pillow {v['pillow']}.",
         "",
         f"{len(files)} JPEGs (about 500x375, mean {mean_kb:.0f} KB), batch {a.batch}, {a.size}x{a.size} "
         f"random-resized-crop + flip + normalize, {threads} DALI threads / DataLoader workers; "

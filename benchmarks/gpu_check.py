@@ -693,8 +693,10 @@ def machine_line(env: dict) -> str:
 
 def report(out: Path, folders: list[Path], command_note: str) -> Path:
     """One Markdown page (and the raw files) from the folders the device calls brought back."""
+    from fastafd.run.env import git_sha
+
     out.mkdir(parents=True, exist_ok=True)
-    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+    sha = git_sha()
     parts = ["# fastafd GPU check", "", f"Checkout sent: git {sha} (the HEAD here when this report was made). {command_note}".strip(), ""]
     env = None
     for folder in folders:

@@ -21,7 +21,7 @@ from pathlib import Path
 import timm
 import torch
 
-from fastafd.bench.step import hardware
+from fastafd.run.env import hardware
 
 RESULTS = Path(__file__).parent / "results"
 IMPLS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}

@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import string
 import subprocess
@@ -488,19 +487,8 @@ def load_sibling(name: str):
     return module
 
 
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in ("torch", "torchvision", "timm", "torchdistill", "nvidia-dali-cuda130", "pillow", "numpy", "fastafd"):
-        with suppress(PackageNotFoundError):
-            out[name] = version(name)
-    return out
-
-
-def git_sha() -> str:
-    proc = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return proc.stdout.strip() or "unknown"
+VERSIONS = ("torch", "torchvision", "timm", "torchdistill", "nvidia-dali-cuda130", "pillow", "numpy", "fastafd")
+"""The packages the peers benchmark records (:func:`fastafd.run.env.versions`)."""
 
 
 def wait_for_quiet(threshold: float, max_wait: float) -> list[float]:
@@ -689,6 +677,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_report(a: argparse.Namespace, info: dict, runs: list[dict[str, dict]]) -> str:
     """peers.json and peers.md of the repeats done so far; returns the Markdown."""
+    from fastafd.run import env
+
     s: Settings = info["settings"]
     run_loads = [x for r in runs for t in r.values() for x in t["load_1min"]]
     others = [t["others_cpu_share"] for r in runs for t in r.values()]
@@ -705,7 +695,7 @@ def write_report(a: argparse.Namespace, info: dict, runs: list[dict[str, dict]])
                    "data": str(a.data) if a.data else "generated"},
         "tools_run": describe(s),
         "not_compared": NOT_COMPARED,
-        "hardware": info["hardware"], "versions": versions(), "git_sha": git_sha(),
+        "hardware": info["hardware"], "versions": env.versions(VERSIONS), "git_sha": env.git_sha(),
         "runs": runs,
         "summary": summarize(runs, a.comparisons),
         "load_average_1min": {"waited": info["waited"], "before": info["load_before"], "after": os.getloadavg()[0],

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from tyro.conf import Positional
 
-from fastafd import atomic, outputs
 from fastafd.args import PROG, parse_train_args, tyro_parse, wants_print_config
 from fastafd.errors import RunStopped, Stopped, UserError
+from fastafd.run import atomic, outputs
 
 __all__ = ["main"]
 
@@ -103,7 +103,7 @@ class PlotArgs:
 
 
 def cmd_plot(argv: Sequence[str]) -> int:
-    from fastafd.plot import plot_runs
+    from fastafd.experiments.plot import plot_runs
 
     outputs.refuse_empty(argv)
     args = tyro_parse(PlotArgs, argv, prog=f"{PROG} plot", description=PlotArgs.__doc__ or "")
@@ -145,13 +145,13 @@ def cmd_data(argv: Sequence[str]) -> int:
 
 
 def cmd_sweep(argv: Sequence[str]) -> int:
-    from fastafd.sweep import cmd_sweep as run
+    from fastafd.experiments.sweep import cmd_sweep as run
 
     return run(argv)
 
 
 def cmd_report(argv: Sequence[str]) -> int:
-    from fastafd.report import cmd_report as run
+    from fastafd.experiments.report import cmd_report as run
 
     return run(argv)
 

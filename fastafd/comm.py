@@ -4,7 +4,8 @@ the one test they start with (:func:`distributed`); :mod:`fastafd.dist` sets up 
 
 fastafd has no DDP wrapper (an AFD iteration runs three stages over different parameter sets; see
 :mod:`fastafd.dist`), so each :class:`~fastafd.steps.Stage` averages exactly its own gradients through
-a :class:`GradSync`:
+its own :class:`ParamSync`, which the run's :class:`GradSync` makes for the stage's parameters
+(:meth:`GradSync.for_params`):
 
 * :class:`CoalescedSync` (the reference): one coalesced all-reduce of all the stage's gradients after
   its backward has finished; every byte is on the critical path.
@@ -38,28 +39,32 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 import torch.distributed as tdist
 from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-if TYPE_CHECKING:
-    from fastafd.steps import Stage
+
+class ParamSync(Protocol):
+    """How one stage's gradients (its parameters, its optimizer) are prepared and averaged over processes."""
+
+    def zero(self) -> None:
+        """Before the stage's backward: gradients cleared."""
+
+    def take(self, grads: Sequence[Tensor | None]) -> None:
+        """Precomputed gradients of the stage's parameters (simultaneous order) become its gradients."""
+
+    def reduce(self, found_inf: Tensor) -> None:
+        """After the backward: average the gradients over processes and OR ``found_inf`` into every rank's."""
 
 
 class GradSync(Protocol):
-    """How a stage's gradients are prepared and averaged over processes."""
+    """A run's way of averaging gradients: it makes each stage's :class:`ParamSync`."""
 
-    def zero(self, stage: Stage) -> None:
-        """Before the stage's backward: gradients cleared (or pointed at zeroed buckets)."""
-
-    def take(self, stage: Stage, grads: Sequence[Tensor | None]) -> None:
-        """Precomputed gradients of ``stage.params`` (simultaneous order) become the stage's gradients."""
-
-    def reduce(self, stage: Stage, found_inf: Tensor) -> None:
-        """After the backward: average the gradients over processes and OR ``found_inf`` into every rank's."""
+    def for_params(self, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer) -> ParamSync:
+        """The sync of the stage that steps ``optimizer`` over ``params``."""
 
 
 def distributed() -> bool:
@@ -107,25 +112,40 @@ def all_reduce_grads(params: Sequence[nn.Parameter], found_inf: torch.Tensor) ->
             p.grad = torch.empty_like(p).copy_(synced)
 
 
-class LocalSync:
+class _LocalParams:
     """One process: nothing to average."""
 
-    def zero(self, stage: Stage) -> None:
-        stage.optimizer.zero_grad(set_to_none=True)
+    def __init__(self, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
+        self.params, self.optimizer = list(params), optimizer
 
-    def take(self, stage: Stage, grads: Sequence[Tensor | None]) -> None:
-        for p, g in zip(stage.params, grads, strict=True):
+    def zero(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def take(self, grads: Sequence[Tensor | None]) -> None:
+        for p, g in zip(self.params, grads, strict=True):
             p.grad = g
 
-    def reduce(self, stage: Stage, found_inf: Tensor) -> None:
+    def reduce(self, found_inf: Tensor) -> None:
         pass
 
 
-class CoalescedSync(LocalSync):
+class _CoalescedParams(_LocalParams):
+    def reduce(self, found_inf: Tensor) -> None:
+        all_reduce_grads(self.params, found_inf)
+
+
+class LocalSync:
+    """One process: nothing to average."""
+
+    def for_params(self, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer) -> ParamSync:
+        return _LocalParams(params, optimizer)
+
+
+class CoalescedSync:
     """All of a stage's gradients and the flag in one all-reduce, after the backward (the reference path)."""
 
-    def reduce(self, stage: Stage, found_inf: Tensor) -> None:
-        all_reduce_grads(stage.params, found_inf)
+    def for_params(self, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer) -> ParamSync:
+        return _CoalescedParams(params, optimizer)
 
 
 @dataclass
@@ -154,13 +174,35 @@ class _Plan:
     """The first bucket not started yet: buckets start in plan order."""
 
 
+class _OverlappedParams:
+    """One stage's buckets (its plan, made at its first use) in the run's :class:`OverlappedSync`."""
+
+    def __init__(self, owner: OverlappedSync, params: Sequence[nn.Parameter]) -> None:
+        self.owner, self.params = owner, list(params)
+        self._plan: _Plan | None = None
+
+    @property
+    def plan(self) -> _Plan:
+        if self._plan is None:
+            self._plan = self.owner._make_plan(self.params)
+        return self._plan
+
+    def zero(self) -> None:
+        self.owner.zero(self.plan)
+
+    def take(self, grads: Sequence[Tensor | None]) -> None:
+        self.owner.take(self.plan, self.params, grads)
+
+    def reduce(self, found_inf: Tensor) -> None:
+        self.owner.reduce(self.plan, found_inf)
+
+
 class OverlappedSync:
     """Bucketed gradient all-reduce started by post-accumulate-grad hooks during the backward (module docstring)."""
 
     def __init__(self, bucket_mb: float = 25.0, compression: str = "none") -> None:
         self.bucket_bytes = int(bucket_mb * 2**20)
         self.compression = compression
-        self._plans: dict[int, _Plan] = {}
         self._hooked: set[int] = set()
         self._route: dict[int, _Bucket] = {}
         self._active: _Plan | None = None
@@ -168,13 +210,13 @@ class OverlappedSync:
         self.launched = {"during_backward": 0, "after_backward": 0}
         """Bucket all-reduces started by the hooks while backward ran, and those started when it ended."""
 
+    def for_params(self, params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer) -> ParamSync:
+        return _OverlappedParams(self, params)
+
     # -- set-up --------------------------------------------------------------------------------------
 
-    def _plan(self, stage: Stage) -> _Plan:
-        plan = self._plans.get(id(stage))
-        if plan is not None:
-            return plan
-        params = [p for p in reversed(stage.params) if p.requires_grad]
+    def _make_plan(self, stage_params: Sequence[nn.Parameter]) -> _Plan:
+        params = [p for p in reversed(stage_params) if p.requires_grad]
         groups: list[list[nn.Parameter]] = [[]]
         size = 0
         for p in params:
@@ -201,16 +243,14 @@ class OverlappedSync:
                 p.register_post_accumulate_grad_hook(self._on_grad)
                 self._hooked.add(id(p))
         marks = buckets[-1].flat[-1 - len(params):-1]
-        plan = self._plans[id(stage)] = _Plan(buckets, views, route, marks, view={id(p): v for p, v in views})
-        return plan
+        return _Plan(buckets, views, route, marks, view={id(p): v for p, v in views})
 
-    # -- the three calls -----------------------------------------------------------------------------
+    # -- the three calls of a stage's sync -------------------------------------------------------------
 
-    def zero(self, stage: Stage) -> None:
+    def zero(self, plan: _Plan) -> None:
         """Before the backward: no gradients, so that autograd hands each parameter its fresh gradient and
         the hook copies it into the bucket once (DDP's ``gradient_as_bucket_view`` path), instead of
         zeroing every bucket and accumulating into it (two more passes over the stage's gradients)."""
-        plan = self._plan(stage)
         for b in plan.buckets:
             b.pending, b.work, b.wire, b.ready = len(b.params), None, None, set()
         for p, _ in plan.views:
@@ -218,18 +258,16 @@ class OverlappedSync:
         plan.next = 0
         self._route, self._active = plan.route, plan
 
-    def take(self, stage: Stage, grads: Sequence[Tensor | None]) -> None:
-        plan = self._plan(stage)
-        self.zero(stage)
+    def take(self, plan: _Plan, params: Sequence[nn.Parameter], grads: Sequence[Tensor | None]) -> None:
+        self.zero(plan)
         self._route = {}  # copied in below, reduced all at once in reduce(): nothing to overlap with
-        for p, g in zip(stage.params, grads, strict=True):
+        for p, g in zip(params, grads, strict=True):
             if g is not None and id(p) in plan.view:
                 plan.view[id(p)].copy_(g)
                 p.grad = plan.view[id(p)]
                 plan.route[id(p)].ready.add(id(p))
 
-    def reduce(self, stage: Stage, found_inf: Tensor) -> None:
-        plan = self._plan(stage)
+    def reduce(self, plan: _Plan, found_inf: Tensor) -> None:
         self._route = {}
         local = [id(p) in b.ready for b in plan.buckets for p in b.params]  # plan order, as the marks
         for b in plan.buckets:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
+from types import ModuleType
 
 ERROR_DIR = "FASTAFD_ERROR_DIR"
 """Set by ``fastafd.launch`` for its training processes: the folder where each rank records its one error line."""
@@ -53,3 +55,12 @@ def record_error(line: str, exit_code: int, *, printed: bool) -> bool:
     except (OSError, ValueError):
         return False
     return True
+
+
+def require(module: str, extra: str, purpose: str, alternative: str = "", package: str = "") -> ModuleType:
+    """Import an optional dependency, or raise a one-line :class:`UserError` naming the extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        hint = f", or {alternative}" if alternative else ""
+        raise UserError(f"{purpose} needs the optional package {package or module}: pip install 'fastafd[{extra}]'{hint}") from None

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import torch
 
-from fastafd import checkpoint, config, dist, readback, rundir
+from fastafd import config, dist
+from fastafd.checkpoint import choice, codec
 from fastafd.errors import UserError
 from fastafd.methods import Task
 from fastafd.metrics import summarize_eval
+from fastafd.run import readback, rundir
 from fastafd.session import build_session
 
 
@@ -30,7 +32,7 @@ def evaluate(task: Task, loader: object) -> dict:
 
 def evaluate_run(run: Path, *, data: Path | None = None, batch_size: int = 0, which: str = "best") -> dict:
     """Rebuild the run's task from its saved config, load the checkpoint ``which`` names (see
-    :func:`fastafd.checkpoint.choose`) and evaluate; the result names the checkpoint."""
+    :func:`fastafd.checkpoint.choice.choose`) and evaluate; the result names the checkpoint."""
     run = Path(run)
     cfg_path = run / rundir.CONFIG_FILE
     if not cfg_path.is_file():
@@ -43,9 +45,9 @@ def evaluate_run(run: Path, *, data: Path | None = None, batch_size: int = 0, wh
         cfg.data = replace(cfg.data, root=data, format="auto")
     if batch_size:
         cfg.data = replace(cfg.data, val_batch_size=batch_size)
-    ckpt, why = checkpoint.choose(run, which)
+    ckpt, why = choice.choose(run, which)
     session = build_session(cfg, train=False)  # the validation split only
-    checkpoint.load_model(ckpt, session.task)
+    codec.load_model(ckpt, session.task)
     if session.runtime.is_main:
         print(f"fastafd: evaluating {ckpt.path} (step {ckpt.step}; {why})", file=sys.stderr)
     result = evaluate(session.task, session.val_loader)

@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fastafd import checkpoint, outputs, readback, rundir
+from fastafd.checkpoint import choice, paths, store
 from fastafd.errors import UserError
 from fastafd.methods import registry
 from fastafd.models.peers import build_kwargs
+from fastafd.run import outputs, readback, rundir
 
 
 def export_peer(run: Path, peer: int, out: Path, which: str = "best") -> dict:
-    """Write peer ``peer`` of run ``run`` (the checkpoint ``which`` names, see :func:`fastafd.checkpoint.choose`)
+    """Write peer ``peer`` of run ``run`` (the checkpoint ``which`` names, see :func:`fastafd.checkpoint.choice.choose`)
     to ``out``; returns a description.
 
     The file loads with ``timm.create_model(name, num_classes=N, pretrained=True,
@@ -21,7 +22,7 @@ def export_peer(run: Path, peer: int, out: Path, which: str = "best") -> dict:
     the classifier.
 
     ``out`` ending in ``.safetensors`` is the file; anything else a folder for ``peer<K>.safetensors``. It is written
-    through :mod:`fastafd.outputs`: atomically, and over an existing file only when fastafd wrote it (an earlier export);
+    through :mod:`fastafd.run.outputs`: atomically, and over an existing file only when fastafd wrote it (an earlier export);
     an unwritable place is one line, and no temporary file is left.
     """
     run = Path(run)
@@ -51,15 +52,15 @@ def export_peer(run: Path, peer: int, out: Path, which: str = "best") -> dict:
                         "pass the folder `fastafd train` wrote") from None
     if not 0 <= peer < len(names):
         raise UserError(f"--peer {peer} is out of range: the run has {len(names)} peers (0..{len(names) - 1}: {', '.join(names)})")
-    ckpt, why = checkpoint.choose(run, which)
+    ckpt, why = choice.choose(run, which)
     # the task says what its deployable networks are (peer k; for ONE/CL: the trunk + branch k)
-    state = registry.get(method).deployable_state(ckpt.tensors(checkpoint.MODEL), peer)
+    state = registry.get(method).deployable_state(ckpt.tensors(paths.MODEL), peer)
     name = names[peer]
     extra = build_kwargs(name, image_size)  # a transformer is built for the run's image size
     meta = {"model": name, "num_classes": num_classes, "create_kwargs": extra, "checkpoint": str(ckpt.path), "step": ckpt.step,
             "chosen": why}
     strings = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in meta.items()}  # safetensors metadata: strings
-    writer.write(out, lambda tmp: checkpoint.save_weights(tmp, state, strings))
+    writer.write(out, lambda tmp: store.save_weights(tmp, state, strings))
     outputs.fix_mode(out)  # a file to share, like any other the user writes (safetensors makes it 0600)
     kwargs = "".join(f", {k}={v!r}" for k, v in extra.items())
     # the CIFAR networks are fastafd's: timm knows them once fastafd is imported

@@ -58,9 +58,13 @@ def build_optimizer(
     else:
         cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
         opt = cls(groups, lr=lr, betas=cfg.betas, **kw)
-    # the fused kernels skip a flagged step themselves (``found_inf``), so no step reads the flag
-    opt._fastafd_device_skip = fused and fused_kernels_skip(device.type)
     return opt
+
+
+def device_skip(optimizer: torch.optim.Optimizer, device: torch.device) -> bool:
+    """Whether ``optimizer`` skips a flagged step itself: torch's fused kernels read ``found_inf``, so no step
+    reads the flag on the host (a :class:`~fastafd.steps.Stage`'s ``device_skip``)."""
+    return isinstance(optimizer, torch.optim.Optimizer) and optimizer.defaults.get("fused") is True and fused_kernels_skip(device.type)
 
 
 def init_momentum(opt: torch.optim.SGD) -> None:
@@ -141,5 +145,5 @@ def build_stages(
         ocfg = getattr(cfg, spec.optim)  # one of config.OPTIMIZER_SLOTS
         opt = build_optimizer(spec.params, ocfg, scaled_lr(ocfg, cfg.data.batch_size), device, cfg.system.optimizer_impl)
         sched = build_scheduler(opt, ocfg, cfg.loop.epochs, steps_per_epoch)
-        stages[name] = Stage(name, list(spec.params), opt, sched, guard, grad_sync or LocalSync())
+        stages[name] = Stage(name, list(spec.params), opt, sched, guard, grad_sync or LocalSync(), device_skip=device_skip(opt, device))
     return Stages(stages, guard)

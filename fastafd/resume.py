@@ -4,20 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastafd import checkpoint, observe, state
+from fastafd import state
+from fastafd.checkpoint import choice, store
 from fastafd.config import OPTIMIZER_SLOTS, to_dict
 from fastafd.errors import UserError
 from fastafd.metrics import RunningMeans
+from fastafd.observe import console
 from fastafd.session import Session, dataset_record
 from fastafd.steps import Stages
 
 
-def resume(session: Session, stages: Stages, meter: RunningMeans, run_dir: Path) -> tuple[state.Position, checkpoint.Checkpoint | None]:
+def resume(session: Session, stages: Stages, meter: RunningMeans, run_dir: Path) -> tuple[state.Position, store.Checkpoint | None]:
     """Load the checkpoint that ``checkpoint.resume`` names (auto: the newest valid one in --out) into the
     live run; returns where to continue and the checkpoint (None: from the start)."""
     cfg = session.config
     start = state.Position(epoch=1, epoch_step=0, step=0)
-    ckpt = checkpoint.resolve(cfg.checkpoint.resume, run_dir if cfg.out is not None else None)
+    ckpt = choice.resolve(cfg.checkpoint.resume, run_dir if cfg.out is not None else None)
     if ckpt is None:
         return start, None
     mid_epoch = int(ckpt.state["epoch_step"]) > 0
@@ -57,5 +59,5 @@ def resume(session: Session, stages: Stages, meter: RunningMeans, run_dir: Path)
         if saved_world != runtime.world_size:
             moved = (f"; on {runtime.world_size} processes, written by {saved_world}: the epoch's remaining samples are split "
                      "among the new processes (each seen once), their random augmentation streams start afresh")
-        observe.write(f"resuming from {ckpt.path} at epoch {pos.epoch}, step {pos.step}{changes}{moved}")
+        console.write(f"resuming from {ckpt.path} at epoch {pos.epoch}, step {pos.step}{changes}{moved}")
     return pos, ckpt

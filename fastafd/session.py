@@ -12,11 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fastafd import dist, observe
+from fastafd import dist
 from fastafd.config import TrainConfig
 from fastafd.data import DatasetInfo, Loader, build_data
 from fastafd.errors import UserError
 from fastafd.methods import Numerics, Task, build_task
+from fastafd.observe import console
 
 SMALL_BN_BATCH = 32
 """Below this many images per process, BatchNorm statistics (per process: peers, transfer layers and
@@ -68,7 +69,7 @@ def build_session(cfg: TrainConfig, *, train: bool = True) -> Session:
         seed=cfg.system.seed, channels_last=runtime.channels_last, dtype=image_dtype, train=train,
     ), timeout_s=cfg.system.wait_timeout_s)
     if train and runtime.is_main and (warning := small_batch_warning(cfg.data.batch_size, runtime.world_size)):
-        observe.warn(warning)
+        console.warn(warning)
     if cfg.model.num_classes and cfg.model.num_classes != dataset.num_classes:
         raise UserError(
             f"model.num_classes={cfg.model.num_classes} but the data has {dataset.num_classes} classes: "

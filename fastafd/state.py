@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from fastafd import checkpoint
+from fastafd.checkpoint import codec, paths, store
 from fastafd.comm import distributed
 from fastafd.errors import UserError
 from fastafd.metrics import RunningMeans
@@ -119,11 +119,11 @@ def capture(
         "ranks": ranks,
         "config": config,
     }
-    return {checkpoint.MODEL: dict(task.state_dict()), checkpoint.OPTIM: optim_tensors}, state
+    return {paths.MODEL: dict(task.state_dict()), paths.OPTIM: optim_tensors}, state
 
 
 def restore(
-    ckpt: checkpoint.Checkpoint,
+    ckpt: store.Checkpoint,
     task: torch.nn.Module,
     stages: Stages,
     train_loader: Loader,
@@ -137,12 +137,12 @@ def restore(
     """Load ``ckpt`` into the live run; returns where to continue."""
     st = ckpt.state
     saved_world = len(st["ranks"])
-    checkpoint.load_model(ckpt, task)
-    optim = ckpt.tensors(checkpoint.OPTIM)
+    codec.load_model(ckpt, task)
+    optim = ckpt.tensors(paths.OPTIM)
     if set(st["stages"]) != set(stages):
         raise UserError(f"checkpoint {ckpt.path} has optimizer stages {sorted(st['stages'])}, this run {sorted(stages)}: same method needed")
     stages.load_state_dict(optim, st, same_schedule=same_schedule,
-                           check=lambda name, sd, opt: checkpoint.check_optimizer_state(ckpt, name, sd, opt))
+                           check=lambda name, sd, opt: codec.check_optimizer_state(ckpt, name, sd, opt))
     meter.load_state_dict(st["meter"], device)
     if saved_world == world_size:  # this rank's own random and reader state: the uninterrupted run, bitwise
         mine = st["ranks"][rank]

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from fastafd.comm import GradSync, LocalSync
-from fastafd.observe import stage_range
+from fastafd.comm import GradSync, LocalSync, ParamSync
+from fastafd.observe.profile import stage_range
 
 
 class StepGuard:
@@ -93,13 +93,15 @@ class StepGuard:
         if grads:
             torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found_inf, self._one)
 
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Step ``optimizer`` unless the flag is raised."""
+    def step(self, optimizer: torch.optim.Optimizer, device_skip: bool = False) -> None:
+        """Step ``optimizer`` unless the flag is raised. ``device_skip``: the optimizer's kernels skip a flagged step
+        themselves (torch's fused kernels, given ``found_inf``; :func:`fastafd.optim.device_skip`), so nothing
+        reads the flag on the host."""
         if self.scaler is not None:
             # make the scaler's record agree with the shared (all-stage, all-rank) decision
             for flag in self.scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values():
                 flag.copy_(self.found_inf.to(flag))
-        if getattr(optimizer, "_fastafd_device_skip", False):
+        if device_skip:
             optimizer.grad_scale = None
             optimizer.found_inf = self.found_inf  # the fused kernel skips the update on the device
             optimizer.step()
@@ -152,39 +154,46 @@ class Stage:
     scheduler: object  # a timm scheduler (step_update)
     guard: StepGuard = field(repr=False)
     grad_sync: GradSync = field(default_factory=LocalSync, repr=False)
-    """How its gradients are averaged over processes (:mod:`fastafd.comm`)."""
+    """The run's way of averaging gradients over processes (:mod:`fastafd.comm`); it makes :attr:`sync`."""
+    device_skip: bool = False
+    """Its optimizer skips a flagged step on the device (torch's fused kernels: :func:`fastafd.optim.device_skip`)."""
+    sync: ParamSync = field(init=False, repr=False)
+    """This stage's own gradient sync: its parameters' buckets and collectives."""
+
+    def __post_init__(self) -> None:
+        self.sync = self.grad_sync.for_params(self.params, self.optimizer)
 
     @stage_range  # trace range '<name>_step' (profiler, NVTX)
     def step(self, loss: Tensor) -> None:
         """Zero grads, backward into this stage's parameters (their all-reduce overlapped with it when the
         run overlaps), finish the sync and check the gradients, step."""
         self.guard.check(loss)
-        self.grad_sync.zero(self)
+        self.sync.zero()
         torch.autograd.backward(self.guard.scale(loss), inputs=self.params)
         self._finish_grads()
-        self.guard.step(self.optimizer)
+        self.guard.step(self.optimizer, self.device_skip)
 
     @stage_range  # trace range '<name>_step' (profiler, NVTX)
     def step_with(self, grads: Sequence[Tensor | None]) -> None:
         """Step with precomputed (scaled) gradients of this stage's parameters: :meth:`set_grads` + :meth:`apply`."""
         self.set_grads(grads)
-        self.guard.step(self.optimizer)
+        self.guard.step(self.optimizer, self.device_skip)
 
     def set_grads(self, grads: Sequence[Tensor | None]) -> None:
         """Take precomputed (scaled) gradients of this stage's parameters, average and check them (simultaneous
         mode: the check raises the shared flag before any other stage steps); :meth:`apply` steps."""
-        self.grad_sync.take(self, grads)
+        self.sync.take(grads)
         self._finish_grads()
 
     @stage_range  # trace range '<name>_step' (profiler, NVTX)
     def apply(self) -> None:
         """Step with the gradients given to :meth:`set_grads`."""
-        self.guard.step(self.optimizer)
+        self.guard.step(self.optimizer, self.device_skip)
 
     def _finish_grads(self) -> None:
         """Average the gradients and the flag over processes, then check them (unscale with fp16): every rank
         checks the same averaged values, so the skip decision is the same everywhere."""
-        self.grad_sync.reduce(self, self.guard.found_inf)
+        self.sync.reduce(self.guard.found_inf)
         self.guard.check_grads(self.optimizer)
 
     def set_step(self, step: int) -> None:
@@ -235,12 +244,12 @@ class Stages(Mapping[str, Stage]):
     def state_dict(self) -> tuple[dict[str, Tensor], dict]:
         """(optimizer state tensors keyed ``<stage>/<param id>/<key>``, JSON-ready rest: per-stage optimizer
         scalars and hyper-parameters, schedules, and the guard's counters and loss scale)."""
-        from fastafd import checkpoint
+        from fastafd.checkpoint import codec
 
         tensors: dict[str, Tensor] = {}
         meta = {}
         for name, stage in self._stages.items():
-            t, m = checkpoint.optimizer_to_safe(stage.optimizer, name)
+            t, m = codec.optimizer_to_safe(stage.optimizer, name)
             tensors.update(t)
             meta[name] = {"optimizer": m, "scheduler": _jsonable(stage.scheduler.state_dict())}
         return tensors, {"stages": meta, "guard": self.guard.state_dict()}
@@ -250,10 +259,10 @@ class Stages(Mapping[str, Stage]):
         """Inverse of :meth:`state_dict`. Hyper-parameters stay this run's (its config); schedules are
         restored only when ``same_schedule``; ``check(stage, optimizer state dict, optimizer)`` may refuse
         state that does not fit before it is loaded."""
-        from fastafd import checkpoint
+        from fastafd.checkpoint import codec
 
         for name, stage in self._stages.items():
-            sd = checkpoint.optimizer_from_safe(dict(tensors), meta["stages"][name]["optimizer"], name)
+            sd = codec.optimizer_from_safe(dict(tensors), meta["stages"][name]["optimizer"], name)
             if check is not None:
                 check(name, sd, stage.optimizer)
             sd["param_groups"] = stage.optimizer.state_dict()["param_groups"]

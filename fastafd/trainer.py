@@ -14,14 +14,18 @@ from pathlib import Path
 
 import torch
 
-from fastafd import checkpoint, compile_cache, dist, faults, observe, preempt, rundir, runlock, state, trackers
+from fastafd import compile_cache, dist, faults, preempt, state
+from fastafd.checkpoint import paths, store
 from fastafd.comm import make_grad_sync
 from fastafd.config import TrainConfig, to_dict
 from fastafd.errors import RunStopped, Stopped, UserError
 from fastafd.evaluate import evaluate
 from fastafd.metrics import RunningMeans
+from fastafd.observe import console, profile, tensorboard, trackers
+from fastafd.observe.clock import IntervalMeans, LoopClock
 from fastafd.optim import build_stages
 from fastafd.resume import resume
+from fastafd.run import rundir, runlock
 from fastafd.session import Session, build_session, dataset_record
 from fastafd.steps import Stages
 
@@ -29,7 +33,7 @@ from fastafd.steps import Stages
 def train(cfg: TrainConfig) -> Path | None:
     """Train ``cfg`` (continuing from a checkpoint when there is one); returns the run directory (None: dry run).
 
-    The run folder is locked (rank 0, :mod:`fastafd.runlock`) from before its checkpoints are read
+    The run folder is locked (rank 0, :mod:`fastafd.run.runlock`) from before its checkpoints are read
     until this returns or raises: one run per folder.
     """
     with contextlib.ExitStack() as held:
@@ -50,7 +54,7 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path | None:
         grad_sync=make_grad_sync(runtime.world_size, overlap=cfg.system.overlap_comm, bucket_mb=cfg.system.bucket_mb,
                                  compression=cfg.system.grad_compression),
     )
-    use_tensorboard = "tensorboard" in cfg.log.trackers and observe.tensorboard_enabled(cfg.log.tensorboard)  # UserError before anything is written
+    use_tensorboard = "tensorboard" in cfg.log.trackers and tensorboard.tensorboard_enabled(cfg.log.tensorboard)  # UserError before anything is written
     if cfg.loop.dry_run:
         return _dry_run(session, stages, steps_per_epoch)
     run_dir = cfg.out or rundir.default_run_dir(cfg.recipe)
@@ -62,7 +66,7 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path | None:
     pos, ckpt = resume(session, stages, meter, run_dir)
     if runtime.is_main:
         if cfg.checkpoint.resume == "fresh" and (aside := rundir.set_aside(run_dir)) is not None:
-            observe.write(f"starting over in {run_dir}: the earlier checkpoints, metrics and TensorBoard files are in {aside}")
+            console.write(f"starting over in {run_dir}: the earlier checkpoints, metrics and TensorBoard files are in {aside}")
         extra = {"resumed_from": str(ckpt.path) if ckpt else None}
         rundir.create(run_dir, cfg, {"world_size": runtime.world_size, "device": str(runtime.device),
                                      "dataset": dataset_record(session.dataset), **extra})
@@ -74,13 +78,13 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path | None:
             external = trackers.Trackers(cfg.log.trackers, run_dir, to_dict(cfg), project=cfg.log.project,
                                         resume_step=pos.step if ckpt else None)
         # purge from the step after the checkpoint's: the checkpoint's own step (its train and val points) was logged before it was written
-        scalars = observe.Scalars(run_dir, task.names, to_dict(cfg), purge_step=pos.step + 1 if ckpt else None, eval_keys=task.eval_keys,
+        scalars = tensorboard.Scalars(run_dir, task.names, to_dict(cfg), purge_step=pos.step + 1 if ckpt else None, eval_keys=task.eval_keys,
                                   tensorboard=use_tensorboard, trackers=external)
     observers = _Observers(
         scalars=scalars,
-        profiler=observe.Profiler(cfg.log.profile, run_dir / observe.PROFILE_DIR, rank=runtime.rank, device=runtime.device, first_step=pos.step),
+        profiler=profile.Profiler(cfg.log.profile, run_dir / profile.PROFILE_DIR, rank=runtime.rank, device=runtime.device, first_step=pos.step),
     )
-    observe.set_nvtx(runtime.device.type == "cuda")
+    profile.set_nvtx(runtime.device.type == "cuda")
     run = _Run(session, stages, run_dir, observers, steps_per_epoch, preempt.Preemption(runtime.world_size), started)
     # a rank that has not reached the loop when the others' first collective is about to time out is named
     watch = dist.peer_watch(runtime, cfg.system.peer_timeout_s, start_timeout_s=0.9 * cfg.system.dist_timeout_s)
@@ -95,20 +99,20 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path | None:
             if epoch % cfg.loop.eval_interval and epoch != cfg.loop.epochs:
                 run.save(pos, meter)
                 continue
-            with observe.trace_range("eval"):
+            with profile.trace_range("eval"):
                 evals = evaluate(task, session.val_loader)
             row = _epoch_row(run, epoch=epoch, result=result, evals=evals)
             if runtime.is_main:  # the row first: a run killed before the checkpoint below drops it on resume
                 rundir.append_metrics(run_dir, row)
                 if observers.scalars is not None:
                     observers.scalars.eval(result.step, row)
-                observe.write(observe.epoch_summary(row, cfg.loop.epochs, result.means, task.loss_keys, task.describe_eval(row["peers"])))
+                console.write(console.epoch_summary(row, cfg.loop.epochs, result.means, task.loss_keys, task.describe_eval(row["peers"])))
             run.save(pos, meter, metric=row["ensemble_top1"])
     except preempt.Preempted as stop:
         if stop.signum != preempt.SIGNAL:  # SIGTERM: stop here, exit 128 + 15
             raise Stopped(run.preempt.stop_line(stop.step, stop.signum, stop.saved), 128 + stop.signum) from None
         if runtime.is_main:
-            observe.write(run.preempt.requeue(stop.step))
+            console.write(run.preempt.requeue(stop.step))
     except BaseException as e:
         if watch is not None:
             why = watch.explain(e) if isinstance(e, Exception) and not isinstance(e, (UserError, RunStopped)) else None
@@ -123,7 +127,7 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> Path | None:
         observers.profiler.stop()
         if observers.scalars is not None:
             observers.scalars.close()
-        observe.set_nvtx(False)
+        profile.set_nvtx(False)
     runtime.accelerator.wait_for_everyone()
     runtime.accelerator.end_training()
     return run_dir
@@ -164,8 +168,8 @@ def _epoch_row(run: _Run, *, epoch: int, result: EpochResult, evals: dict) -> di
 class _Observers:
     """Rank 0's TensorBoard writer (None when off or on other ranks) and the profiler (every rank)."""
 
-    scalars: observe.Scalars | None
-    profiler: observe.Profiler
+    scalars: tensorboard.Scalars | None
+    profiler: profile.Profiler
 
 
 @dataclass
@@ -190,7 +194,7 @@ class _Run:
         left = (cfg.loop.epochs * self.steps_per_epoch - step) * cfg.data.batch_size
         if self.session.runtime.is_main and img_per_s > 0:
             seconds = left / img_per_s
-            observe.write(f"expected time: {observe.duration(seconds)} for the {left:,} images left ({self.steps_per_epoch * cfg.data.batch_size:,} "
+            console.write(f"expected time: {console.duration(seconds)} for the {left:,} images left ({self.steps_per_epoch * cfg.data.batch_size:,} "
                           f"per epoch x {cfg.loop.epochs} epochs) at the {img_per_s:,.0f} img/s of the first {cfg.loop.log_interval} steps, "
                           "evaluations not counted")
 
@@ -218,13 +222,13 @@ class _Run:
         session, runtime = self.session, self.session.runtime
         if (why := self._withhold()) is not None:
             if runtime.is_main:
-                observe.warn(f"no checkpoint at step {pos.step}: {why}; the newest checkpoint stays the last good one")
+                console.warn(f"no checkpoint at step {pos.step}: {why}; the newest checkpoint stays the last good one")
             return False
-        with observe.trace_range("checkpoint"):
+        with profile.trace_range("checkpoint"):
             dist.average_buffers(session.task)
             tensors, saved = state.capture(session.task, self.stages, session.train_loader, meter, pos, to_dict(session.config), runtime.device)
             saved["data"] = dataset_record(session.dataset)  # a resume compares it with its own data (class count, training set)
-            dist.rank0_first(runtime, lambda: checkpoint.write(self.run_dir, pos.step, tensors, saved, keep=session.config.checkpoint.keep,
+            dist.rank0_first(runtime, lambda: store.write(self.run_dir, pos.step, tensors, saved, keep=session.config.checkpoint.keep,
                                                                metric=metric),
                              what=f"write the checkpoint of step {pos.step}", timeout_s=session.config.system.wait_timeout_s)
         return True
@@ -248,7 +252,7 @@ class _Run:
         terms = [
             f"{key} of peer {k} ({names[k]})" for key, values in means.items() for k, v in enumerate(values) if not math.isfinite(v) and k < len(names)
         ]
-        last = checkpoint.list_checkpoints(self.run_dir)
+        last = paths.list_checkpoints(self.run_dir)
         raise RunStopped(
             f"{longest} consecutive steps were skipped for non-finite losses (up to step {int(guard.longest_end)}); "
             f"non-finite: {', '.join(terms) or 'a loss term'}. The last good checkpoint, {last[0] if last else 'none yet'}, is kept; "
@@ -267,9 +271,9 @@ def _train_epoch(run: _Run, *, epoch: int, pos: state.Position, meter: RunningMe
     batch = cfg.data.batch_size
     first = pos.epoch_step if epoch == pos.epoch else 0
     step = pos.step
-    progress = observe.Progress(cfg.log.progress, enabled=runtime.is_main, epoch=epoch, epochs=cfg.loop.epochs, steps=steps, batch=batch,
+    progress = console.Progress(cfg.log.progress, enabled=runtime.is_main, epoch=epoch, epochs=cfg.loop.epochs, steps=steps, batch=batch,
                                 loss_keys=task.loss_keys)
-    clock, recent = observe.LoopClock(), observe.IntervalMeans()
+    clock, recent = LoopClock(), IntervalMeans()
     start = time.perf_counter()
     done = logged = first
     data_wait = 0.0
@@ -277,7 +281,7 @@ def _train_epoch(run: _Run, *, epoch: int, pos: state.Position, meter: RunningMe
         if done == steps:
             break
         stages.set_step(step)
-        with observe.trace_range("train_step"), stages.iteration():
+        with profile.trace_range("train_step"), stages.iteration():
             meter.add(task.train_step(x, y, stages))
         step += 1
         done += 1
@@ -316,8 +320,8 @@ def _train_epoch(run: _Run, *, epoch: int, pos: state.Position, meter: RunningMe
     return EpochResult(means=means, images=(done - first) * batch, seconds=seconds, step=step, data_wait=min(data_wait / seconds, 1.0))
 
 
-def _log_interval(observers: _Observers, stages: Stages, *, progress: observe.Progress | None, clock: observe.LoopClock,
-                  recent: observe.IntervalMeans, means: dict, step: int, done: int, steps: int, batch: int) -> tuple[float, float]:
+def _log_interval(observers: _Observers, stages: Stages, *, progress: console.Progress | None, clock: LoopClock,
+                  recent: IntervalMeans, means: dict, step: int, done: int, steps: int, batch: int) -> tuple[float, float]:
     """Progress and TensorBoard at a log point, right after a host sync; returns (the interval's seconds in
     next(), its img/s)."""
     seconds, wait = clock.lap()  # the interval ends at the sync, i.e. where the device work ends
@@ -336,7 +340,7 @@ def _dry_run(session: Session, stages: Stages, steps_per_epoch: int) -> None:
         backend = torch.distributed.get_backend() if runtime.world_size > 1 else "none"
         parts = [f"{name} {type(stage.optimizer).__name__} {sum(p.numel() for p in stage.params):,} params lr {stage.lr:g}"
                  for name, stage in stages.items()]
-        observe.write(
+        console.write(
             f"dry run: {runtime.world_size} processes ({backend}, {runtime.device.type}, {runtime.dtype}), method {cfg.method.name}, "
             f"peers {' '.join(cfg.model.peers)}, {dataset.num_classes} classes, {dataset.train_size} train / {dataset.val_size} val images, "
             f"global batch {cfg.data.batch_size}, {steps_per_epoch} steps x {cfg.loop.epochs} epochs; stages: {'; '.join(parts)}. "

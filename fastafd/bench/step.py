@@ -25,7 +25,6 @@ Run as ``fastafd bench step`` or ``python benchmarks/step.py``.
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -34,9 +33,9 @@ from typing import Literal
 
 import torch
 
-from fastafd import outputs, rundir
 from fastafd.config import DataConfig, LoopConfig, MethodConfig, ModelConfig, SystemConfig, TrainConfig, adam_feature_stage, sgd_logit_stage
 from fastafd.errors import UserError
+from fastafd.run import env, outputs
 
 VARIANTS = ("reference", "independent", "extra-backward", "afd-sequential", "afd-simultaneous", "one", "cl")
 
@@ -220,18 +219,6 @@ def measure(args: StepBenchArgs, variant: str, device: torch.device, batch: tupl
     return VariantResult(variant, statistics.median(windows), min(windows), max(windows), windows, first, gflop)
 
 
-def hardware(device: torch.device) -> dict:
-    info = {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": torch.get_num_threads()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def run(args: StepBenchArgs) -> dict:
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -261,9 +248,9 @@ def run(args: StepBenchArgs) -> dict:
         "benchmark": "step",
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(args).items()},
         "device": str(device),
-        "hardware": hardware(device),
-        "versions": rundir.versions(),
-        "git_sha": rundir.git_sha(),
+        "hardware": env.hardware(device),
+        "versions": env.versions(),
+        "git_sha": env.git_sha(),
         "results": [asdict(r) for r in results],
         "ratios": ratios,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),

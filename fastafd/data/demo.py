@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from fastafd.errors import UserError
-from fastafd.progress import iterate
+from fastafd.observe.progress import iterate
 
 VERSION = 1
 SEED = 20200712

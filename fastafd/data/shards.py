@@ -35,7 +35,7 @@ import numpy as np
 from fastafd.data.base import DataError, NotThisFormat
 from fastafd.data.folder import read_exclude, scan_folder
 from fastafd.errors import UserError
-from fastafd.progress import bar as progress_bar
+from fastafd.observe.progress import bar as progress_bar
 
 FORMAT = "fastafd-shards"
 VERSION = 1

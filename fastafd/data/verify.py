@@ -27,7 +27,7 @@ from fastafd.data.decode_errors import _cause
 from fastafd.data.folder import IMAGE_EXTENSIONS, SPLITS, class_folders, image_files
 from fastafd.data.formats import HEAD_BYTES, header_problem
 from fastafd.errors import UserError
-from fastafd.progress import bar as progress_bar
+from fastafd.observe.progress import bar as progress_bar
 
 _JPEG_NAMES = (".jpeg", ".jpg")
 BATCH = 32

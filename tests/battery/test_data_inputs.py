@@ -404,7 +404,7 @@ def test_absolute_exclude_paths_under_the_root_are_honoured(tmp_path: Path) -> N
 
 def test_eval_on_another_dataset_detects_its_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`fastafd eval RUN --data DIR` reads DIR as `fastafd train --data DIR` would (here: shards)."""
-    import fastafd.checkpoint
+    import fastafd.checkpoint.choice
     import fastafd.evaluate
     from fastafd.config import TrainConfig, to_dict
     from fastafd.evaluate import evaluate_run
@@ -419,7 +419,7 @@ def test_eval_on_another_dataset_detects_its_format(tmp_path: Path, monkeypatch:
         seen.append(cfg.data)
         raise UserError("stop here")
 
-    monkeypatch.setattr(fastafd.checkpoint, "latest_valid", lambda run: object())
+    monkeypatch.setattr(fastafd.checkpoint.choice, "latest_valid", lambda run: object())
     monkeypatch.setattr(fastafd.evaluate, "build_session", session)
     shards = _shards(tmp_path)
     with pytest.raises(UserError, match="stop here"):

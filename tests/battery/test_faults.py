@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from fastafd import checkpoint, rundir
+from fastafd.checkpoint import paths
+from fastafd.run import rundir
 
 pytestmark = pytest.mark.slow  # the real CLI: subprocesses that train
 
@@ -54,8 +55,8 @@ def test_sigterm_checkpoints_at_the_next_step_exits_143_and_the_same_command_res
     assert line.startswith("fastafd: stopped at step ") and line.endswith(" on SIGTERM: checkpoint written; run the same command to resume")
     step = int(line.split("stopped at step ")[1].split()[0])
     assert step < 256  # stopped mid-epoch, at a step boundary: not at the end
-    (ckpt,) = checkpoint.list_checkpoints(out)
-    assert ckpt == checkpoint.step_dir(out, step)
+    (ckpt,) = paths.list_checkpoints(out)
+    assert ckpt == paths.step_dir(out, step)
     resumed = fastafd_cli.run(cmd, env, check=False)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {ckpt} at epoch 1, step {step}" in resumed.stdout + resumed.stderr
@@ -98,7 +99,7 @@ def test_sigterm_to_the_launcher_stops_every_rank_at_one_step_with_one_checkpoin
     line = _stopped_line(err)
     assert " on SIGTERM: checkpoint written; run the same command to resume" in line
     step = int(line.split("stopped at step ")[1].split()[0])
-    (ckpt,) = checkpoint.list_checkpoints(out)
-    assert ckpt == checkpoint.step_dir(out, step) and step % 2 == 0  # a log point: where the ranks agree
-    state = json.loads((ckpt / checkpoint.STATE).read_text())
+    (ckpt,) = paths.list_checkpoints(out)
+    assert ckpt == paths.step_dir(out, step) and step % 2 == 0  # a log point: where the ranks agree
+    state = json.loads((ckpt / paths.STATE).read_text())
     assert len(state["ranks"]) == 2

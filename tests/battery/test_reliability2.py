@@ -14,8 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from fastafd import checkpoint, cli, rundir
-from fastafd import sweep as sw
+from fastafd import cli
+from fastafd.checkpoint import paths, store
+from fastafd.experiments import plan
+from fastafd.experiments import state as cellstate
+from fastafd.run import rundir
 from tests.battery.harness import Case, run_case, tree_digest
 from tests.battery.test_run_folder import read_only
 from tests.unit.test_report import AFD, IND, TINY, make_sweep
@@ -136,7 +139,7 @@ def test_report_into_a_read_only_folder_is_one_line_naming_the_path_and_error(sw
 # -- case 8: hand-edited sweep folders ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [sw.STATUS, sw.LOGS])
+@pytest.mark.parametrize("name", [plan.STATUS, plan.LOGS])
 def test_a_sweep_subfolder_present_as_a_file_is_one_line(name, tmp_path, capsys):
     root = tmp_path / "s"
     root.mkdir()
@@ -148,11 +151,11 @@ def test_a_sweep_subfolder_present_as_a_file_is_one_line(name, tmp_path, capsys)
 @pytest.mark.parametrize("field,value", [("cells", {"a": 1}), ("cells", "x"), ("overrides", 3), ("history", "h"), ("cells", [[1]]),
                                          ("cells", [{"name": "x"}])])
 def test_a_damaged_field_of_sweep_json_is_one_line_naming_file_and_field(field, value, sweep, tmp_path, capsys):
-    manifest = json.loads((sweep / sw.MANIFEST).read_text())
+    manifest = json.loads((sweep / plan.MANIFEST).read_text())
     manifest[field] = value
-    (sweep / sw.MANIFEST).write_text(json.dumps(manifest))
+    (sweep / plan.MANIFEST).write_text(json.dumps(manifest))
     for args in (["sweep", "status", str(sweep)], report(sweep, "--png", "off")):
-        line = run_case(Case(f"manifest-{field}", lambda tmp, a=args: a, needle=str(sweep / sw.MANIFEST)), tmp_path, capsys)
+        line = run_case(Case(f"manifest-{field}", lambda tmp, a=args: a, needle=str(sweep / plan.MANIFEST)), tmp_path, capsys)
         assert repr(field) in line or "cells[0]" in line
 
 
@@ -209,14 +212,14 @@ def test_a_permission_error_on_checkpoints_names_it_not_free_space(tmp_path, mon
     real = os.mkdir
 
     def mkdir(path, *a, **kw):
-        if Path(path).name == checkpoint.CKPT_DIR or ".tmp-" in str(path):
+        if Path(path).name == paths.CKPT_DIR or ".tmp-" in str(path):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
         return real(path, *a, **kw)
 
     monkeypatch.setattr(os, "mkdir", mkdir)
     before = tree_digest([tmp_path])
     with pytest.raises(RunStopped) as e:
-        checkpoint.write(tmp_path, 1, {checkpoint.MODEL: {"w": torch.zeros(1)}}, {}, keep=1)
+        store.write(tmp_path, 1, {paths.MODEL: {"w": torch.zeros(1)}}, {}, keep=1)
     msg = str(e.value)
     assert "permission denied" in msg and "Permission denied" in msg and "free space" not in msg
     assert tree_digest([tmp_path]) == before
@@ -326,8 +329,8 @@ def test_a_damaged_slurm_jobs_file_does_not_stop_sweep_status(sweep, tmp_path, c
     (bin_dir / "squeue").write_text("#!/bin/sh\nexit 0\n")
     (bin_dir / "squeue").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    (sweep / sw.SLURM).mkdir()
-    (sweep / sw.SLURM / "jobs.jsonl").write_bytes(b'{"job": 7, "cells": {"0": "x"}}\n\xff\xfe\n[1]\n')
+    (sweep / plan.SLURM).mkdir()
+    (sweep / plan.SLURM / "jobs.jsonl").write_bytes(b'{"job": 7, "cells": {"0": "x"}}\n\xff\xfe\n[1]\n')
     assert cli.main(["sweep", "status", str(sweep)]) == 0
     assert "Traceback" not in capsys.readouterr().err
 
@@ -347,7 +350,7 @@ def test_a_folder_deleted_while_the_command_runs_is_one_line(tmp_path, capsys, m
     assert err.strip().splitlines() == [f"fastafd: error: {gone} disappeared while the command ran (deleted or moved): restore it, or run "
                                         "the same command again (a run resumes from its newest checkpoint, if one is left)"]
     # the sweep then names the cell's one line: its state is read from files that may be gone
-    cell = sw.plan_cells([IND], (0,), TINY)[0]
+    cell = plan.plan_cells([IND], (0,), TINY)[0]
     (tmp_path / "sweep").mkdir(exist_ok=True)
-    state = sw.cell_state(tmp_path / "sweep", cell)
-    assert state.state == sw.PENDING and state.detail == "not started"
+    state = cellstate.cell_state(tmp_path / "sweep", cell)
+    assert state.state == cellstate.PENDING and state.detail == "not started"

@@ -22,7 +22,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from fastafd import atomic, checkpoint, cli, rundir, runlock
+from fastafd import cli
+from fastafd.checkpoint import choice, paths, retain, store
+from fastafd.run import atomic, rundir, runlock
 from tests.battery.harness import Case, run_case
 from tests.helpers import grey_folder
 
@@ -66,21 +68,21 @@ def resume_args(run: Path, *extra: str) -> list[str]:
 
 
 def newest(run: Path) -> Path:
-    return checkpoint.list_checkpoints(run)[0]
+    return paths.list_checkpoints(run)[0]
 
 
 def hand_edit(folder: Path, name: str, content: bytes) -> None:
     """Replace one file of a checkpoint and re-write MANIFEST.json to match it (what a determined user can do)."""
     (folder / name).write_bytes(content)
-    manifest = json.loads((folder / checkpoint.MANIFEST).read_text())
+    manifest = json.loads((folder / paths.MANIFEST).read_text())
     manifest["files"][name] = {"size": len(content), "sha256": atomic.sha256_file(folder / name)}
-    (folder / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    (folder / paths.MANIFEST).write_text(json.dumps(manifest))
 
 
 def edit_state(run: Path, change) -> None:
     folder = newest(run)
-    state = json.loads((folder / checkpoint.STATE).read_text())
-    hand_edit(folder, checkpoint.STATE, json.dumps(change(state)).encode())
+    state = json.loads((folder / paths.STATE).read_text())
+    hand_edit(folder, paths.STATE, json.dumps(change(state)).encode())
 
 
 def edit_tensor(run: Path, name: str, key: str, value: torch.Tensor) -> None:
@@ -130,7 +132,7 @@ def drop_newest(run: Path) -> None:
 
 
 def write_best(text: str):
-    return lambda run: (run / checkpoint.CKPT_DIR / checkpoint.BEST).write_text(text)
+    return lambda run: (run / paths.CKPT_DIR / paths.BEST).write_text(text)
 
 
 _trained: list[Path] = []
@@ -138,10 +140,10 @@ _trained: list[Path] = []
 
 CASES = [
     # hand-edited checkpoints whose manifest was re-written to match
-    Case("model-tensor-of-another-shape", with_run(lambda run: edit_tensor(run, checkpoint.MODEL, "peers.0.fc.weight", torch.zeros(5, 64))),
+    Case("model-tensor-of-another-shape", with_run(lambda run: edit_tensor(run, paths.MODEL, "peers.0.fc.weight", torch.zeros(5, 64))),
          needle="peers.0.fc.weight has shape (5, 64) in"),
     Case("optimizer-tensor-of-another-shape",
-         with_run(lambda run: edit_tensor(run, checkpoint.OPTIM, "logit/0/momentum_buffer", torch.zeros(3))),
+         with_run(lambda run: edit_tensor(run, paths.OPTIM, "logit/0/momentum_buffer", torch.zeros(3))),
          needle="logit/0/momentum_buffer has shape (3,) in"),
     Case("state-values-that-do-not-fit",  # the right JSON types, values restore cannot use
          with_run(lambda run: edit_state(run, lambda st: {**st, "ranks": [{**st["ranks"][0], "rng": {**st["ranks"][0]["rng"], "python": []}}]})),
@@ -214,8 +216,8 @@ def test_two_runs_started_together_one_is_refused_naming_the_holder(tmp_path, cl
     assert lines[0].startswith("fastafd: error: ") and "in use by another fastafd run" in lines[0]
     assert f"pid {winner.pid}" in lines[0] and "--out" in lines[0]
     assert epochs(run) == [1, 2, 3, 4]  # the winner's rows, once each
-    assert [p.name for p in checkpoint.list_checkpoints(run)][0] == "step-000000012"
-    assert not list((run / checkpoint.CKPT_DIR).glob(".tmp-*")) and not (run / runlock.LOCK_FILE).exists()
+    assert [p.name for p in paths.list_checkpoints(run)][0] == "step-000000012"
+    assert not list((run / paths.CKPT_DIR).glob(".tmp-*")) and not (run / runlock.LOCK_FILE).exists()
 
 
 def test_the_lock_of_a_sigkilled_run_is_taken_over(tmp_path, cli_process):
@@ -284,12 +286,12 @@ def test_temporary_names_are_unique_so_interleaved_writers_never_collide(writer,
     """A second writer of the same file runs between the first one's write and its rename (what
     two processes, or two threads, can do): with a fixed temporary name the first rename fails."""
     (tmp_path / rundir.METRICS_FILE).write_text('{"epoch": 1}\n{"epoch": 2}\n')
-    (tmp_path / checkpoint.CKPT_DIR).mkdir()
+    (tmp_path / paths.CKPT_DIR).mkdir()
     calls = {
         "write_json": lambda: rundir.write_json(tmp_path / "config.json", {"a": 1}),
         "truncate_metrics": lambda: rundir.truncate_metrics(tmp_path, before_epoch=2),
-        "save_weights": lambda: checkpoint.save_weights(tmp_path / "w.safetensors", {"w": torch.ones(2)}),
-        "best": lambda: checkpoint._update_best(tmp_path, tmp_path / "step-000000001", 1.0),
+        "save_weights": lambda: store.save_weights(tmp_path / "w.safetensors", {"w": torch.ones(2)}),
+        "best": lambda: retain._update_best(tmp_path, tmp_path / "step-000000001", 1.0),
     }
     real, nested = os.replace, []
 
@@ -309,7 +311,7 @@ def test_checkpoint_write_removes_only_temporary_folders_of_dead_writers(tmp_pat
     live = subprocess.Popen(["sleep", "60"])
     dead = subprocess.Popen(["true"])
     dead.wait()
-    root = tmp_path / checkpoint.CKPT_DIR
+    root = tmp_path / paths.CKPT_DIR
     root.mkdir()
     folders = {
         "live": root / f".tmp-step-000000002-{live.pid}-1a2b3c4d",
@@ -318,9 +320,9 @@ def test_checkpoint_write_removes_only_temporary_folders_of_dead_writers(tmp_pat
     }
     for path in folders.values():
         path.mkdir()
-        (path / checkpoint.MODEL).write_bytes(b"partial")
+        (path / paths.MODEL).write_bytes(b"partial")
     try:
-        checkpoint.write(tmp_path, 3, {checkpoint.MODEL: {"w": torch.ones(2)}, checkpoint.OPTIM: {}}, _state(), keep=3)
+        store.write(tmp_path, 3, {paths.MODEL: {"w": torch.ones(2)}, paths.OPTIM: {}}, _state(), keep=3)
         assert folders["live"].is_dir()  # another process is writing it right now
         assert not folders["dead"].exists() and not folders["mine"].exists()
     finally:
@@ -339,24 +341,24 @@ def _state() -> dict:
 
 def test_when_no_checkpoint_loads_the_run_stops_listing_each_and_fresh_starts_over(trained, tmp_path, capsys):
     run = copy_run(trained, tmp_path)
-    steps = checkpoint.list_checkpoints(run)
+    steps = paths.list_checkpoints(run)
     for path in steps:
-        corrupt(path / checkpoint.MODEL)
+        corrupt(path / paths.MODEL)
     case = Case("no-checkpoint-loads", lambda tmp: resume_args(run), needle="--checkpoint.resume fresh", frozen=lambda tmp: [run])
     line = run_case(case, tmp_path, capsys)
-    assert f"none of the {len(steps)} checkpoints in {run / checkpoint.CKPT_DIR} loads" in line
+    assert f"none of the {len(steps)} checkpoints in {run / paths.CKPT_DIR} loads" in line
     for path in steps:
-        assert f"{path.name}: {checkpoint.MODEL} does not match its checksum" in line
+        assert f"{path.name}: {paths.MODEL} does not match its checksum" in line
     # starting over in the same folder only when asked; the old files are moved aside, not deleted
-    before = {p.name: (p / checkpoint.MODEL).read_bytes() for p in steps}
+    before = {p.name: (p / paths.MODEL).read_bytes() for p in steps}
     assert cli.main(resume_args(run, "--checkpoint.resume", "fresh")) == 0
     assert epochs(run) == [1, 2, 3]
     assert "resuming from" not in capsys.readouterr().out
     aside = [p for p in run.iterdir() if p.name.startswith("previous-")]
     assert len(aside) == 1
-    assert {p.name: (p / checkpoint.MODEL).read_bytes() for p in checkpoint.list_checkpoints(aside[0])} == before
+    assert {p.name: (p / paths.MODEL).read_bytes() for p in paths.list_checkpoints(aside[0])} == before
     assert [row["epoch"] for row in rundir.read_metrics(aside[0])] == [1, 2]
-    assert checkpoint.latest_valid(run).step == 9
+    assert choice.latest_valid(run).step == 9
 
 
 def test_resume_fresh_on_a_folder_without_checkpoints_is_a_plain_start(tmp_path):
@@ -369,7 +371,7 @@ def test_rows_of_a_run_killed_before_its_first_checkpoint_are_not_kept_twice(tmp
     run = tmp_path / "run"
     killed = cli_process(["train", "--out", str(run), *TINY, "--checkpoint.every_steps", "0"], extra_env={"FASTAFD_FAULT": "kill@checkpoint=1"})
     killed.communicate(timeout=600)
-    assert killed.returncode == -9 and epochs(run) == [1] and not checkpoint.list_checkpoints(run)
+    assert killed.returncode == -9 and epochs(run) == [1] and not paths.list_checkpoints(run)
     assert cli.main(["train", "--out", str(run), *TINY, "--checkpoint.every_steps", "0"]) == 0
     assert epochs(run) == [1, 2]
 
@@ -383,18 +385,18 @@ def _drop(key):
 
 HAND_EDITS = {
     # name: (edit of the copied run, file named by the warning)
-    "state-not-json": (lambda run: hand_edit(newest(run), checkpoint.STATE, b"{not json"), checkpoint.STATE),
-    "state-a-list": (lambda run: edit_state(run, lambda st: [st]), checkpoint.STATE),
-    "state-without-ranks": (lambda run: edit_state(run, _drop("ranks")), checkpoint.STATE),
-    "state-epoch-a-string": (lambda run: edit_state(run, lambda st: {**st, "epoch": "two"}), checkpoint.STATE),
-    "state-rng-a-number": (lambda run: edit_state(run, lambda st: {**st, "ranks": [{**st["ranks"][0], "rng": 5}]}), checkpoint.STATE),
-    "state-stages-a-list": (lambda run: edit_state(run, lambda st: {**st, "stages": list(st["stages"])}), checkpoint.STATE),
-    "manifest-a-list": (lambda run: (newest(run) / checkpoint.MANIFEST).write_text("[]"), checkpoint.MANIFEST),
-    "manifest-no-files": (lambda run: (newest(run) / checkpoint.MANIFEST).write_text('{"files": {}}'), checkpoint.MANIFEST),
+    "state-not-json": (lambda run: hand_edit(newest(run), paths.STATE, b"{not json"), paths.STATE),
+    "state-a-list": (lambda run: edit_state(run, lambda st: [st]), paths.STATE),
+    "state-without-ranks": (lambda run: edit_state(run, _drop("ranks")), paths.STATE),
+    "state-epoch-a-string": (lambda run: edit_state(run, lambda st: {**st, "epoch": "two"}), paths.STATE),
+    "state-rng-a-number": (lambda run: edit_state(run, lambda st: {**st, "ranks": [{**st["ranks"][0], "rng": 5}]}), paths.STATE),
+    "state-stages-a-list": (lambda run: edit_state(run, lambda st: {**st, "stages": list(st["stages"])}), paths.STATE),
+    "manifest-a-list": (lambda run: (newest(run) / paths.MANIFEST).write_text("[]"), paths.MANIFEST),
+    "manifest-no-files": (lambda run: (newest(run) / paths.MANIFEST).write_text('{"files": {}}'), paths.MANIFEST),
     "manifest-without-model": (
-        lambda run: (newest(run) / checkpoint.MANIFEST).write_text(json.dumps(
-            {"files": {k: v for k, v in json.loads((newest(run) / checkpoint.MANIFEST).read_text())["files"].items() if k != checkpoint.MODEL}})),
-        checkpoint.MANIFEST,
+        lambda run: (newest(run) / paths.MANIFEST).write_text(json.dumps(
+            {"files": {k: v for k, v in json.loads((newest(run) / paths.MANIFEST).read_text())["files"].items() if k != paths.MODEL}})),
+        paths.MANIFEST,
     ),
 }
 
@@ -403,7 +405,7 @@ HAND_EDITS = {
 def test_a_hand_edited_newest_checkpoint_is_skipped_for_the_previous_one(edit, trained, tmp_path, capsys):
     run = copy_run(trained, tmp_path)
     change, bad_file = HAND_EDITS[edit]
-    bad, previous = checkpoint.list_checkpoints(run)[:2]
+    bad, previous = paths.list_checkpoints(run)[:2]
     change(run)
     with pytest.warns(UserWarning, match="skipping corrupt checkpoint") as caught:
         assert cli.main(resume_args(run)) == 0
@@ -419,7 +421,7 @@ def test_other_data_at_an_epoch_end_is_allowed_and_reported(trained, tmp_path, c
     run = copy_run(trained, tmp_path)
     assert cli.main(resume_args(run, "--data.synthetic_samples", "128", "--data.image_size", "40")) == 0
     out = capsys.readouterr().out
-    assert f"resuming from {newest(trained).name}" in out.replace(str(run / checkpoint.CKPT_DIR) + os.sep, "")
+    assert f"resuming from {newest(trained).name}" in out.replace(str(run / paths.CKPT_DIR) + os.sep, "")
     assert "data.image_size: 32 -> 40" in out and "dataset train_size: 64 -> 128" in out
     assert epochs(run) == [1, 2, 3]
 
@@ -458,7 +460,7 @@ def read_only(monkeypatch, root: Path) -> None:
             refuse(file)
         return real_builtin_open(file, mode, *a, **kw)
 
-    real_save = checkpoint.save_file
+    real_save = store.save_file
 
     def save(tensors, filename, *a, **kw):  # safetensors writes from Rust: what it raises on a read-only mount
         if str(Path(filename).absolute()).startswith(str(root)):
@@ -468,7 +470,7 @@ def read_only(monkeypatch, root: Path) -> None:
     monkeypatch.setattr(os, "mkdir", mkdir)
     monkeypatch.setattr(os, "open", os_open)
     monkeypatch.setattr(builtins, "open", builtin_open)
-    monkeypatch.setattr(checkpoint, "save_file", save)
+    monkeypatch.setattr(store, "save_file", save)
 
 
 @pytest.mark.parametrize("exists", [False, True], ids=["new-folder", "existing-folder"])
@@ -504,13 +506,13 @@ def test_export_onto_an_existing_file_replaces_it_only_when_fastafd_wrote_it(tra
     target.unlink()
     for _ in range(2):  # the second export replaces the first, atomically
         assert cli.main(["export", str(trained), "--out", str(target)]) == 0
-    assert load_file(str(target)).keys() == {k[len("peers.0."):] for k in load_file(str(newest(trained) / checkpoint.MODEL)) if k.startswith("peers.0.")}
+    assert load_file(str(target)).keys() == {k[len("peers.0."):] for k in load_file(str(newest(trained) / paths.MODEL)) if k.startswith("peers.0.")}
     assert sorted(p.name for p in tmp_path.iterdir()) == [".fastafd-outputs.json", "peer0.safetensors"]
 
 
 def _full_safetensors(real):
     def save(tensors, filename, *a, **kw):
-        if checkpoint.CKPT_DIR in str(filename) and _full_safetensors.armed:
+        if paths.CKPT_DIR in str(filename) and _full_safetensors.armed:
             Path(filename).write_bytes(b"\0" * 100)  # what was written before the disk filled
             raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         return real(tensors, filename, *a, **kw)
@@ -532,28 +534,28 @@ def test_disk_full_during_a_checkpoint_write_is_one_line_and_keeps_the_previous(
     run = tmp_path / "run"
     _full_safetensors.armed = False
     if where == "safetensors":
-        monkeypatch.setattr(checkpoint, "save_file", _full_safetensors(checkpoint.save_file))
+        monkeypatch.setattr(store, "save_file", _full_safetensors(store.save_file))
     else:
         monkeypatch.setattr(os, "fsync", _full_fsync(os.fsync))
-    real_write = checkpoint.write
+    real_write = store.write
 
     def write(run_dir, step, *a, **kw):
         _full_safetensors.armed = step == 4  # the disk fills up after step-3, the first epoch's end
         return real_write(run_dir, step, *a, **kw)
 
-    monkeypatch.setattr(checkpoint, "write", write)
+    monkeypatch.setattr(store, "write", write)
     capsys.readouterr()
     code = cli.main(["train", "--out", str(run), *TINY])
     err = capsys.readouterr().err
     assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith("fastafd: error: ") and "disk full" in err and "step-000000003" in err
-    assert not list((run / checkpoint.CKPT_DIR).glob(".tmp-*"))  # nothing half-written left behind
-    assert [p.name for p in checkpoint.list_checkpoints(run)] == ["step-000000003", "step-000000002", "step-000000001"]
-    assert checkpoint.latest_valid(run).step == 3
-    monkeypatch.setattr(checkpoint, "write", real_write)  # space freed: the same command resumes
+    assert not list((run / paths.CKPT_DIR).glob(".tmp-*"))  # nothing half-written left behind
+    assert [p.name for p in paths.list_checkpoints(run)] == ["step-000000003", "step-000000002", "step-000000001"]
+    assert choice.latest_valid(run).step == 3
+    monkeypatch.setattr(store, "write", real_write)  # space freed: the same command resumes
     _full_safetensors.armed = False
     assert cli.main(["train", "--out", str(run), *TINY]) == 0
-    assert epochs(run) == [1, 2] and checkpoint.latest_valid(run).step == 6
+    assert epochs(run) == [1, 2] and choice.latest_valid(run).step == 6
 
 
 def test_disk_full_elsewhere_in_the_run_folder_is_one_line(tmp_path, capsys, monkeypatch):

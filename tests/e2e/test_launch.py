@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fastafd import rundir
+from fastafd.run import rundir
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # the real CLI: subprocesses that train
 

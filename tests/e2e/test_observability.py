@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from fastafd import rundir
+from fastafd.run import rundir
 
 pytestmark = pytest.mark.slow  # the real CLI: subprocesses that train
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from fastafd import rundir
+from fastafd.run import rundir
 from tests.helpers import make_cifar
 
 pytestmark = pytest.mark.slow  # the real CLI: subprocesses that train
@@ -21,7 +21,8 @@ def test_trains_on_a_cifar100_layout_and_a_branch_exports_to_plain_timm(method, 
     import timm
 
     import fastafd.models.peers  # noqa: F401  (registers the CIFAR networks with timm)
-    from fastafd import checkpoint, config
+    from fastafd import config
+    from fastafd.checkpoint import choice, codec
     from fastafd.session import build_session
 
     make_cifar(tmp_path / "data", n_train=64, n_test=16)
@@ -49,7 +50,7 @@ def test_trains_on_a_cifar100_layout_and_a_branch_exports_to_plain_timm(method, 
 
     os.environ["FASTAFD_CACHE"] = env["FASTAFD_CACHE"]
     session = build_session(config.from_dict(json.loads((out / "config.json").read_text())), train=False)
-    checkpoint.load_model(checkpoint.latest_valid(out), session.task)
+    codec.load_model(choice.latest_valid(out), session.task)
     task = session.task.eval()
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():

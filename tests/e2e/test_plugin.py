@@ -26,7 +26,8 @@ TINY = ["--data.format", "synthetic", "--data.synthetic_samples", "64", "--data.
 SCRIPT = '''
 import contextlib, io, json, sys
 from pathlib import Path
-from fastafd import args, cli, rundir
+from fastafd import args, cli
+from fastafd.run import rundir
 from fastafd.config import to_dict
 
 tmp, tiny = Path(sys.argv[1]), sys.argv[2:]

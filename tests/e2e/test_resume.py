@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fastafd import checkpoint
+from fastafd.checkpoint import choice, paths
 
 pytestmark = pytest.mark.slow  # the real CLI: subprocesses that train
 
@@ -39,7 +39,7 @@ def run_cli(fastafd_cli):
 
 
 def final_weights(run: Path) -> dict:
-    return load_file(str(checkpoint.list_checkpoints(run)[0] / checkpoint.MODEL))
+    return load_file(str(paths.list_checkpoints(run)[0] / paths.MODEL))
 
 
 LAYOUTS = {
@@ -105,13 +105,13 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(uninterrupted, tmp
     import shutil
 
     shutil.copytree(uninterrupted, run)
-    newest = checkpoint.list_checkpoints(run)[0]
-    bad = newest / checkpoint.MODEL
+    newest = paths.list_checkpoints(run)[0]
+    bad = newest / paths.MODEL
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
     proc = run_cli(["train", "--out", str(run), *TINY[:-1], "--loop.epochs", "3", "--system.deterministic"], env)
     text = proc.stderr + proc.stdout
     assert str(bad) in text and "skipping corrupt checkpoint" in text
-    previous = checkpoint.list_checkpoints(uninterrupted)[1]
+    previous = paths.list_checkpoints(uninterrupted)[1]
     assert f"resuming from {run / 'checkpoints' / previous.name}" in text
     assert "loop.epochs: 2 -> 3" in text  # a deliberate change is allowed and reported
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
@@ -145,12 +145,12 @@ def test_non_finite_losses_stop_the_run_naming_step_and_term(uninterrupted, tmp_
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("fastafd: error: 3 consecutive steps were skipped for non-finite losses (up to step ")
     assert "non-finite: " in line and "of peer 0 (cifar_resnet8)" in line
-    kept = checkpoint.latest_valid(out)  # the last good checkpoint is intact and loadable
-    assert kept is not None and all(torch.isfinite(t).all() for t in kept.tensors(checkpoint.MODEL).values())
+    kept = choice.latest_valid(out)  # the last good checkpoint is intact and loadable
+    assert kept is not None and all(torch.isfinite(t).all() for t in kept.tensors(paths.MODEL).values())
     # ... and it precedes the run of skipped steps (none was written during it): the one the message names
     last_skipped = int(line.split("(up to step ")[1].split(")")[0])
     assert kept.step <= last_skipped - 3, (kept.step, last_skipped)
     assert f"The last good checkpoint, {kept.path}, is kept" in line
     assert "fastafd: warning: no checkpoint at step" in proc.stderr
-    straight = load_file(str(checkpoint.step_dir(uninterrupted, 12) / checkpoint.MODEL))
-    assert kept.step == 12 and all(torch.equal(v, straight[k]) for k, v in kept.tensors(checkpoint.MODEL).items())
+    straight = load_file(str(paths.step_dir(uninterrupted, 12) / paths.MODEL))
+    assert kept.step == 12 and all(torch.equal(v, straight[k]) for k, v in kept.tensors(paths.MODEL).items())

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fastafd import rundir
+from fastafd.run import rundir
 from tests import slurm_cluster as sc
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]  # the real CLI: subprocesses that train

@@ -8,8 +8,9 @@ import time
 
 import pytest
 
-from fastafd import rundir
-from fastafd import sweep as sw
+from fastafd.experiments import plan
+from fastafd.experiments import state as cellstate
+from fastafd.run import rundir
 
 pytestmark = pytest.mark.slow  # subprocesses that train
 
@@ -30,7 +31,7 @@ def env(fastafd_cli):
 
 
 def cells(out):
-    return {c.name: c for c in sw.cells_of(sw.load_manifest(out))}
+    return {c.name: c for c in plan.cells_of(plan.load_manifest(out))}
 
 
 def wait_for(predicate, timeout, what):
@@ -43,7 +44,7 @@ def wait_for(predicate, timeout, what):
 
 
 def log(out, name):
-    path = out / sw.LOGS / f"{name}.log"
+    path = out / plan.LOGS / f"{name}.log"
     return path.read_text() if path.exists() else ""
 
 
@@ -59,10 +60,10 @@ def test_a_sweep_killed_while_cell_2_trains_resumes_it_and_runs_no_cell_twice(tm
         first.communicate(timeout=60)
     by_name = cells(out)
     done1 = (out / by_name[c1].run_dir / rundir.ENV_FILE).read_text()
-    wait_for(lambda: sw.cell_state(out, by_name[c2]).state != sw.RUNNING, 120, "cell 2 to stop after the sweep was killed")
-    assert sw.cell_state(out, by_name[c1]).state == sw.DONE
-    assert sw.cell_state(out, by_name[c2]).state == sw.PENDING  # stopped, resumable: neither done nor lost
-    assert sw.cell_state(out, by_name[c3]).state == sw.PENDING and not (out / by_name[c3].run_dir).exists()
+    wait_for(lambda: cellstate.cell_state(out, by_name[c2]).state != cellstate.RUNNING, 120, "cell 2 to stop after the sweep was killed")
+    assert cellstate.cell_state(out, by_name[c1]).state == cellstate.DONE
+    assert cellstate.cell_state(out, by_name[c2]).state == cellstate.PENDING  # stopped, resumable: neither done nor lost
+    assert cellstate.cell_state(out, by_name[c3]).state == cellstate.PENDING and not (out / by_name[c3].run_dir).exists()
     assert "stopped at step" in log(out, c2) and "on SIGTERM" in log(out, c2)  # it checkpointed, it did not just die
 
     again = fastafd_cli.run(sweep_cmd(out, (0, 1, 2), shared=shared), env(tmp_path), check=False, timeout=900)
@@ -75,7 +76,7 @@ def test_a_sweep_killed_while_cell_2_trains_resumes_it_and_runs_no_cell_twice(tm
         assert [r["epoch"] for r in rundir.read_metrics(out / by_name[name].run_dir)] == [1, 2], name  # every epoch once
     status = fastafd_cli.run(["sweep", "status", out], env(tmp_path), check=False)
     assert status.returncode == 0 and "3 cells: 3 done, 0 running, 0 failed, 0 pending" in status.stdout
-    manifest = json.loads((out / sw.MANIFEST).read_text())
+    manifest = json.loads((out / plan.MANIFEST).read_text())
     assert [h["command"] for h in manifest["history"]][0] == manifest["command"] and len(manifest["history"]) == 2
 
 
@@ -89,9 +90,9 @@ def test_a_failing_cell_is_recorded_reported_as_failed_and_resumed_by_the_next_r
     assert len(lines) == 1 and lines[0].startswith("fastafd: error: sweep ") and "0 of 2 cells done; 2 failed" in lines[0], failed.stderr
     by_name = cells(out)
     for cell in by_name.values():
-        st = sw.cell_state(out, cell)
-        assert st.state == sw.FAILED and "killed by SIGKILL" in st.detail, st
-        assert sw.read_status(out, cell)["exit"] == -9
+        st = cellstate.cell_state(out, cell)
+        assert st.state == cellstate.FAILED and "killed by SIGKILL" in st.detail, st
+        assert cellstate.read_status(out, cell)["exit"] == -9
     report = fastafd_cli.run(["report", out, "--png", "off"], env(tmp_path), check=False)
     assert report.returncode == 0, report.stderr
     assert "| `independent` | 0 |" in report.stdout and "0 done; failed: seeds 0 1 |" in report.stdout
@@ -100,5 +101,5 @@ def test_a_failing_cell_is_recorded_reported_as_failed_and_resumed_by_the_next_r
     again = fastafd_cli.run(sweep_cmd(out, (0, 1), "--parallel", "2", shared=shared), env(tmp_path), check=False, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     for cell in by_name.values():
-        assert sw.cell_state(out, cell).state == sw.DONE and sw.read_status(out, cell)["exit"] == 0
+        assert cellstate.cell_state(out, cell).state == cellstate.DONE and cellstate.read_status(out, cell)["exit"] == 0
         assert [r["epoch"] for r in rundir.read_metrics(out / cell.run_dir)] == [1, 2]

@@ -7,8 +7,9 @@ import subprocess
 
 import pytest
 
-from fastafd import rundir
-from fastafd import sweep as sw
+from fastafd.experiments import plan
+from fastafd.experiments import state as cellstate
+from fastafd.run import rundir
 from tests import slurm_cluster as sc
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]  # the real CLI: subprocesses that train
@@ -39,7 +40,7 @@ def sweep(fastafd_cli, env, out, *extra):
 
 
 def log(out, seed):
-    path = out / sw.LOGS / f"{RECIPE}-seed{seed}.log"
+    path = out / plan.LOGS / f"{RECIPE}-seed{seed}.log"
     return path.read_text() if path.exists() else ""
 
 
@@ -47,13 +48,13 @@ def test_a_two_cell_array_trains_both_cells_and_a_preempted_task_requeues_alone_
     env, out = job_env(cluster, tmp_path), tmp_path / "sweep"
     first = sweep(fastafd_cli, env, out)
     assert first.returncode == 0, first.stderr
-    (submission,) = [json.loads(line) for line in (out / sw.SLURM / "jobs.jsonl").read_text().splitlines()]
+    (submission,) = [json.loads(line) for line in (out / plan.SLURM / "jobs.jsonl").read_text().splitlines()]
     job = submission["job"]
     assert submission["cells"] == {"0": f"{RECIPE}-seed0", "1": f"{RECIPE}-seed1"} and "--array=0-1 " in submission["command"]
     assert f"submitted job {job}: an array of 2 cells" in first.stdout
 
     task0 = f"{job}_0"
-    explain = sc.explain_job(cluster, task0, out / sw.LOGS / f"{RECIPE}-seed0.log")
+    explain = sc.explain_job(cluster, task0, out / plan.LOGS / f"{RECIPE}-seed0.log")
     sc.wait_until(lambda: "epoch 1/2 step 10/" in log(out, 0), 600, "cell 0 to reach step 10", explain=explain)
     subprocess.run(["scancel", "--signal=USR1", task0], env=cluster, check=True, timeout=30)  # what --signal=USR1@180 does
 
@@ -66,20 +67,20 @@ def test_a_two_cell_array_trains_both_cells_and_a_preempted_task_requeues_alone_
     # before the preemption: a CLI start on a loaded machine can outlast a whole cell.
     again = sweep(fastafd_cli, env, out)
     assert again.returncode == 0 and "nothing to submit" in again.stdout, again.stdout + again.stderr
-    assert len((out / sw.SLURM / "jobs.jsonl").read_text().splitlines()) == 1
+    assert len((out / plan.SLURM / "jobs.jsonl").read_text().splitlines()) == 1
     status = fastafd_cli.run(["sweep", "status", out], env, check=False, timeout=120)
     assert status.returncode == 0 and f"{RECIPE}-seed0" in status.stdout, status.stderr
     subprocess.run(["scontrol", "update", f"JobId={task0}", "StartTime=now"], env=cluster, capture_output=True, timeout=30)
     for index in (0, 1):
-        info = sc.wait_done(cluster, f"{job}_{index}", timeout=900, log=out / sw.LOGS / f"{RECIPE}-seed{index}.log")
+        info = sc.wait_done(cluster, f"{job}_{index}", timeout=900, log=out / plan.LOGS / f"{RECIPE}-seed{index}.log")
         assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log(out, index)[-3000:]
 
-    cells = {c.name: c for c in sw.cells_of(sw.load_manifest(out))}
+    cells = {c.name: c for c in plan.cells_of(plan.load_manifest(out))}
     for index in (0, 1):
         cell = cells[f"{RECIPE}-seed{index}"]
-        assert sw.cell_state(out, cell).state == sw.DONE
+        assert cellstate.cell_state(out, cell).state == cellstate.DONE
         assert [(r["epoch"], r["step"]) for r in rundir.read_metrics(out / cell.run_dir)] == [(1, 120), (2, 240)]  # each epoch once
-        recorded = sw.read_status(out, cell)
+        recorded = cellstate.read_status(out, cell)
         assert recorded["exit"] == 0 and recorded["job"] == f"{job}_{index}" and recorded["executor"] == "slurm"
     text = log(out, 0)
     assert f"array task {job}_0" in text and "restart 1" in text, text[-3000:]

@@ -15,8 +15,8 @@ import urllib.request
 
 import pytest
 
-from fastafd import observe
-from fastafd.trackers import wandb_records
+from fastafd.observe import tensorboard
+from fastafd.observe.trackers import wandb_records
 
 pytestmark = pytest.mark.slow  # the real CLI: subprocesses that train
 
@@ -90,8 +90,8 @@ def test_tensorboard_server_shows_each_step_once_after_the_resume(resumed, load_
         time.sleep(1)  # the run's files are complete; a second read sees them all
         tags = get(f"{base}/tags")
         assert set(tags) == {"tensorboard"}
-        want = observe.train_tags(["cifar_resnet8"] * 2, ("ce", "kl", "g_loss", "d_loss", "d_real", "d_fake"), ("logit", "disc", "feat"))
-        want |= observe.eval_tags(["cifar_resnet8"] * 2, ("d_real", "d_fake"))
+        want = tensorboard.train_tags(["cifar_resnet8"] * 2, ("ce", "kl", "g_loss", "d_loss", "d_real", "d_fake"), ("logit", "disc", "feat"))
+        want |= tensorboard.eval_tags(["cifar_resnet8"] * 2, ("d_real", "d_fake"))
         assert set(tags["tensorboard"]) == want
         total = STEPS_PER_EPOCH * EPOCHS
         for tag in sorted(want):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fastafd import rundir
+from fastafd.run import rundir
 
 pytestmark = pytest.mark.slow  # the real CLI: subprocesses that train
 
@@ -78,12 +78,13 @@ def test_cnn_vit_pair_trains_on_the_demo_data_and_the_vit_exports_to_plain_timm(
     assert info0["model"] == "cifar_resnet8" and info0["load"].startswith("import fastafd; timm.create_model(")
     scope = {"timm": timm}
     exec(info0["load"].replace("timm.create_model(", "model0 = timm.create_model(", 1), scope)  # the line, as a user runs it
-    from fastafd import checkpoint, config
+    from fastafd import config
+    from fastafd.checkpoint import choice, codec
     from fastafd.session import build_session
 
     monkeypatch.setenv("FASTAFD_CACHE", env["FASTAFD_CACHE"])
     session = build_session(config.from_dict(json.loads((out / "config.json").read_text())), train=False)
-    checkpoint.load_model(checkpoint.latest_valid(out), session.task)
+    codec.load_model(choice.latest_valid(out), session.task)
     inside = session.task.peers[1].eval()
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():

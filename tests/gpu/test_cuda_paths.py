@@ -146,7 +146,8 @@ def test_dali_gpu_pipeline_feeds_every_image_once_in_the_training_layout(tmp_pat
 def test_resume_with_channels_last_bf16_compiled_peers_steps_and_tracks_the_uninterrupted_run(tmp_path):
     """Optimizer state comes back in the parameters' memory format: the fused CUDA kernels refuse
     mismatched strides, so the first step after a requeue would fail."""
-    from fastafd import checkpoint, state
+    from fastafd import state
+    from fastafd.checkpoint import store
     from fastafd.metrics import RunningMeans
     from tests.integration.test_first_cuda_run import _NoLoader
 
@@ -158,9 +159,9 @@ def test_resume_with_channels_last_bf16_compiled_peers_steps_and_tracks_the_unin
     task, stages = tiny_task(cfg, **fast)
     iterate(task, stages, data[:2])
     tensors, st = state.capture(task, stages, _NoLoader(), RunningMeans(), state.Position(1, 2, 2), {}, CUDA)
-    path = checkpoint.write(tmp_path, 2, tensors, st, keep=1)
+    path = store.write(tmp_path, 2, tensors, st, keep=1)
     resumed, resumed_stages = tiny_task(cfg, seed=7, **fast)
-    state.restore(checkpoint.load(path), resumed, resumed_stages, _NoLoader(), RunningMeans(), rank=0, world_size=1,
+    state.restore(store.load(path), resumed, resumed_stages, _NoLoader(), RunningMeans(), rank=0, world_size=1,
                   device=CUDA, same_schedule=True)
     iterate(resumed, resumed_stages, data[2:], start=2)
     assert resumed_stages.guard.skipped.item() == 0
@@ -169,7 +170,7 @@ def test_resume_with_channels_last_bf16_compiled_peers_steps_and_tracks_the_unin
 
 
 def test_a_skip_on_the_very_first_step_leaves_sgd_momentum_clean_on_cuda():
-    from fastafd.optim import build_optimizer
+    from fastafd.optim import build_optimizer, device_skip
     from fastafd.steps import StepGuard
     from tests.helpers import SGD
 
@@ -180,13 +181,13 @@ def test_a_skip_on_the_very_first_step_leaves_sgd_momentum_clean_on_cuda():
     def run(grads_and_skips):
         params = [torch.nn.Parameter(t.clone()) for t in init]
         opt, guard = build_optimizer(params, SGD, SGD.lr, CUDA), StepGuard(CUDA)
-        assert opt._fastafd_device_skip
+        assert device_skip(opt, CUDA)
         for grads, skip in grads_and_skips:
             guard.begin()
             for p, g in zip(params, grads):
                 p.grad = g.clone()
             guard.found_inf.fill_(float(skip))
-            guard.step(opt)
+            guard.step(opt, device_skip=True)
             guard.end()
         return params
 

@@ -8,7 +8,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fastafd import checkpoint, state
+from fastafd import state
+from fastafd.checkpoint import store
 from fastafd.metrics import RunningMeans
 from fastafd.models.discriminator import DiscriminatorBank
 from fastafd.optim import build_optimizer
@@ -31,9 +32,9 @@ class _NoLoader:
 
 def _checkpoint_and_restore(task, stages, cfg, tmp_path, channels_last):
     tensors, st = state.capture(task, stages, _NoLoader(), RunningMeans(), state.Position(1, 2, 2), {}, torch.device("cpu"))
-    path = checkpoint.write(tmp_path, 2, tensors, st, keep=1)
+    path = store.write(tmp_path, 2, tensors, st, keep=1)
     resumed, resumed_stages = tiny_task(cfg, seed=123, channels_last=channels_last)  # other initial weights: all must come from the file
-    state.restore(checkpoint.load(path), resumed, resumed_stages, _NoLoader(), RunningMeans(), rank=0, world_size=1,
+    state.restore(store.load(path), resumed, resumed_stages, _NoLoader(), RunningMeans(), rank=0, world_size=1,
                   device=torch.device("cpu"), same_schedule=True)
     return resumed, resumed_stages
 
@@ -62,7 +63,6 @@ def _device_skip_stepper(params, cfg):
     """An optimizer on the path CUDA takes (the fused kernel skips a flagged step itself); torch's CPU fused
     kernels read ``found_inf`` the same way."""
     opt = build_optimizer(params, cfg, cfg.lr, torch.device("cpu"), "fused")
-    opt._fastafd_device_skip = True
     return opt, StepGuard(torch.device("cpu"))
 
 
@@ -72,7 +72,7 @@ def _guarded_step(opt, guard, params, grads, skip):
         p.grad = g.clone()
     if skip:
         guard.found_inf.fill_(1.0)
-    guard.step(opt)
+    guard.step(opt, device_skip=True)
     guard.end()
 
 

@@ -6,9 +6,10 @@ import json
 import pytest
 import yaml
 
-from fastafd import cli, configfile, recipes, sweep
+from fastafd import cli, configfile, recipes
 from fastafd.args import parse_train_args
 from fastafd.config import from_dict, to_dict
+from fastafd.experiments import plan, sweep
 
 
 def run_cli(args, capsys):
@@ -84,7 +85,7 @@ def test_bad_config_files_are_one_line_exit_2_nothing_written(name, text, needle
 def test_sweep_cells_get_the_config_file_by_absolute_path(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "s.yaml").write_text("loop:\n  epochs: 2\n")
-    cells = sweep.plan_cells(["demo"], [0, 1], sweep._absolute_config(["--config", "s.yaml"]))
+    cells = plan.plan_cells(["demo"], [0, 1], sweep._absolute_config(["--config", "s.yaml"]))
     assert [c.epochs for c in cells] == [2, 2]
     assert all(c.argv[-2:] == ("--config", str(tmp_path / "s.yaml")) for c in cells)
     code, out, _ = run_cli(["sweep", "--recipes", "demo", "--config", "s.yaml", "--dry_run"], capsys)

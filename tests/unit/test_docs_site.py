@@ -56,3 +56,29 @@ def test_readme_is_short_and_links_to_existing_pages():
     assert len(readme.splitlines()) <= 210
     for target in re.findall(r"\]\((docs/[^)#\s]+)", readme):
         assert (ROOT / target).is_file(), target
+
+
+def _module_map() -> set[str]:
+    """The modules the map in docs/design.md names: first column `x.py` or `room/`, whose modules the second column names."""
+    named = set()
+    design = (DOCS / "design.md").read_text()
+    table = design[design.index("| module | job |"):].split("\n\n", 1)[0]
+    for row in table.splitlines()[2:]:
+        first, second = row.split(" | ", 2)[:2]
+        for path in re.findall(r"`([\w/]+(?:\.py|/))`", first):
+            if path.endswith("/"):
+                named |= {path + name for name in re.findall(r"`(\w+\.py)`", second)}
+            else:
+                named.add(path)
+    return named
+
+
+def test_the_module_map_names_every_module_of_the_tree_and_nothing_else():
+    tree = {p.relative_to(ROOT / "fastafd").as_posix() for p in (ROOT / "fastafd").rglob("*.py") if p.name != "__init__.py"}
+    named = {m for m in _module_map() if not m.endswith("__init__.py")}
+    assert not named - tree, f"docs/design.md names modules that do not exist: {sorted(named - tree)}"
+    assert not tree - named, f"modules missing from the map in docs/design.md: {sorted(tree - named)}"
+    design = (ROOT / "README.md").read_text().split("\n## Design", 1)[1].split("\n## ", 1)[0]
+    rooms = set(re.findall(r"`fastafd/(\w+)/`", design))
+    packages = {p.parent.name for p in (ROOT / "fastafd").glob("*/__init__.py")}
+    assert rooms == packages, f"the README's Design section names the rooms {sorted(rooms)}, the tree has {sorted(packages)}"

@@ -23,8 +23,8 @@ def _parsers():
     from fastafd.bench.step import StepBenchArgs
     from fastafd.cli import EvalArgs, ExportArgs, PlotArgs
     from fastafd.data_commands import PackArgs, VerifyArgs
-    from fastafd.report import ReportArgs
-    from fastafd.sweep import StatusArgs, SweepArgs, _split
+    from fastafd.experiments.report import ReportArgs
+    from fastafd.experiments.sweep import StatusArgs, SweepArgs, _split
 
     def tyro(cls):
         return lambda argv: tyro_parse(cls, argv, prog="fastafd", description="")

@@ -16,7 +16,7 @@ class Refuse:
             raise ImportError(f"{name} is refused by the test")
 
 sys.meta_path.insert(0, Refuse())
-import fastafd.config, fastafd.rundir, fastafd.sweep, fastafd.report, fastafd.args
+import fastafd.config, fastafd.run.rundir, fastafd.experiments.sweep, fastafd.experiments.report, fastafd.args
 from fastafd.config import TrainConfig, from_dict, to_dict
 cfg = from_dict(to_dict(TrainConfig()))
 assert cfg.method.name == "afd"

@@ -1,4 +1,4 @@
-"""fastafd.observe: trace ranges, profiler, clocks, interval means, TensorBoard scalars, console output."""
+"""fastafd.observe (profile, clock, tensorboard, console): trace ranges, profiler, clocks, interval means, TensorBoard scalars, console output."""
 
 import contextlib
 import gzip
@@ -7,35 +7,37 @@ import json
 import pytest
 import torch
 
-from fastafd import cli, observe
+from fastafd import cli
 from fastafd.errors import UserError
+from fastafd.observe import clock as clocks
+from fastafd.observe import console, profile, tensorboard
 
 
 class FakeStage:
     name = "logit"
 
-    @observe.stage_range
+    @profile.stage_range
     def step(self, x):
         return x + 1
 
 
 def test_ranges_are_a_shared_noop_unless_profiling():
-    assert observe.trace_range("data") is observe.trace_range("other")
-    assert isinstance(observe.trace_range("data"), contextlib.nullcontext)
+    assert profile.trace_range("data") is profile.trace_range("other")
+    assert isinstance(profile.trace_range("data"), contextlib.nullcontext)
     assert FakeStage().step(1) == 2
 
 
 def test_profiler_records_the_step_range_with_named_ranges(tmp_path):
-    prof = observe.Profiler((1, 3), tmp_path, rank=3, device=torch.device("cpu"))
+    prof = profile.Profiler((1, 3), tmp_path, rank=3, device=torch.device("cpu"))
     stage = FakeStage()
-    assert isinstance(observe.trace_range("data"), observe._Range)  # recording: ranges are real
+    assert isinstance(profile.trace_range("data"), profile._Range)  # recording: ranges are real
     for _ in range(5):
-        with observe.trace_range("data"):
+        with profile.trace_range("data"):
             x = torch.ones(4)
         stage.step(x)
         prof.step()
     assert not prof.active  # stopped itself after the range
-    assert isinstance(observe.trace_range("data"), contextlib.nullcontext)
+    assert isinstance(profile.trace_range("data"), contextlib.nullcontext)
     (trace,) = tmp_path.glob("rank3.*.pt.trace.json.gz")
     names = {e.get("name") for e in json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]}
     assert {"data", "logit_step", "ProfilerStep#1", "ProfilerStep#2"} <= names
@@ -43,26 +45,26 @@ def test_profiler_records_the_step_range_with_named_ranges(tmp_path):
 
 
 def test_profile_cut_short_by_the_end_of_training_is_still_written(tmp_path):
-    prof = observe.Profiler((0, 100), tmp_path, rank=0, device=torch.device("cpu"))
+    prof = profile.Profiler((0, 100), tmp_path, rank=0, device=torch.device("cpu"))
     for _ in range(2):
         torch.ones(2).sum()
         prof.step()
     prof.stop()
     assert len(list(tmp_path.glob("rank0.*.pt.trace.json.gz"))) == 1
-    assert not observe.Profiler(None, tmp_path, rank=0, device=torch.device("cpu")).active
+    assert not profile.Profiler(None, tmp_path, rank=0, device=torch.device("cpu")).active
 
 
 def test_loop_clock_measures_the_time_spent_waiting_for_data(monkeypatch):
     """A fake clock: the loader takes 30 ms per batch and the step 10 ms, whatever else the machine does."""
     now = [100.0]
-    monkeypatch.setattr(observe.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(clocks.time, "perf_counter", lambda: now[0])
 
     def slow_loader():
         for i in range(4):
             now[0] += 0.03
             yield i
 
-    clock = observe.LoopClock()
+    clock = clocks.LoopClock()
     for _ in clock.batches(slow_loader()):
         now[0] += 0.01  # the "step"
     seconds, frac = clock.lap()
@@ -72,7 +74,7 @@ def test_loop_clock_measures_the_time_spent_waiting_for_data(monkeypatch):
 
 
 def test_interval_means_undo_the_running_means():
-    recent = observe.IntervalMeans()
+    recent = clocks.IntervalMeans()
     assert recent.update({"ce": [2.0, 4.0]}, 2) == {"ce": [2.0, 4.0]}
     # steps 3..4 had ce 1.0 and 0.0: running means after 4 steps are (2*2 + 2*1)/4 and (4*2 + 0)/4
     assert recent.update({"ce": [1.5, 2.0]}, 4) == {"ce": [pytest.approx(1.0), pytest.approx(0.0)]}
@@ -81,15 +83,15 @@ def test_interval_means_undo_the_running_means():
 def test_scalars_write_tags_tensorboard_reads_back(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    sc = observe.Scalars(tmp_path, ["resnet18", "resnet34"], eval_keys=("d_real", "d_fake"))
+    sc = tensorboard.Scalars(tmp_path, ["resnet18", "resnet34"], eval_keys=("d_real", "d_fake"))
     sc.train(10, {"ce": [1.0, 2.0], "g_loss": [0.3, 0.4], "scalar_thing": [5.0]}, {"logit": 0.1, "feat": 2e-5}, 123.0, 0.25)
     sc.eval(10, {"peers": [{"top1": 50.0, "top5": 80.0, "d_real": 0.6}, {"top1": 55.0, "top5": 85.0, "d_real": 0.4}],
                  "ensemble_top1": 60.0, "ensemble_top5": 90.0})
     sc.close()
-    acc = EventAccumulator(str(tmp_path / observe.TB_DIR))
+    acc = EventAccumulator(str(tmp_path / tensorboard.TB_DIR))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert tags == observe.train_tags(["resnet18", "resnet34"], ["ce", "g_loss"], ["logit", "feat"]) | observe.eval_tags(
+    assert tags == tensorboard.train_tags(["resnet18", "resnet34"], ["ce", "g_loss"], ["logit", "feat"]) | tensorboard.eval_tags(
         ["resnet18", "resnet34"], ["d_real"])
     assert "train/ce/peer1-resnet34" in tags and "val/top1/ensemble" in tags
     (event,) = acc.Scalars("train/ce/peer1-resnet34")
@@ -98,17 +100,17 @@ def test_scalars_write_tags_tensorboard_reads_back(tmp_path):
 
 
 def test_tensorboard_on_without_the_package_is_a_user_error(monkeypatch):
-    monkeypatch.setattr(observe.importlib.util, "find_spec", lambda name: None)
-    assert observe.tensorboard_enabled("auto") is False
+    monkeypatch.setattr(tensorboard.importlib.util, "find_spec", lambda name: None)
+    assert tensorboard.tensorboard_enabled("auto") is False
     with pytest.raises(UserError, match=r"pip install 'fastafd\[tensorboard\]'.*--log.tensorboard off"):
-        observe.tensorboard_enabled("on")
-    assert observe.tensorboard_enabled("off") is False
+        tensorboard.tensorboard_enabled("on")
+    assert tensorboard.tensorboard_enabled("off") is False
 
 
 def test_progress_lines_and_epoch_summary(capsys):
-    prog = observe.Progress("lines", enabled=True, epoch=2, epochs=9, steps=10, batch=4, loss_keys=("ce", "kl", "g_loss"))
+    prog = console.Progress("lines", enabled=True, epoch=2, epochs=9, steps=10, batch=4, loss_keys=("ce", "kl", "g_loss"))
     prog.log(5, {"ce": [1.23456, 2.0], "kl": [0.1, 0.2], "d_real": [0.5, 0.5]}, 321.4, 0.125)
-    quiet = observe.Progress("lines", enabled=False, epoch=2, epochs=9, steps=10, batch=4, loss_keys=("ce",))
+    quiet = console.Progress("lines", enabled=False, epoch=2, epochs=9, steps=10, batch=4, loss_keys=("ce",))
     quiet.log(5, {"ce": [1.0, 1.0]}, 1.0, 0.0)
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 1
@@ -118,7 +120,7 @@ def test_progress_lines_and_epoch_summary(capsys):
            "ensemble_top1": 55.0, "img_per_s": 99.6, "time_s": 3.0, "data_wait_frac": 0.5}
     from fastafd.methods.afd import AFD
 
-    line = observe.epoch_summary(row, 9, {"ce": [1.0, 1.1]}, AFD.loss_keys, AFD.describe_eval(row["peers"]))
+    line = console.epoch_summary(row, 9, {"ce": [1.0, 1.1]}, AFD.loss_keys, AFD.describe_eval(row["peers"]))
     assert line == "epoch 2/9  top-1: a 51.00  b 52.00  ensemble 55.00  ce 1.000/1.100  D(real)/D(fake) 0.60/0.40 0.50/0.50  100 img/s  data 50%  3.0 s"
 
 
@@ -143,7 +145,7 @@ def test_profile_shorthand_sets_log_profile(monkeypatch):
 
 
 def test_data_command_progress_is_lines_in_a_log_and_a_bar_on_a_terminal(monkeypatch, capsys):
-    from fastafd import progress
+    from fastafd.observe import progress
 
     now = [0.0]
     monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])

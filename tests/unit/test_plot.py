@@ -1,12 +1,12 @@
-"""fastafd.plot: training-curve PNGs from metrics.jsonl, overlays of runs of different methods, benchmark charts."""
+"""fastafd.experiments.plot: training-curve PNGs from metrics.jsonl, overlays of runs of different methods, benchmark charts."""
 
 import json
 
 import pytest
 from PIL import Image
 
-from fastafd import plot
 from fastafd.errors import UserError
+from fastafd.experiments import plot
 
 
 def fake_run(root, name, method, epochs=3, disc=True, k=2):

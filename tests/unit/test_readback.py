@@ -1,4 +1,4 @@
-"""The one reader (fastafd.readback) and every command that reads back a run or sweep folder, fuzzed: random bytes,
+"""The one reader (fastafd.run.readback) and every command that reads back a run or sweep folder, fuzzed: random bytes,
 truncations, wrong JSON types, NaN/Infinity and huge numbers end in one line (or a named, skipped line), never in a
 traceback, and never write anything."""
 
@@ -12,9 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastafd import checkpoint, cli, readback, rundir
-from fastafd import sweep as sw
+from fastafd import cli
+from fastafd.checkpoint import paths, retain, store
 from fastafd.errors import UserError
+from fastafd.experiments import plan
+from fastafd.run import readback, rundir
 from tests.battery.harness import tree_digest
 from tests.unit.test_report import AFD, IND, make_sweep
 
@@ -97,9 +99,9 @@ def world(tmp_path_factory):
 
 
 FILES = {
-    "sweep.json": lambda s: s / sw.MANIFEST,
+    "sweep.json": lambda s: s / plan.MANIFEST,
     "metrics.jsonl": lambda s: s / "runs" / f"{AFD}-seed0" / rundir.METRICS_FILE,
-    "status": lambda s: s / sw.STATUS / f"{AFD}-seed0.json",
+    "status": lambda s: s / plan.STATUS / f"{AFD}-seed0.json",
 }
 
 
@@ -138,19 +140,19 @@ def test_report_and_status_on_a_damaged_file_never_trace_back_nor_write(which, w
 @given(data=_mutations())
 def test_best_json_and_a_checkpoint_manifest_are_one_line_or_valid(which, tmp_path_factory, data):
     run = tmp_path_factory.mktemp("r")
-    (run / checkpoint.CKPT_DIR / "step-1").mkdir(parents=True)
+    (run / paths.CKPT_DIR / "step-1").mkdir(parents=True)
     if which == "best.json":
-        (run / checkpoint.CKPT_DIR / checkpoint.BEST).write_bytes(data)
+        (run / paths.CKPT_DIR / paths.BEST).write_bytes(data)
         try:
-            best = checkpoint.read_best(run)
+            best = retain.read_best(run)
         except UserError as e:
             assert "\n" not in str(e)
         else:
             assert best is None or (isinstance(best["name"], str) and math.isfinite(best["metric"]))
     else:
-        (run / checkpoint.CKPT_DIR / "step-1" / checkpoint.MANIFEST).write_bytes(data)
-        with pytest.raises(checkpoint.CorruptCheckpoint) as e:
-            checkpoint.verify(run / checkpoint.CKPT_DIR / "step-1")
+        (run / paths.CKPT_DIR / "step-1" / paths.MANIFEST).write_bytes(data)
+        with pytest.raises(store.CorruptCheckpoint) as e:
+            store.verify(run / paths.CKPT_DIR / "step-1")
         assert "\n" not in str(e.value)
 
 

@@ -7,8 +7,10 @@ import math
 
 import pytest
 
-from fastafd import args, claims, cli, rundir, runlock
-from fastafd import sweep as sw
+from fastafd import args, cli
+from fastafd.experiments import claims, plan
+from fastafd.experiments import state as cellstate
+from fastafd.run import rundir, runlock
 
 TINY = ["--data.format", "synthetic", "--data.synthetic_samples", "64", "--data.batch_size", "16", "--loop.epochs", "2"]
 IND, AFD = "demo_resnet8_resnet20_independent", "demo_resnet8_resnet20_afd"
@@ -35,9 +37,9 @@ def write_metrics(run, epochs):
 
 
 def make_sweep(root, runs, recipes, seeds, grid=None):
-    cells = sw.plan_cells(recipes, seeds, TINY)
+    cells = plan.plan_cells(recipes, seeds, TINY)
     root.mkdir()
-    rundir.write_json(root / sw.MANIFEST, sw.merge(None, cells, overrides=TINY, grid=grid, sweep=root, command="c", executor="local"))
+    rundir.write_json(root / plan.MANIFEST, plan.merge(None, cells, overrides=TINY, grid=grid, sweep=root, command="c", executor="local"))
     for (recipe, seed), epochs in runs.items():
         write_metrics(root / "runs" / f"{recipe}-seed{seed}", epochs)
     return {c.name: c for c in cells}
@@ -68,7 +70,7 @@ def report(tmp_path, capsys):
     cells = make_sweep(sweep, RUNS, [IND, AFD], (0, 1, 2, 3))
     (sweep / "logs").mkdir()
     (sweep / "logs" / f"{AFD}-seed2.log").write_text("epoch 1/2 ...\nfastafd: error: non-finite losses for 20 steps: lower the learning rate\n")
-    sw.write_status(sweep, cells[f"{AFD}-seed2"], {"exit": 1})
+    cellstate.write_status(sweep, cells[f"{AFD}-seed2"], {"exit": 1})
     lock = runlock.RunLock(sweep / "runs" / f"{IND}-seed3")
     lock.acquire()
     try:

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from fastafd import runlock
 from fastafd.errors import UserError
+from fastafd.run import runlock
 
 
 def test_holder_names_the_holder_while_the_lock_is_held_and_none_after(tmp_path):

@@ -5,8 +5,9 @@ import sys
 
 import pytest
 
-from fastafd import cli, trackers
+from fastafd import cli
 from fastafd.errors import UserError
+from fastafd.observe import trackers
 
 
 @pytest.mark.parametrize("name", ["wandb", "mlflow"])

@@ -175,20 +175,20 @@ def strings(obj: Mapping, key: str, *, default: list | None = None) -> list[str]
     """``obj[key]`` as a list of strings (``default`` when absent, if given)."""
     if key not in obj and default is not None:
         return list(default)
-    if key not in obj:
-        raise ValueError(f"no {key!r}")
-    v = obj[key]
-    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-        raise ValueError(f"{key!r} is {_show(v)}, not a list of strings")
-    return list(v)
+    return _list_of(obj, key, str, "strings")
 
 
 def objects(obj: Mapping, key: str) -> list[dict]:
+    return _list_of(obj, key, dict, "objects")
+
+
+def _list_of(obj: Mapping, key: str, kind: type, what: str) -> list:
+    """``obj[key]`` as a list whose items are all ``kind``; ValueError naming the key otherwise."""
     if key not in obj:
         raise ValueError(f"no {key!r}")
     v = obj[key]
-    if not isinstance(v, list) or not all(isinstance(x, dict) for x in v):
-        raise ValueError(f"{key!r} is {_show(v)}, not a list of objects")
+    if not isinstance(v, list) or not all(isinstance(x, kind) for x in v):
+        raise ValueError(f"{key!r} is {_show(v)}, not a list of {what}")
     return list(v)
 
 

@@ -10,7 +10,7 @@ table. A cell that failed, is running or has not finished is named in its row's 
 list below the tables: never dropped silently, never averaged in.
 
 For a sweep of a named grid with claims (``fastafd sweep --grid claims-demo``) the report evaluates
-them (:mod:`fastafd.claims`): per claim the per-seed difference, its mean and seed spread, and the
+them (:mod:`fastafd.experiments.claims`): per claim the per-seed difference, its mean and seed spread, and the
 computed verdict. Outputs: ``NAME.md`` (Markdown, also printed), ``NAME.csv`` (one line per row,
 column and metric), ``NAME.json`` (everything, per seed) and ``NAME.png`` (final top-1 bars with
 +-std whiskers, one panel per table; needs matplotlib, the ``plot`` extra).
@@ -33,10 +33,12 @@ from typing import Literal
 
 from tyro.conf import Positional
 
-from fastafd import claims, grids, outputs, readback, rundir, runlock
-from fastafd import sweep as sweeps
 from fastafd.args import PROG, tyro_parse
 from fastafd.errors import UserError
+from fastafd.experiments import claims, grids, plan
+from fastafd.experiments import state as cellstate
+from fastafd.experiments import sweep as sweeps
+from fastafd.run import outputs, readback, rundir, runlock
 
 METRICS = ("best", "final")
 
@@ -62,8 +64,8 @@ class ReportArgs:
 class CellResult:
     """One cell (a run): what it is, where it stands, and its top-1 per column when it finished."""
 
-    cell: sweeps.Cell
-    state: sweeps.CellState
+    cell: plan.Cell
+    state: cellstate.CellState
     best: dict[str, float] = field(default_factory=dict)
     """Column -> the best top-1 over its evaluated epochs (finished runs only)."""
     final: dict[str, float] = field(default_factory=dict)
@@ -129,25 +131,25 @@ def run_values(rows: Sequence[Mapping]) -> tuple[dict[str, float], dict[str, flo
     return best, dict(per_epoch[-1])
 
 
-def _result(cell: sweeps.Cell, state: sweeps.CellState, run: Path, status: Mapping) -> CellResult:
+def _result(cell: plan.Cell, state: cellstate.CellState, run: Path, status: Mapping) -> CellResult:
     result = CellResult(cell, state, run=Path(run), load=[float(v) for v in (status.get("load_start"), status.get("load_end")) if isinstance(v, (int, float))])
-    if state.state == sweeps.DONE:
+    if state.state == cellstate.DONE:
         try:
             lines = rundir.metrics_lines(run)
         except UserError as e:
-            result.state = sweeps.CellState(sweeps.FAILED, state.epochs_done, f"unreadable {rundir.METRICS_FILE}: {e}")
+            result.state = cellstate.CellState(cellstate.FAILED, state.epochs_done, f"unreadable {rundir.METRICS_FILE}: {e}")
             return result
         if lines.damaged:  # never averaged in: a skipped line may be the best epoch
-            result.state = sweeps.CellState(sweeps.FAILED, state.epochs_done, sweeps.damage(lines) + "; restore the line to report this cell")
+            result.state = cellstate.CellState(cellstate.FAILED, state.epochs_done, cellstate.damage(lines) + "; restore the line to report this cell")
             return result
         try:
             result.best, result.final = run_values([r for r in lines.rows if r["epoch"] <= cell.epochs])
         except (ValueError, KeyError, TypeError) as e:
-            result.state = sweeps.CellState(sweeps.FAILED, state.epochs_done, f"{run / rundir.METRICS_FILE} has no top-1 ({type(e).__name__}: {e})")
+            result.state = cellstate.CellState(cellstate.FAILED, state.epochs_done, f"{run / rundir.METRICS_FILE} has no top-1 ({type(e).__name__}: {e})")
     return result
 
 
-def _cell_of_run(run: Path) -> sweeps.Cell:
+def _cell_of_run(run: Path) -> plan.Cell:
     """A stand-alone run folder as a cell (named after its folder), from its config.json."""
     from fastafd.config import from_dict
 
@@ -158,21 +160,21 @@ def _cell_of_run(run: Path) -> sweeps.Cell:
     except (ValueError, KeyError, TypeError, AttributeError, UserError) as e:
         raise UserError(f"{run / rundir.CONFIG_FILE} is not a fastafd config ({e}): {fix}") from None
     try:
-        data = sweeps.data_label(cfg)
+        data = plan.data_label(cfg)
     except (UserError, OSError):
         data = cfg.data.format
-    return sweeps.Cell(name=run.name, recipe=cfg.recipe, seed=cfg.system.seed, argv=(), method=cfg.method.name,
+    return plan.Cell(name=run.name, recipe=cfg.recipe, seed=cfg.system.seed, argv=(), method=cfg.method.name,
                        peers=tuple(cfg.model.peers), epochs=cfg.loop.epochs, data=data)
 
 
-def _run_state(run: Path, cell: sweeps.Cell) -> sweeps.CellState:
+def _run_state(run: Path, cell: plan.Cell) -> cellstate.CellState:
     held = runlock.holder(run)
-    last = sweeps.epochs_done(run)
+    last = cellstate.epochs_done(run)
     if held:
-        return sweeps.CellState(sweeps.RUNNING, last, f"lock held by {held}")
+        return cellstate.CellState(cellstate.RUNNING, last, f"lock held by {held}")
     if last >= cell.epochs:
-        return sweeps.CellState(sweeps.DONE, last, "")
-    return sweeps.CellState(sweeps.PENDING, last, f"unfinished: epoch {last} of {cell.epochs}")
+        return cellstate.CellState(cellstate.DONE, last, "")
+    return cellstate.CellState(cellstate.PENDING, last, f"unfinished: epoch {last} of {cell.epochs}")
 
 
 def collect(dirs: Sequence[Path]) -> tuple[list[CellResult], list[str]]:
@@ -182,11 +184,11 @@ def collect(dirs: Sequence[Path]) -> tuple[list[CellResult], list[str]]:
     results: list[CellResult] = []
     grid_names: list[str] = []
     for d in map(Path, dirs):
-        if (d / sweeps.MANIFEST).is_file():
-            manifest = sweeps.load_manifest(d)
-            cells = sweeps.cells_of(manifest)
+        if (d / plan.MANIFEST).is_file():
+            manifest = plan.load_manifest(d)
+            cells = plan.cells_of(manifest)
             st = sweeps.states(d, cells)
-            results += [_result(c, st[c.name], d / c.run_dir, sweeps.read_status(d, c)) for c in cells]
+            results += [_result(c, st[c.name], d / c.run_dir, cellstate.read_status(d, c)) for c in cells]
             if manifest.get("grid") and manifest["grid"] not in grid_names:
                 grid_names.append(manifest["grid"])
         elif (d / rundir.CONFIG_FILE).is_file():
@@ -238,7 +240,7 @@ def build_tables(results: Sequence[CellResult]) -> list[Table]:
         rows.sort(key=lambda r: (_ORDER.index(r.method) if r.method in _ORDER else len(_ORDER), r.label))
         table = Table(f"{' + '.join(peers)} ({data} data, {epochs} epoch{'s' if epochs != 1 else ''})", peers, data, epochs, rows)
         for row in rows:
-            done = [r for r in row.cells if r.state.state == sweeps.DONE]
+            done = [r for r in row.cells if r.state.state == cellstate.DONE]
             row.stats = {c: {m: _stat([getattr(r, m)[c] for r in done if c in getattr(r, m)]) for m in METRICS} for c in table.columns}
         base = next((r for r in rows if r.method == "independent"), None)
         if base is not None:
@@ -255,10 +257,10 @@ def build_tables(results: Sequence[CellResult]) -> list[Table]:
 
 
 def claim_values(results: Sequence[CellResult]) -> dict[tuple[str, str], dict[int, float]]:
-    """``{(recipe, column): {seed: final top-1}}`` over the finished cells: what :func:`fastafd.claims.evaluate` reads."""
+    """``{(recipe, column): {seed: final top-1}}`` over the finished cells: what :func:`fastafd.experiments.claims.evaluate` reads."""
     values: dict[tuple[str, str], dict[int, float]] = {}
     for r in results:
-        if r.state.state == sweeps.DONE:
+        if r.state.state == cellstate.DONE:
             for column, v in r.final.items():
                 values.setdefault((r.cell.recipe, column), {})[r.cell.seed] = v
     return values
@@ -279,9 +281,9 @@ def fmt(stat: Stat, *, gain: bool = True) -> str:
 
 def row_status(row: Row) -> str:
     """``3 done`` or ``2 done; failed: seed 2; running: seed 3; pending: seed 4``."""
-    by = {s: [r.cell.seed for r in row.cells if r.state.state == s] for s in (sweeps.DONE, sweeps.FAILED, sweeps.RUNNING, sweeps.PENDING)}
-    parts = [f"{len(by[sweeps.DONE])} done"]
-    for s in (sweeps.FAILED, sweeps.RUNNING, sweeps.PENDING):
+    by = {s: [r.cell.seed for r in row.cells if r.state.state == s] for s in (cellstate.DONE, cellstate.FAILED, cellstate.RUNNING, cellstate.PENDING)}
+    parts = [f"{len(by[cellstate.DONE])} done"]
+    for s in (cellstate.FAILED, cellstate.RUNNING, cellstate.PENDING):
         if by[s]:
             parts.append(f"{s}: seed{'s' if len(by[s]) > 1 else ''} {' '.join(map(str, by[s]))}")
     return "; ".join(parts)
@@ -311,7 +313,7 @@ def markdown(tables: Sequence[Table], verdicts: Mapping[str, list[claims.Verdict
             n = row.stats[cols[0]]["final"].n
             cells = [fmt(row.stats[c][m]) for c in cols for m in METRICS]
             lines.append("| " + " | ".join([f"`{row.label}`", str(n), *cells, row_status(row)]) + " |")
-    unfinished = [r for r in results if r.state.state != sweeps.DONE]
+    unfinished = [r for r in results if r.state.state != cellstate.DONE]
     if unfinished:
         lines += ["", "## Cells not in the means", ""]
         lines += [f"* `{r.cell.name}`: **{r.state.state}** (epoch {r.state.epochs_done}/{r.cell.epochs}){': ' + r.state.detail if r.state.detail else ''}"
@@ -344,7 +346,7 @@ def rows_csv(tables: Sequence[Table]) -> str:
     for table in tables:
         for row in table.rows:
             seeds = {s: " ".join(str(r.cell.seed) for r in row.cells if r.state.state == s)
-                     for s in (sweeps.DONE, sweeps.FAILED, sweeps.RUNNING, sweeps.PENDING)}
+                     for s in (cellstate.DONE, cellstate.FAILED, cellstate.RUNNING, cellstate.PENDING)}
             for c in table.columns:
                 for m in METRICS:
                     st = row.stats[c][m]
@@ -379,7 +381,7 @@ def as_json(tables: Sequence[Table], verdicts: Mapping[str, list[claims.Verdict]
 
 def chart(path: Path, tables: Sequence[Table], writer: outputs.Outputs | None = None) -> Path | None:
     """Final top-1 per method (groups) and per peer and ensemble (bars), mean +- std; one panel per table."""
-    from fastafd.plot import BarPanel, grouped_bar_chart
+    from fastafd.experiments.plot import BarPanel, grouped_bar_chart
 
     panels = []
     for t in tables:
@@ -402,7 +404,7 @@ def cmd_report(argv: Sequence[str]) -> int:
         raise UserError(f"--name {args.name!r} must be a file name stem, e.g. --name claims")
     want_png = args.png == "on" or (args.png == "auto" and importlib.util.find_spec("matplotlib") is not None)
     if args.png == "on":
-        from fastafd.observe import require
+        from fastafd.errors import require
 
         require("matplotlib", "plot", "The report's chart")
     results, grid_names = collect(args.dirs)

@@ -1,6 +1,6 @@
 """Experiment trackers beside TensorBoard: Weights & Biases and MLflow, through accelerate's tracker classes.
 
-``--log.trackers`` names them (with ``tensorboard``, the writer of :mod:`fastafd.observe`). They get the
+``--log.trackers`` names them (with ``tensorboard``, the writer of :mod:`fastafd.observe.tensorboard`). They get the
 same scalars as TensorBoard (same tags, same global step) and the resolved config as hyper-parameters,
 from rank 0 only, under the run folder's name. The tracker run ids are kept in ``<run>/trackers.json``
 so that a resumed run continues the same tracker run; with them the last step handed to each tracker.
@@ -32,12 +32,11 @@ import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
-from fastafd.errors import UserError
-from fastafd.observe import require
-from fastafd.rundir import TRACKERS_FILE, write_json
+from fastafd.errors import UserError, require
+from fastafd.run.rundir import TRACKERS_FILE, write_json
 
 EXTERNAL = ("wandb", "mlflow")
-"""The trackers of this module (``tensorboard`` is :class:`fastafd.observe.Scalars`' own writer)."""
+"""The trackers of this module (``tensorboard`` is :class:`fastafd.observe.tensorboard.Scalars`' own writer)."""
 
 
 def check(names: Iterable[str]) -> None:

@@ -5,7 +5,7 @@ Rules, the same for every command:
 - ``--out`` with the command's file suffix (``report.md``, ``peer.safetensors``) is that file, its
   siblings (``report.csv``, ``report.json``, ``report.png``) beside it; any other ``--out`` is a folder.
   An empty ``--out`` is refused (it would mean the current folder).
-- A file is written atomically (:mod:`fastafd.atomic`: unique temporary, fsync, rename) and never over
+- A file is written atomically (:mod:`fastafd.run.atomic`: unique temporary, fsync, rename) and never over
   a file the command did not write: every folder it writes into keeps a ledger (:data:`LEDGER`, the
   name and sha256 of each file written there); an existing file that is not in it, or was changed
   since, is refused in one line, before anything is written. So is a folder ``--out`` that exists,
@@ -21,8 +21,8 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from fastafd import atomic
 from fastafd.errors import UserError
+from fastafd.run import atomic
 
 LEDGER = ".fastafd-outputs.json"
 """In every folder a command writes its outputs into: ``{file name: sha256}`` of what it wrote."""

@@ -16,9 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastafd import atomic, outputs, readback, rundir
-from fastafd.errors import UserError
-from fastafd.observe import require
+from fastafd.errors import UserError, require
+from fastafd.run import atomic, outputs, readback, rundir
 
 FIGURES = ("top1", "losses", "discriminator", "throughput")
 """The PNGs ``fastafd plot`` writes (``<name>.png``); discriminator only when a run has discriminators."""
@@ -91,7 +90,7 @@ def _row_series(run: Run, key: str) -> tuple[list[int], list[float]]:
 
 
 def _save(fig, path: Path, writer: outputs.Outputs | None = None) -> Path:
-    """Write the PNG through ``writer`` (:mod:`fastafd.outputs`: never over a file fastafd did not write), or
+    """Write the PNG through ``writer`` (:mod:`fastafd.run.outputs`: never over a file fastafd did not write), or
     atomically where a benchmark names its own file."""
     path = Path(path)
     if writer is None:

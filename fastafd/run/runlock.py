@@ -28,8 +28,8 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from fastafd import atomic
 from fastafd.errors import UserError
+from fastafd.run import atomic
 
 LOCK_FILE = "run.lock"
 

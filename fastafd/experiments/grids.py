@@ -1,7 +1,7 @@
 """Named sweep grids (``fastafd sweep --grid NAME``): recipes x seeds x overrides, and what they test.
 
 A grid is data: the recipes to run, the default seeds, the ``fastafd train`` options applied to every
-cell, and the claims (:mod:`fastafd.claims`) that ``fastafd report`` evaluates on its results. The
+cell, and the claims (:mod:`fastafd.experiments.claims`) that ``fastafd report`` evaluates on its results. The
 claims grids run the comparisons of docs/method.md's four claims: a small/large pair with every
 method the claims compare (independent, dml, l1, afd, afd_shared), the small network's same-network
 pair with afd and l1 (the "especially" of claim 1), and three copies of it with afd and independent
@@ -13,8 +13,8 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
-from fastafd import claims
 from fastafd.errors import UserError
+from fastafd.experiments import claims
 
 
 @dataclass(frozen=True)

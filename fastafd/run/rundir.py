@@ -1,29 +1,26 @@
-"""The run directory: resolved config, environment record (git SHA, versions) and metrics.jsonl."""
+"""The run directory: resolved config, environment record (git SHA, versions: :mod:`fastafd.run.env`) and metrics.jsonl."""
 
 from __future__ import annotations
 
 import datetime as dt
-import importlib.metadata
 import json
 import platform
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
-from fastafd import atomic, readback
 from fastafd.config import TrainConfig, to_dict
 from fastafd.errors import UserError
+from fastafd.run import atomic, readback
+from fastafd.run.env import git_sha, versions
 
 CONFIG_FILE = "config.json"
 ENV_FILE = "env.json"
 METRICS_FILE = "metrics.jsonl"
 TRACKERS_FILE = "trackers.json"
-"""The W&B and MLflow run ids of the run and the last step each got (:mod:`fastafd.trackers`): a resume continues them."""
+"""The W&B and MLflow run ids of the run and the last step each got (:mod:`fastafd.observe.trackers`): a resume continues them."""
 SWEEP_MANIFEST = "sweep.json"
-"""What makes a folder a sweep folder (:data:`fastafd.sweep.MANIFEST`): a run never goes into one."""
-
-_PACKAGES = ("fastafd", "torch", "torchvision", "timm", "accelerate", "nvidia-dali-cuda130", "safetensors", "tyro", "numpy")
+"""What makes a folder a sweep folder (:data:`fastafd.experiments.plan.MANIFEST`): a run never goes into one."""
 
 
 def default_run_dir(recipe: str) -> Path:
@@ -49,29 +46,8 @@ def check_out(out: Path | None, data_root: Path | None) -> None:
                             "pass a folder outside it, e.g. --out runs/my-run")
 
 
-def git_sha() -> str:
-    """SHA of the fastafd checkout (``+dirty`` with uncommitted changes), or ``unknown`` for an installed wheel."""
-    here = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return sha + ("+dirty" if dirty else "")
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in _PACKAGES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
 def write_json(path: Path, obj: object) -> None:
-    """Write JSON atomically (unique temporary file, fsync, rename: :mod:`fastafd.atomic`)."""
+    """Write JSON atomically (unique temporary file, fsync, rename: :mod:`fastafd.run.atomic`)."""
     atomic.write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
@@ -123,7 +99,7 @@ def append_jsonl(path: Path, row: dict) -> None:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """The rows of ``metrics.jsonl`` that are whole (:func:`fastafd.readback.metrics`); damaged lines are skipped
+    """The rows of ``metrics.jsonl`` that are whole (:func:`fastafd.run.readback.metrics`); damaged lines are skipped
     (:func:`metrics_lines` names them). A missing or unreadable file is a one-line error."""
     return readback.metrics(Path(run_dir) / METRICS_FILE).rows
 

@@ -1,6 +1,6 @@
 """Progress of the long data commands (demo generation, ``data verify``, ``data pack``): a tqdm bar on a
 terminal, and plain lines in logs (Slurm output files, ``| tee``), where a bar's carriage returns
-would pile up as one endless line. The training loop has its own (:class:`fastafd.observe.Progress`)."""
+would pile up as one endless line. The training loop has its own (:class:`fastafd.observe.console.Progress`)."""
 
 from __future__ import annotations
 

@@ -58,6 +58,15 @@ def fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a rename into the folder ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def replace(path: Path, write: Callable[[Path], None]) -> None:
     """``write(tmp)`` to a unique temporary sibling, fsync it, rename it to ``path``; no temporary survives a failure."""
     path = Path(path)
