@@ -179,17 +179,26 @@ def test_gpu_check_data_part_compares_the_overlapped_all_reduce_with_the_coalesc
 @pytest.mark.distributed
 def test_comm_benchmark_times_both_syncs_and_models_the_fabrics(tmp_path):
     comm = load_benchmark("comm.py")
+    groups = ["eager:afd:sequential", "eager:ddp:independent"]  # the compiled groups compile every peer in every process: too slow here
     assert comm.main(["--processes", "2", "--peers", "cifar_resnet8", "cifar_resnet8", "--warmup", "1", "--steps", "1",
-                      "--repeats", "2", "--model-world-sizes", "8", "--out", str(tmp_path)]) == 0
+                      "--repeats", "2", "--groups", *groups, "--profile", "eager:afd:sequential",
+                      "--model-world-sizes", "8", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "comm.json").read_text())
     (m,) = report["measured"]
-    assert m["processes"] == 2 and set(m["median_s"]) == {"coalesced", "overlapped"} and m["overlapped_speedup"] > 0
+    assert m["processes"] == 2 and [g["group"] for g in m["groups"]] == groups
+    afd, ddp = m["groups"]
+    assert set(afd["median_s"]) == {"coalesced", "overlapped"} and set(ddp["median_s"]) == {"ddp", "fastafd"}
+    assert all(len(v) == 2 for g in m["groups"] for v in g["seconds_per_iteration"].values())  # one time per window
+    assert afd["ratio"] == pytest.approx(afd["median_s"]["coalesced"] / afd["median_s"]["overlapped"])
+    assert m["profile"]["group"] == "eager:afd:sequential" and set(m["profile"]["exposed_ms"]) == {"coalesced", "overlapped"}
+    assert all(v > 0 for v in m["profile"]["exposed_ms"].values())  # the sync's range was found in the trace
     rows = report["model"]["rows"]
     assert {r["fabric"] for r in rows} == set(comm.BANDWIDTHS_GBPS) and all(r["overlap_best_ms"] <= r["no_overlap_ms"] for r in rows)
     total = sum(report["model"]["stage_bytes"].values())
     nvlink = next(r for r in rows if r["busbw_GBps"] == 450.0 and r["wire"] == "fp32")
     assert nvlink["no_overlap_ms"] == pytest.approx(2 * 7 / 8 * total / 450e9 * 1e3)  # the ring formula
-    assert "| 2 |" in (tmp_path / "comm.md").read_text()
+    text = (tmp_path / "comm.md").read_text()
+    assert "| sequential | 2 | eager |" in text and "| independent | 2 | eager |" in text
 
 
 def test_bench_step_with_a_cnn_vit_pair_counts_flops(tmp_path):
