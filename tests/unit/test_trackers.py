@@ -2,6 +2,7 @@
 
 import json
 import sys
+import time
 
 import pytest
 
@@ -57,6 +58,7 @@ def test_a_resumed_wandb_run_logs_the_steps_its_offline_file_lacks(kept, after, 
         for step in range(1, kept + 1):
             killed.log({"x": float(step)}, step=step)
         killed.finish()
+        time.sleep(1.1)  # W&B names a run's folder offline-run-<start second>-<id>: a second start in the same second shares it
         assert trackers.wandb_offline_last_step(tmp_path / "wandb", "abc123") == kept
         (tmp_path / "trackers.json").write_text('{"wandb": {"id": "abc123", "last_step": 6}}')
         resumed = trackers.Trackers(["wandb"], tmp_path, {}, project="p", resume_step=4)
