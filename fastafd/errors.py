@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
 
@@ -23,6 +25,14 @@ class UserError(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(message.split()))  # always a single line
+
+
+def unknown_name(kind: str, name: str, known: Iterable[str], choices: str) -> UserError:
+    """``unknown <kind> '<name>': did you mean <close matches>? <choices>``: a registry's one-line error for a name
+    it does not have (``choices``: the sentence that lists what to choose from)."""
+    close = difflib.get_close_matches(name, list(known), n=2)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return UserError(f"unknown {kind} '{name}': {hint}{choices}")
 
 
 class RunStopped(Exception):

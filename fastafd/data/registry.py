@@ -15,7 +15,6 @@ register theirs through the ``fastafd.data_formats`` entry point group.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import importlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastafd.data.base import NotThisFormat
-from fastafd.errors import UserError
+from fastafd.errors import unknown_name
 
 if TYPE_CHECKING:
     import torch
@@ -134,9 +133,7 @@ def names(*, verifiable: bool = False) -> tuple[str, ...]:
 def get(name: str) -> DatasetFormat:
     formats = _load()
     if name not in formats:
-        close = difflib.get_close_matches(name, formats, n=2)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise UserError(f"unknown data format '{name}': {hint}choose from auto, {', '.join(names())}")
+        raise unknown_name("data format", name, formats, f"choose from auto, {', '.join(names())}")
     return formats[name]
 
 

@@ -13,13 +13,12 @@ name = "module"``): the registry imports it with fastafd's own, so the CLI, the 
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import pkgutil
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
-from fastafd.errors import UserError
+from fastafd.errors import UserError, unknown_name
 
 if TYPE_CHECKING:
     from fastafd.config import TrainConfig
@@ -67,9 +66,7 @@ def get(name: str) -> type[Task]:
     """The task class of ``name``; an unknown name is a one-line :class:`UserError` with close matches."""
     methods = _load()
     if name not in methods:
-        close = difflib.get_close_matches(name, methods, n=2)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise UserError(f"unknown method '{name}': {hint}choose from {', '.join(methods)} (`fastafd methods` describes them)")
+        raise unknown_name("method", name, methods, f"choose from {', '.join(methods)} (`fastafd methods` describes them)")
     return methods[name]
 
 

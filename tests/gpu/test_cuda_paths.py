@@ -78,6 +78,17 @@ def test_bf16_channels_last_compiled_step_on_cuda_tracks_fp32(order):
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
 
 
+def assert_one_step_skipped(task, stages, before: dict, opts: dict) -> None:
+    """Parameters, buffers and every optimizer's state are as ``before`` / ``opts``, and the guard counted one skip."""
+    for key, value in task.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    for name, s in stages.items():
+        for pid, st in opts[name].items():
+            for field, value in st.items():
+                assert torch.equal(value, s.optimizer.state_dict()["state"][pid][field]), (name, field)
+    assert stages.guard.skipped.item() == 1
+
+
 @pytest.mark.parametrize("order", ["sequential", "simultaneous"])
 def test_fp16_nan_in_one_peer_loss_skips_every_optimizer_on_cuda(order, monkeypatch):
     task, stages = tiny_task(tiny_config(PAIR, order=order), device="cuda", dtype=torch.float16)
@@ -89,13 +100,7 @@ def test_fp16_nan_in_one_peer_loss_skips_every_optimizer_on_cuda(order, monkeypa
     monkeypatch.setattr(losses, "cross_entropy",
                         lambda logits, target: real_ce(logits, target) * torch.tensor([float("nan"), 1.0], device=logits.device))
     iterate(task, stages, data[1:], start=1)
-    for key, value in task.state_dict().items():
-        assert torch.equal(value, before[key]), key
-    for name, s in stages.items():
-        for pid, st in opts[name].items():
-            for field, value in st.items():
-                assert torch.equal(value, s.optimizer.state_dict()["state"][pid][field]), (name, field)
-    assert stages.guard.skipped.item() == 1
+    assert_one_step_skipped(task, stages, before, opts)
 
 
 def test_train_cli_on_cuda(tmp_path, monkeypatch):
@@ -206,13 +211,7 @@ def test_bf16_inf_gradient_behind_a_finite_loss_skips_every_optimizer_on_cuda(or
     metrics = iterate(task, stages, data[1:], start=1)
     hook.remove()
     assert all(torch.isfinite(v).all() for v in metrics.values())
-    for key, value in task.state_dict().items():
-        assert torch.equal(value, before[key]), key
-    for name, s in stages.items():
-        for pid, st in opts[name].items():
-            for field, value in st.items():
-                assert torch.equal(value, s.optimizer.state_dict()["state"][pid][field]), (name, field)
-    assert stages.guard.skipped.item() == 1
+    assert_one_step_skipped(task, stages, before, opts)
 
 
 def _steady_state_steps_without_host_syncs(task, stages, loader, steps: int) -> None:
