@@ -257,13 +257,13 @@ def test_folder_and_shard_loaders_and_the_step_run_without_host_syncs(tmp_path, 
 def test_no_recompiles_across_train_eval_and_the_epoch_boundary(tmp_path, monkeypatch):
     import torch._dynamo
 
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     monkeypatch.setenv("FASTAFD_CACHE", str(tmp_path / "cache"))
-    code = cli.main([
-        "train", "--out", str(tmp_path / "run"), "--model.peers", *PAIR, "--data.format", "synthetic",
-        "--data.synthetic_classes", "10", "--data.image_size", "32", "--data.batch_size", "16", "--data.synthetic_samples", "128",
-        "--loop.epochs", "3", "--system.device", "cuda", "--system.compile", "on", "--log.progress", "off",
-    ])  # 8 steps per epoch, evaluation after each: train -> eval -> train twice, across two epoch boundaries
+    with torch._dynamo.config.patch(error_on_recompile=True):  # not monkeypatch: its undo deletes the option
+        code = cli.main([
+            "train", "--out", str(tmp_path / "run"), "--model.peers", *PAIR, "--data.format", "synthetic",
+            "--data.synthetic_classes", "10", "--data.image_size", "32", "--data.batch_size", "16", "--data.synthetic_samples", "128",
+            "--loop.epochs", "3", "--system.device", "cuda", "--system.compile", "on", "--log.progress", "off",
+        ])  # 8 steps per epoch, evaluation after each: train -> eval -> train twice, across two epoch boundaries
     assert code == 0
 
 

@@ -84,10 +84,11 @@ def test_identical_blocks_share_one_compiled_graph():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 1
 
 
-def test_blocks_of_different_shapes_compile_without_recompiles(monkeypatch):
+def test_blocks_of_different_shapes_compile_without_recompiles():
     """ResNet's stages differ in shape: each gets its own graph, not a recompile of a shared one."""
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    model = timm.create_model("cifar_resnet8", num_classes=10)
-    regions.compile_regions(model, "aot_eager")
-    _, logits = features_and_logits(model, torch.randn(2, 3, 32, 32))
-    logits.sum().backward()
+    # torch's own patch: pytest's monkeypatch does not see the config module's attribute, and its undo deletes the option
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        model = timm.create_model("cifar_resnet8", num_classes=10)
+        regions.compile_regions(model, "aot_eager")
+        _, logits = features_and_logits(model, torch.randn(2, 3, 32, 32))
+        logits.sum().backward()
