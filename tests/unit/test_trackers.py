@@ -60,6 +60,11 @@ def test_a_resumed_wandb_run_logs_the_steps_its_offline_file_lacks(kept, after, 
         killed.finish()
         time.sleep(1.1)  # W&B names a run's folder offline-run-<start second>-<id>: a second start in the same second shares it
         assert trackers.wandb_offline_last_step(tmp_path / "wandb", "abc123") == kept
+        (path,) = (tmp_path / "wandb").glob("offline-run-*-abc123/run-abc123.wandb")
+        whole = [r.SerializeToString() for r in trackers.wandb_records(path)]
+        cut = tmp_path / "cut.wandb"  # a file whose writer was killed mid-record: the records before the cut
+        cut.write_bytes(path.read_bytes()[:-5])
+        assert [r.SerializeToString() for r in trackers.wandb_records(cut)] == whole[:-1]
         (tmp_path / "trackers.json").write_text('{"wandb": {"id": "abc123", "last_step": 6}}')
         resumed = trackers.Trackers(["wandb"], tmp_path, {}, project="p", resume_step=4)
         assert resumed.after["wandb"] == after
