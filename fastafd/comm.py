@@ -270,14 +270,13 @@ class OverlappedSync:
     def reduce(self, plan: _Plan, found_inf: Tensor) -> None:
         self._route = {}
         local = [id(p) in b.ready for b in plan.buckets for p in b.params]  # plan order, as the marks
-        for b in plan.buckets:
-            for p in b.params:
-                if id(p) not in b.ready:  # no gradient on this rank: a zero one in the sum (its bucket has not started)
-                    plan.view[id(p)].zero_()
-                    p.grad = plan.view[id(p)]
         last = plan.buckets[-1]
         last.flat[-1] = found_inf.to(last.flat.dtype)  # the flag rides along with the last bucket
         if not all(local):
+            for (p, view), has in zip(plan.views, local, strict=True):
+                if not has:  # no gradient on this rank: a zero one in the sum (its bucket has not started)
+                    view.zero_()
+                    p.grad = view
             plan.marks.copy_(torch.tensor(local, dtype=plan.marks.dtype))
         else:
             plan.marks.fill_(1)
